@@ -1,0 +1,1 @@
+"""Scale and block layouts of other libraries and of cuBLAS/CUTLASS (placeholder)."""
