@@ -1,0 +1,80 @@
+"""Placing QArrays on a device mesh.
+
+``quantize`` and ``dequantize`` need no help under ``jit`` on sharded inputs:
+every block is reduced within itself, so when each shard holds whole blocks
+along the block axis, XLA keeps values and scales sharded like the input and
+inserts no all-gather (NVFP4 adds one all-reduce, for the tensor amax behind
+its global scale). A shard boundary inside a block forces XLA to gather the
+block axis (or, with ``AxisType.Explicit`` mesh axes, the reshape into blocks
+fails). These helpers check that condition and build matching shardings for
+QArrays, e.g. to ``jax.device_put`` a checkpoint or as orbax restore targets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fp4jax.formats import Format, get_format
+from fp4jax.qarray import QArray, normalize_axis
+
+__all__ = ["check_block_sharding", "qarray_sharding", "shard_qarray", "abstract_with_sharding"]
+
+
+def check_block_sharding(shape, sharding: jax.sharding.Sharding, fmt: Format | str, axis: int = -1) -> None:
+  """Raises ValueError unless every shard of ``shape`` holds whole blocks along ``axis``.
+
+  Args:
+    shape: the logical (unquantized) shape.
+    sharding: how the array is (or will be) laid out, e.g. ``NamedSharding``.
+    fmt: the format, whose ``block_size`` consecutive elements share a scale.
+    axis: the block axis.
+  """
+  fmt = get_format(fmt)
+  shape = tuple(shape)
+  ax = normalize_axis(axis, len(shape), shape)
+  try:
+    shard = sharding.shard_shape(shape)
+  except ValueError as e:
+    raise ValueError(f"sharding {sharding} does not divide shape {shape}: {e}") from None
+  if shard[ax] % fmt.block_size:
+    raise ValueError(
+        f"shape {shape} sharded as {sharding} gives shards of length {shard[ax]} along block axis "
+        f"{axis}, not a multiple of {fmt!r}'s block size {fmt.block_size}: a shard boundary would "
+        "fall inside a block, and quantizing would gather the axis"
+    )
+
+
+def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
+  """Shardings for each leaf of ``q``: a QArray-shaped pytree for ``device_put``, ``jit`` or orbax.
+
+  ``values`` and ``scales`` get ``sharding`` (the scales have the values' rank,
+  so one ``PartitionSpec`` fits both); ``global_scale`` is replicated.
+
+  Args:
+    q: a QArray, or its abstract form (``jax.eval_shape``), of shape ``S``.
+    sharding: a ``NamedSharding`` for an array of shape ``S``.
+
+  Raises:
+    ValueError: if a shard would split a block (see :func:`check_block_sharding`).
+  """
+  if not isinstance(q, QArray):
+    raise ValueError(f"qarray_sharding expects a fp4jax.QArray, got {type(q).__name__}")
+  if not isinstance(sharding, NamedSharding):
+    raise ValueError(f"qarray_sharding expects a NamedSharding, got {type(sharding).__name__}")
+  check_block_sharding(q.shape, sharding, q.fmt, q.axis)
+  replicated = None if q.global_scale is None else NamedSharding(sharding.mesh, PartitionSpec())
+  return QArray(sharding, sharding, replicated, q.fmt, q.axis)
+
+
+def shard_qarray(q: QArray, sharding: NamedSharding) -> QArray:
+  """``jax.device_put(q, qarray_sharding(q, sharding))``."""
+  return jax.device_put(q, qarray_sharding(q, sharding))
+
+
+def abstract_with_sharding(q: Any, sharding: NamedSharding) -> QArray:
+  """``q``'s leaves as ``jax.ShapeDtypeStruct``s carrying :func:`qarray_sharding`: an orbax restore target."""
+  shardings = qarray_sharding(q, sharding)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), q, shardings)

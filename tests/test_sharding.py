@@ -1,0 +1,155 @@
+"""quantize/dequantize on 8 CPU devices keep values and scales sharded, with no all-gather.
+
+Everything device-dependent runs in one subprocess (XLA fixes the device count
+at start-up); the tests below check what it reports.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import fp4jax as fj
+from fp4jax import sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter", "all-reduce")
+
+# name: (format, scale rule, shape, mesh shape, mesh axes, axis type, partition spec, block axis)
+CASES = {
+    "mxfp4 rows sharded": ("mxfp4", "floor", (64, 256), (8,), ("d",), "Explicit", ("d", None), -1),
+    "mxfp4 block axis, one block a shard": ("mxfp4", "floor", (64, 256), (8,), ("d",), "Explicit", (None, "d"), -1),
+    "mxfp4 block axis, auto mesh": ("mxfp4", "mse", (64, 256), (8,), ("d",), "Auto", (None, "d"), -1),
+    "nvfp4 block axis 0": ("nvfp4", "nearest", (256, 64), (8,), ("d",), "Explicit", ("d", None), 0),
+    "nvfp4 rows, auto mesh": ("nvfp4", "floor", (64, 128), (8,), ("d",), "Auto", ("d", None), -1),
+    "mxfp8 2-d mesh, block axis 1": ("mxfp8_e4m3", "floor", (4, 128, 64), (4, 2), ("a", "b"), "Explicit", ("a", "b", None), 1),
+    "mxfp8_e5m2 2-d mesh, both axes": ("mxfp8_e5m2", "ceil", (2, 64, 512), (4, 2), ("a", "b"), "Auto", (None, "b", "a"), -1),
+}
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import orbax.checkpoint as ocp
+    import fp4jax as fj
+    from fp4jax import sharding
+
+    cases, ckpt_dir = json.loads(sys.argv[1]), sys.argv[2]
+    COLLECTIVES = %r
+
+    def collectives(hlo):
+      return sorted(c for c in COLLECTIVES if c in hlo)
+
+    def same_bits(a, b):
+      return np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+    out = {}
+    for name, (fmt, rule, shape, mesh_shape, axes, axis_type, spec, axis) in cases.items():
+      mesh = jax.make_mesh(tuple(mesh_shape), tuple(axes), axis_types=(getattr(AxisType, axis_type),) * len(axes))
+      s = NamedSharding(mesh, P(*spec))
+      x = jax.random.normal(jax.random.key(0), tuple(shape), jnp.float32)
+      xs = jax.device_put(x, s)
+      quant = jax.jit(lambda x: fj.quantize(x, fmt, axis=axis, scale_rule=rule))
+      dequant = jax.jit(lambda q: fj.dequantize(q, jnp.bfloat16))
+      q = quant(xs)
+      y = dequant(q)
+      ref = fj.quantize(x, fmt, axis=axis, scale_rule=rule)
+      sharding.check_block_sharding(shape, s, fmt, axis)
+      out[name] = {
+          "quantize_collectives": collectives(quant.lower(xs).compile().as_text()),
+          "dequantize_collectives": collectives(dequant.lower(q).compile().as_text()),
+          "values_sharding_kept": q.values.sharding.is_equivalent_to(s, len(shape)),
+          "scales_sharding_kept": q.scales.sharding.is_equivalent_to(s, len(shape)),
+          "global_scale_replicated": q.global_scale is None or q.global_scale.sharding.is_fully_replicated,
+          "output_sharding_kept": y.sharding.is_equivalent_to(s, len(shape)),
+          "bits_equal_unsharded": all(same_bits(a, b) for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(ref)))
+                                  and same_bits(y, fj.dequantize(ref, jnp.bfloat16)),
+          "qarray_sharding_matches": jax.tree.leaves(sharding.qarray_sharding(ref, s))[:2] == [s, s],
+      }
+
+    # A shard boundary inside a block: XLA must gather the block axis.
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Auto,))
+    s = NamedSharding(mesh, P(None, "d"))
+    xs = jax.device_put(jnp.ones((16, 128), jnp.float32), s)
+    split = {"quantize_collectives": collectives(jax.jit(lambda x: fj.quantize(x, fj.MXFP4)).lower(xs).compile().as_text())}
+    try:
+      sharding.check_block_sharding((16, 128), s, fj.MXFP4)
+      split["check_error"] = None
+    except ValueError as e:
+      split["check_error"] = str(e)
+    out["split block"] = split
+
+    # orbax: a sharded QArray tree saved and restored onto the same shardings.
+    mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(AxisType.Explicit,) * 2)
+    s = NamedSharding(mesh, P("a", "b"))
+    x = jax.random.normal(jax.random.key(1), (64, 128), jnp.float32)
+    tree = {"w": sharding.shard_qarray(fj.quantize(x, fj.NVFP4), s), "u": sharding.shard_qarray(fj.quantize(x, fj.MXFP4), s)}
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(ckpt_dir, tree)
+    ckpt.wait_until_finished()
+    target = {k: sharding.abstract_with_sharding(q, s) for k, q in tree.items()}
+    back = ckpt.restore(ckpt_dir, target)
+    out["orbax"] = {
+        "bits_equal": all(same_bits(a, b) and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(back))),
+        "shardings_equal": all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(back))),
+        "types": sorted({type(v).__name__ for v in back.values()}),
+    }
+    print("RESULT " + json.dumps(out))
+''') % (COLLECTIVES,)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  ckpt = tmp_path_factory.mktemp("orbax") / "ckpt"
+  p = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES), str(ckpt)],
+                     capture_output=True, text=True, env=env, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_quantize_keeps_sharding_without_all_gather(report, case):
+  r = report[case]
+  fmt = fj.get_format(CASES[case][0])
+  # NVFP4's tensor amax (its global scale) is one all-reduce of a scalar; nothing else moves.
+  assert r["quantize_collectives"] == (["all-reduce"] if fmt.has_global_scale else [])
+  assert r["dequantize_collectives"] == []
+  assert r["values_sharding_kept"] and r["scales_sharding_kept"] and r["global_scale_replicated"]
+  assert r["output_sharding_kept"]
+  assert r["bits_equal_unsharded"]
+  assert r["qarray_sharding_matches"]
+
+
+def test_shard_boundary_inside_a_block_gathers_and_is_refused(report):
+  r = report["split block"]
+  assert "all-gather" in r["quantize_collectives"]  # the HLO check above can see a gather
+  assert "shards of length 16 along block axis -1, not a multiple of fp4jax.MXFP4's block size 32" in r["check_error"]
+
+
+def test_orbax_restores_a_sharded_qarray_tree(report):
+  r = report["orbax"]
+  assert r == {"bits_equal": True, "shardings_equal": True, "types": ["QArray"]}
+
+
+def test_qarray_sharding_helpers_on_one_device():
+  mesh = jax.make_mesh((1,), ("d",))
+  s = NamedSharding(mesh, P(None, "d"))
+  q = fj.quantize(jnp.ones((4, 64)), fj.NVFP4)
+  shardings = sharding.qarray_sharding(q, s)
+  assert isinstance(shardings, fj.QArray) and shardings.values == s and shardings.scales == s
+  assert shardings.global_scale.is_fully_replicated
+  placed = sharding.shard_qarray(q, s)
+  assert placed.values.sharding == s and placed.fmt == q.fmt
+  with pytest.raises(ValueError, match="expects a NamedSharding"):
+    sharding.qarray_sharding(q, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  with pytest.raises(ValueError, match="expects a fp4jax.QArray"):
+    sharding.qarray_sharding(jnp.ones(3), s)
