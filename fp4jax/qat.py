@@ -380,24 +380,24 @@ def _free(ndim: int, *used) -> tuple[int, ...]:
   return tuple(d for d in range(ndim) if d not in taken)
 
 
-def _key_data(key, seed: int):
-  """A key, a raw uint32[2] key or an integer counter -> uint32 key data."""
-  if key is None:
-    return None
+def _as_key(key, seed: int):
+  """A typed key, a raw uint32[2] key or an integer counter -> a typed key."""
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
+    if key.shape != ():
+      raise ValueError(f"key must be a single jax.random key, got shape {key.shape}")
+    return key
   if key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
     # Counter-based: the same (seed, counter) always draws the same numbers.
-    return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), key))
+    return jax.random.fold_in(jax.random.key(seed), key)
   if key.dtype == jnp.uint32 and key.shape == (2,):
-    return key
+    return jax.random.wrap_key_data(key)
   raise ValueError(f"key must be a jax.random key, a uint32[2] raw key or an integer counter, "
                    f"got dtype {key.dtype} shape {key.shape}")
 
 
-def _stream(key_data, i: int):
-  return None if key_data is None else jax.random.fold_in(jax.random.wrap_key_data(key_data), i)
+def _stream(key, i: int):
+  return None if key is None else jax.random.fold_in(key, i)
 
 
 def _backward_operand(x, axis: int, op: OperandConfig, cfg: QatConfig, key, dtype, multiple: int):
@@ -433,8 +433,8 @@ def _backward_gemm(g, other, g_axes, other_axes, op_other, cfg, keys, dtype, tra
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _qdot(lhs, rhs, key_data, dims, cfg, precision, out_dtype):
-  return _qdot_fwd(lhs, rhs, key_data, dims, cfg, precision, out_dtype)[0]
+def _qdot(lhs, rhs, key, dims, cfg, precision, out_dtype):
+  return _qdot_fwd(lhs, rhs, key, dims, cfg, precision, out_dtype)[0]
 
 
 def _forward_operands(lhs, rhs, dims, cfg, dtype):
@@ -444,7 +444,7 @@ def _forward_operands(lhs, rhs, dims, cfg, dtype):
   return _fake(lhs, cfg.lhs, lc[-1], dtype), _fake(rhs, cfg.rhs, rc[-1], dtype)
 
 
-def _qdot_fwd(lhs, rhs, key_data, dims, cfg, precision, out_dtype):
+def _qdot_fwd(lhs, rhs, key, dims, cfg, precision, out_dtype):
   dtype = cfg.compute_dtype or jnp.result_type(lhs, rhs)
   lq, rq = _forward_operands(lhs, rhs, dims, cfg, dtype)
   out = lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype)
@@ -452,11 +452,11 @@ def _qdot_fwd(lhs, rhs, key_data, dims, cfg, precision, out_dtype):
   # GEMMs need the high-precision ones, to re-block them along another axis.
   res = (lq, rq) if cfg.grad.fmt is None else (lhs, rhs)
   # Empty arrays carry the primal dtypes, which the cotangents must match.
-  return out, (*res, key_data, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
+  return out, (*res, key, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
 
 
 def _qdot_bwd(dims, cfg, precision, out_dtype, res, g):
-  a, b, key_data, lhs_tag, rhs_tag = res
+  a, b, key, lhs_tag, rhs_tag = res
   (lc, rc), (lb, rb) = dims
   dtype = cfg.compute_dtype or jnp.result_type(a, b)
 
@@ -481,7 +481,7 @@ def _qdot_bwd(dims, cfg, precision, out_dtype, res, g):
   # dlhs = g . rhs sums over rhs's free axes; drhs = lhs . g over lhs's.
   g_rfree = tuple(nb + len(lfree) + j for j in range(len(rfree)))
   g_lfree = tuple(nb + i for i in range(len(lfree)))
-  keys = [_stream(key_data, i) for i in range(4)]
+  keys = [_stream(key, i) for i in range(4)]
   dlhs = _backward_gemm(g, b, g_rfree, rfree, cfg.rhs, cfg, keys[0:2], dtype, t_lhs)
   drhs = _backward_gemm(g, a, g_lfree, lfree, cfg.lhs, cfg, keys[2:4], dtype, t_rhs)
   return dlhs.astype(lhs_tag.dtype), drhs.astype(rhs_tag.dtype), None
@@ -557,8 +557,8 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred
   if config.needs_key and key is None:
     raise ValueError("this QatConfig rounds stochastically in the backward pass: pass key= "
                      "(a jax.random key or an integer step counter)")
-  key_data = _key_data(key, config.seed) if config.needs_key else None
-  return _qdot(lhs, rhs, key_data, dims, config, precision, out_dtype)
+  key = _as_key(key, config.seed) if config.needs_key else None
+  return _qdot(lhs, rhs, key, dims, config, precision, out_dtype)
 
 
 # ---- einsum ------------------------------------------------------------------------
