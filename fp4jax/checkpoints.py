@@ -189,7 +189,7 @@ def _fp4jax_metadata(metadata: Mapping[str, str], path) -> dict[str, dict]:
       raise TypeError
     return {name: {"format": get_format(e["format"]), "axis": int(e["axis"]), "layout": e["layout"],
                    "shape": e.get("shape")} for name, e in entries.items()}
-  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+  except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path}: malformed {METADATA_KEY!r} header metadata {raw[:200]!r} ({e})") from None
 
 
@@ -197,13 +197,14 @@ def read_entries(path) -> list[Entry]:
   """The logical tensors of a safetensors file, from its header only (no data read).
 
   QArrays are recognised from the ``"fp4jax"`` header metadata, then by name:
-  ``X_blocks`` + ``X_scales`` (GPT-OSS), and a uint8/int8 ``P.weight`` beside a
-  uint8/E8M0 ``P.scale`` (DeepSeek fused MXFP4). Everything else is plain.
+  ``X_blocks`` + ``X_scales`` or ``X.blocks`` + ``X.scales`` (GPT-OSS), and a
+  uint8/int8 ``P.weight`` beside a uint8/E8M0 ``P.scale`` (DeepSeek fused
+  MXFP4). Everything else is plain.
 
   Raises:
-    ValueError naming the tensor, for a truncated file, a ``*_blocks`` tensor
-    without its ``*_scales`` (or uint8 ``*_scales`` without ``*_blocks``), and
-    parts whose shapes or dtypes do not agree.
+    ValueError naming the tensor, for a truncated file, a uint8 ``*_blocks``
+    tensor without its ``*_scales`` (or the reverse), and parts whose shapes or
+    dtypes do not agree.
   """
   path = os.fspath(path)
   tensors, metadata, _ = read_header(path)
@@ -233,11 +234,13 @@ def read_entries(path) -> list[Entry]:
     if suffixes:
       blocks, scales = suffixes[0]
       base = name[: -len(blocks)]
-      if base + scales not in tensors:
+      if base + scales in tensors:
+        claim(base, "gpt_oss", MXFP4, -1, parts={"values": name, "scales": base + scales})
+        continue
+      if t.dtype_name == "U8":
         raise ValueError(f"{path}: tensor {name!r} has no matching {base + scales!r} "
                          "(GPT-OSS MXFP4 blocks need their scales)")
-      claim(base, "gpt_oss", MXFP4, -1, parts={"values": name, "scales": base + scales})
-    elif t.dtype_name in ("U8", "I8"):
+    if t.dtype_name in ("U8", "I8"):
       scale = tensors.get(_deepseek_scale_name(name))
       if scale is not None and scale.name not in claimed and scale.dtype_name in ("U8", "F8_E8M0"):
         claim(name, "deepseek", MXFP4, -1)

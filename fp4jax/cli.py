@@ -55,8 +55,21 @@ def _add_inspect(sub):
   p.set_defaults(func=_inspect)
 
 
+_DESCRIPTION = """\
+fp4jax: block-scaled 4- and 8-bit numerics for JAX.
+
+  fp4jax convert IN.safetensors OUT.safetensors --format mxfp4
+      quantize a checkpoint, one tensor at a time
+  fp4jax inspect FILE.safetensors [--reference ORIGINAL.safetensors]
+      list its tensors (and their SQNR against the original)
+  fp4jax report
+      quantization error of every format and scale rule on generated data
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="fp4jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(prog="fp4jax", description=_DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   _add_convert(sub)
   _add_inspect(sub)

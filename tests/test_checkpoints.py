@@ -349,3 +349,10 @@ def test_convert_in_python(gpt_oss_file, tmp_path):
   with pytest.raises(ValueError, match="unknown scale_rule"):
     checkpoints.convert(src, dst, "mxfp4", scale_rule="best")
   assert records[2].action == "skipped: length 48 along axis -1 is not a multiple of 32"
+
+
+def test_float_tensor_named_like_blocks_is_plain(tmp_path):
+  path = tmp_path / "plain.safetensors"
+  save_file({"pos_blocks": np.ones((2, 3), np.float32), "w.scale": np.ones(2, np.float32)}, str(path))
+  loaded = checkpoints.load(path)
+  assert sorted(loaded) == ["pos_blocks", "w.scale"] and loaded["pos_blocks"].dtype == np.float32
