@@ -53,7 +53,11 @@ def mantissa_field(abs_bits):
 
 
 def exp2i(e):
-  """2.0**e as float32 for integer ``e`` in [-126, 127] (always normal)."""
+  """2.0**e as float32 for integer ``e`` in [-126, 127] (always normal).
+
+  Outside that range the bit pattern is wrong (``e = -127`` gives 0.0): use
+  :func:`scale_by_pow2` for wider exponents.
+  """
   return from_f32_bits(((e.astype(jnp.int32) + F32_EXP_BIAS) << F32_MANT_BITS).astype(jnp.uint32))
 
 
@@ -67,3 +71,18 @@ def scale_by_pow2(x, e):
   e = jnp.asarray(e, jnp.int32)
   a = e >> 1
   return x * exp2i(a) * exp2i(e - a)
+
+
+def round_to_grid(a, nmant: int, emin: int):
+  """Rounds non-negative float32 ``a`` to a float grid, nearest even, as float32.
+
+  The grid has ``nmant`` mantissa bits and smallest normal exponent ``emin``
+  (its subnormals continue the step of the lowest binade). No saturation: the
+  caller clips to the format's maximum first, which is on the grid, so the
+  result never exceeds it. Equal to ``a.astype(fmt).astype(float32)`` after the
+  clip (a test checks it against ml_dtypes) and much cheaper than XLA's
+  narrow-float conversion on the CPU; ``jnp.round`` ties to even, and an even
+  multiple of the step is a code with an even mantissa.
+  """
+  step = jnp.maximum(floor_log2(f32_bits(a)), emin) - nmant
+  return jnp.round(a * exp2i(-step)) * exp2i(step)

@@ -80,6 +80,11 @@ class Format:
     return int(self.elem_finfo.maxexp) - 1
 
   @property
+  def elem_emin(self) -> int:
+    """Exponent of the smallest normal element binade (0 for E2M1, -6 for E4M3)."""
+    return int(self.elem_finfo.minexp)
+
+  @property
   def elem_nmant(self) -> int:
     """Explicit mantissa bits of the element format."""
     return int(self.elem_finfo.nmant)
@@ -97,6 +102,7 @@ class Format:
 
   @property
   def elem_log2_smallest_subnormal(self) -> int:
+    """log2 of the smallest positive element (-1 for E2M1: 0.5)."""
     return int(round(math.log2(float(self.elem_finfo.smallest_subnormal))))
 
   @property
@@ -115,7 +121,18 @@ class Format:
 
   @property
   def scale_max(self) -> float:
+    """Largest finite scale (2**127 for E8M0, 448 for E4M3)."""
     return float(self.scale_finfo.max)
+
+  @property
+  def scale_max_byte(self) -> int:
+    """Byte of the largest finite scale: 0xFE for E8M0, 0x7E for E4M3."""
+    return self.scale_nan_byte - 1
+
+  @property
+  def scale_min_normal_byte(self) -> int:
+    """Byte of the smallest normal E4M3 scale (8): below it codes are linear."""
+    return 1 << int(self.scale_finfo.nmant)
 
   @property
   def scale_exp_min(self) -> int:

@@ -84,7 +84,8 @@ def dequantize_packed(blocks, scales, *, block_size: int = 32, dtype=jnp.bfloat1
     float32 by exponent arithmetic and cast once. Scale byte 0xFF follows
     ``ldexp`` as transformers' ``_convert_moe_packed_tensors`` does: ``+-Inf``
     for a nonzero code and ``+-0`` for a zero code (not NaN as E8M0 would say).
-    Results below float32's normal range (``< 2**-126``) are flushed to zero.
+    Results below float32's normal range (``< 2**-126``) are flushed to zero
+    on every backend, and products past float32's range are +-Inf (as ldexp).
   """
   blocks = jnp.asarray(blocks)
   scales = jnp.asarray(scales)
@@ -104,4 +105,6 @@ def dequantize_packed(blocks, scales, *, block_size: int = 32, dtype=jnp.bfloat1
   values = unpack_fp4(blocks, axis=-1).astype(jnp.float32)
   values = values.reshape(*scales.shape, block_size)
   out = _bits.scale_by_pow2(values, scales.astype(jnp.int32)[..., None] - 127)
+  # Explicit, so that a GPU (which keeps float32 subnormals) gives the same bits.
+  out = _bits.flush_subnormals(out)
   return out.reshape(*blocks.shape[:-1], -1).astype(dtype)
