@@ -1,4 +1,4 @@
-"""Scale rules: how each block's scale is chosen.
+"""Scale rules: how each block's scale is chosen, and applying a scale.
 
 Every rule is a pure function ``rule(blocks, ctx) -> scales`` in the table
 :data:`SCALE_RULES`:
@@ -9,49 +9,78 @@ Every rule is a pure function ``rule(blocks, ctx) -> scales`` in the table
   and, for formats with a tensor-wide scale, its encode/decode factors.
 * returns ``(..., num_blocks)`` scales in ``fmt.scale_dtype``.
 
-The rules (``s`` is the decode scale, ``amax`` the block's absolute maximum,
-``M`` the element maximum, ``emax = floor(log2(M))``):
+The rules (``s`` is the block's decode scale, ``amax`` its absolute maximum,
+``M`` the element maximum, ``emax = floor(log2(M))``; for NVFP4 ``amax`` is
+first multiplied by the tensor encode factor ``g``):
 
 ``"floor"``
   E8M0 scales: OCP MX v1.0 section 6.3, ``s = 2**(floor(log2(amax)) - emax)``,
-  clamped to the E8M0 range; elements above ``M * s`` saturate. For MXFP4 this is
-  ``2**(floor(log2 amax) - 2)``. E4M3 scales: ``amax / M`` (times the global
-  encode factor) rounded down to an E4M3 value.
+  clamped to ``[2**-127, 2**127]``; elements above ``M * s`` saturate. For MXFP4
+  this is ``2**(floor(log2 amax) - 2)``. E4M3 scales: ``amax / M`` rounded down
+  to an E4M3 value (possibly 0, which zeroes the block). For E4M3 scales
+  ``amax / M`` means ``amax * float32(1 / M) * g`` in float32, as in the recipe.
 ``"ceil"``
   The smallest scale with ``amax / s <= M``: nothing clips. For E8M0 this is
-  cuBLAS's / torchao's RCEIL. E4M3: ``amax / M`` rounded up.
+  cuBLAS's / torchao's RCEIL. E4M3: ``amax / M`` rounded up (saturating at 448).
 ``"nearest"`` (E4M3 scales only)
   ``amax / M`` rounded to the nearest E4M3 value, NVIDIA's NVFP4 recipe (the
-  default for NVFP4).
+  default for NVFP4). As in the recipe, a block whose ``amax / M`` is below half
+  the smallest E4M3 subnormal (``2**-10``) gets the zero scale and becomes 0.
 ``"mse"``
-  The scale minimising the block's squared error ``sum((x - dq)**2)``, found by
-  trying every scale in a window that provably holds the optimum (below). With
-  ``hessian=H`` the loss is ``r^T H_j r`` for the block's residual ``r``.
+  The scale minimising the block's squared error ``sum((x - dq)**2)`` over
+  every representable scale; ties go to the smaller scale. With ``hessian=H``
+  the loss is ``r^T H_j r`` for the block's residual ``r = x - dq``.
 
-Why the "mse" window holds the optimum. Let ``s_c`` be the "ceil" scale.
-(1) No scale above ``2 * s_c`` can win: doubling a floating-point grid maps it
-into itself, so for ``s >= 2 s_c`` the grid of ``s`` below ``M * s/2`` lies in the
-grid of ``s/2``, and no element exceeds ``M * s_c <= M * s/2``; every element is at
-least as close to the finer grid. For power-of-two scales this already excludes
-every scale above ``s_c``. (2) No scale at or below ``s_c / 8`` (E8M0) or
-``s_c / 4`` (E4M3) can win: with E2M1 elements the largest element ``amax > M s_c / 2``
-then clips to at most ``0.75 s_c``, which costs it at least ``(3 - 0.75)**2 - 0.6**2 =
-4.7`` units of ``s_c**2`` over its error under ``s_c`` (relative rounding error of
-E2M1 is at most 0.2), while all the other elements together gain at most
-``31 * 0.25**2 = 1.94`` (only those below ``s_c`` can gain, each by at most half
-a subnormal step). For E4M3 scales the same count with ``amax > 16/3 s_c`` and a
-clip level of ``1.5 s_c`` gives 13.5 against 1.35. Wider element formats clip
-worse and round better, so the bound holds for them too. The search thus tries
-E8M0 exponents ``ceil-2 .. ceil`` (3 scales) and E4M3 codes from two octaves
-below to one above ``s_c`` (25 scales); tests check it against a brute force over
-every representable scale.
+Exponents are read off float32 bit patterns, never off a rounded ``log2``, so
+the floor and ceil rules are exact for every float32 ``amax``.
 
-With a Hessian the per-element argument fails (residuals can cancel), and the
-optimum can sit above the floor rule; the search then spans the E8M0 exponents
-from ``ceil - 3`` up to the first exponent that rounds the whole block to zero
-(all larger scales give the same loss), or the E4M3 codes three octaves either
-side of ``s_c`` plus the zero scale. Below that window it is a search, not a
-proof.
+Why the unweighted "mse" search is exact. Let ``t = amax / M`` (the real scale
+at which ``amax`` just fits) and ``s_c`` the "ceil" scale. Losses are in units of
+``s_c**2``; ``h(v)`` is half the element spacing at ``v``.
+
+(1) Nothing above the window wins. If ``s >= 2 t`` every element is at most
+``M s / 2``, and the grid ``s * G`` below ``M s / 2`` lies inside ``(s / 2) * G``
+(halving a floating-point grid keeps its points), so each element is at least
+as close to the grid of ``s / 2``: ``loss(s / 2) <= loss(s)``. Halving from any
+larger scale thus reaches a scale in ``[s_c, 2 t)`` that is no worse, as long as
+every halved scale is representable: always for E8M0, and for E4M3 from
+``2**-5`` down (below, codes are ``k * 2**-9`` and odd ``k`` do not halve, so the
+window keeps every code below ``2**-5``).
+
+(2) Nothing far below wins. For ``s`` small enough the block's largest element
+clips to ``M s`` and loses more than all the other elements can gain: an element
+gains at most ``err(s_c)**2 <= h(x)**2``, and only if it lies below ``M s + h(x)``
+(above that its clipped error under ``s`` exceeds its error under ``s_c``).
+
+* E8M0 scales, ``s <= s_c / 4``: ``amax > M/2``, so ``amax`` clips by more than
+  ``M/4`` and its loss rises by more than ``(M/4)**2 - h(M/2)**2``; the other
+  ``B - 1`` gain at most ``(B - 1) * h(M/4)**2``. E2M1: 2.0 > 31/16; E4M3:
+  12480 > 496; E5M2: 2.0e8 > 3.3e7. The window is ``{s_c / 2, s_c}``.
+* E4M3 scales (NVFP4, B = 16), ``s <= s_c / 2``: a normal ``s_c`` is within 1/8
+  of ``t`` (within 1/7 for codes 8..15), so ``amax > 5.25``; it clips to at
+  most 3, a rise of at least ``2.25**2 - 0.75**2 = 4.5``; only elements below
+  3.5 can gain, at most ``0.5**2`` each: ``15 * 0.25 = 3.75 < 4.5``. The window
+  is the 16 codes ``c - 8 .. c + 7`` around ``c = max(code(s_c), 8)``, which for
+  a subnormal ``s_c`` is every code up to ``15`` (including the zero scale).
+
+Every bound is strict, so no scale outside the window even ties with the best
+one inside it. The losses themselves are float32 sums: two scales whose losses
+agree to float32 rounding (about 1e-6 relative) may be ordered either way.
+``tests/test_scales.py`` checks the result against a float64 brute force over
+all 255 finite E8M0 scales and all 127 non-negative finite E4M3 scales.
+
+With a Hessian the per-element argument fails (residuals can cancel) and the
+optimum moves further from ``s_c``, above it too: with correlated activations
+the best E8M0 scale can sit two steps above the floor rule. The search then
+spans E8M0 exponents from ``ceil - 8`` up to the first exponent at which the
+whole block rounds to zero (all larger scales give that same loss), and E4M3
+codes from four octaves below ``s_c`` to five above (where E2M1 rounds every
+element to zero) plus the zero scale: 14 candidates for MXFP4, 28 and 42 for
+MXFP8 E4M3 / E5M2, 74 for NVFP4. That window is a search, not a proof. The
+tests find it equal to a brute force over every scale for AR(1) activations
+up to rho = 0.99 plus a shared factor three times their size; with a nearly
+rank-one Hessian (rho = 0.999 and that factor) the best NVFP4 scale can lie
+further down, and a few blocks per thousand get a slightly worse one.
 """
 
 from __future__ import annotations
@@ -60,6 +89,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fp4jax import _bits
@@ -69,21 +99,32 @@ __all__ = [
     "SCALE_RULES",
     "BlockContext",
     "scale_exponent",
+    "element_units",
     "encode_elements",
     "decode_blocks",
     "block_hessians",
+    "search_window",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockContext:
-  """What a scale rule may look at besides the block values."""
+  """What a scale rule may look at besides the block values.
+
+  Attributes:
+    fmt: the format.
+    amax: ``(..., num_blocks)`` float32 block absolute maxima (finite).
+    global_encode: float32 scalar: NVFP4's tensor encode factor ``g`` (the
+      block scale targets ``amax * g / M``); None without a global scale.
+    global_decode: float32 scalar: the stored decode factor (about ``1 / g``).
+    hessian: ``(num_blocks, B, B)`` float32 for the weighted "mse" rule, or None.
+  """
 
   fmt: Format
-  amax: Any  # (..., num_blocks) float32, finite
-  global_encode: Any = None  # float32 scalar, formats with a global scale
+  amax: Any
+  global_encode: Any = None
   global_decode: Any = None
-  hessian: Any = None  # (num_blocks, B, B) float32, or None
+  hessian: Any = None
 
 
 # ---- scale <-> bits ---------------------------------------------------------
@@ -100,39 +141,68 @@ def scale_exponent(scales, fmt: Format):
   return scale_bytes(scales).astype(jnp.int32) - fmt.scale_bias
 
 
-def _max_scale_byte(fmt: Format) -> int:
-  # Largest finite code: 0xFE for E8M0 (0xFF is NaN), 0x7E for E4M3.
-  return fmt.scale_nan_byte - 1
-
-
 def _pow2_scales(exponent, fmt: Format):
   e = jnp.clip(exponent, fmt.scale_exp_min, fmt.scale_exp_max)
   return scales_from_bytes(e + fmt.scale_bias, fmt)
 
 
 # ---- applying scales --------------------------------------------------------
+def _element_factor(scales, fmt: Format, global_decode):
+  """E4M3 scales: the encode factor ``1 / (scale * global_decode)``, 0 for a zero scale.
+
+  NVIDIA's recipe multiplies by this reciprocal rather than dividing. The
+  product is flushed when it is a float32 subnormal so that every backend
+  (XLA's CPU flushes, a GPU need not) zeroes the same blocks.
+  """
+  s = scales.astype(jnp.float32)
+  if global_decode is not None:
+    s = _bits.flush_subnormals(s * global_decode)
+  return jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+
+
+def element_units(blocks, scales, fmt: Format, global_decode=None):
+  """``blocks / (scale * global_decode)`` before clipping and rounding, float32.
+
+  Args:
+    blocks: float32 ``(..., nb, B)``.
+    scales: ``(..., nb)`` in ``fmt.scale_dtype``.
+    fmt: the format.
+    global_decode: float32 scalar for formats with a global scale, else None.
+
+  Power-of-two scales apply by exponent arithmetic (exact); E4M3 scales as a
+  multiplication by :func:`_element_factor`. Stochastic rounding and the STE
+  mask use this so that they see exactly the value ``encode_elements`` rounds.
+  """
+  if fmt.power_of_two_scales:
+    return _bits.scale_by_pow2(blocks, -scale_exponent(scales, fmt)[..., None])
+  return blocks * _element_factor(scales, fmt, global_decode)[..., None]
+
+
 def encode_elements(blocks, scales, fmt: Format, global_decode=None):
   """Rounds ``blocks / (scale * global_decode)`` to the element grid.
 
   Round-to-nearest-even with saturation to +-elem_max, as ml_dtypes' casts do
   after an explicit clip. Returns ``fmt.elem_dtype`` values shaped like blocks.
   """
-  if fmt.power_of_two_scales:
-    y = _bits.scale_by_pow2(blocks, -scale_exponent(scales, fmt)[..., None])
-  else:
-    # NVIDIA's recipe: the element encode factor is 1 / (block scale * global
-    # decode); a zero block scale zeroes the block.
-    s = scales.astype(jnp.float32)[..., None] * global_decode
-    y = blocks * jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-  y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
+  y = jnp.clip(element_units(blocks, scales, fmt, global_decode), -fmt.elem_max, fmt.elem_max)
   return y.astype(fmt.elem_dtype)
 
 
 def decode_blocks(values, scales, fmt: Format, global_decode=None):
   """float32 ``values * scale * global_decode`` for blocked values.
 
-  ``values``: (..., nb, B) element dtype; ``scales``: (..., nb). A NaN scale
-  (E8M0 0xFF, E4M3 0x7F) gives NaN for the whole block.
+  Args:
+    values: ``(..., nb, B)`` in the element dtype.
+    scales: ``(..., nb)`` in the scale dtype.
+    fmt: the format.
+    global_decode: float32 scalar or None.
+
+  Returns:
+    float32 ``(..., nb, B)``. A NaN scale (E8M0 0xFF, E4M3 0x7F) gives NaN
+    over the whole block. Power-of-two scales apply by exponent arithmetic, so
+    the whole E8M0 range is exact; results that are float32 subnormals
+    (``< 2**-126``) become signed zeros on every backend. Products beyond
+    float32's range are +-Inf here (``dequantize`` saturates them).
   """
   v = values.astype(jnp.float32)
   if fmt.power_of_two_scales:
@@ -141,9 +211,9 @@ def decode_blocks(values, scales, fmt: Format, global_decode=None):
     out = jnp.where((codes == fmt.scale_nan_byte)[..., None], jnp.nan, out)
   else:
     out = v * scales.astype(jnp.float32)[..., None]  # exact: 2 x 4 significant bits
-  if global_decode is not None:
-    out = out * global_decode
-  return out
+    if global_decode is not None:
+      out = out * global_decode
+  return _bits.flush_subnormals(out)
 
 
 # ---- fixed rules ------------------------------------------------------------
@@ -158,8 +228,14 @@ def _ceil_exponent(ctx: BlockContext):
 
 
 def _ideal_scale(ctx: BlockContext):
-  """amax / M in scale units (times the global encode factor): float32."""
-  s = ctx.amax / ctx.fmt.elem_max
+  """``amax / M`` in scale units (times the global encode factor): float32.
+
+  Computed as ``(amax * float32(1 / M)) * encode``, NVIDIA's recipe. Written as
+  a multiplication on purpose: XLA rewrites a division by a constant into
+  this multiplication anyway (so ``amax / 6`` would silently be it on some
+  backends and not on others).
+  """
+  s = ctx.amax * np.float32(1.0 / ctx.fmt.elem_max)
   if ctx.global_encode is not None:
     s = s * ctx.global_encode
   return s
@@ -179,7 +255,7 @@ def _round_scale(ctx: BlockContext, direction: int):
     codes = jnp.where(got > ideal, codes - 1, codes)
   else:
     codes = jnp.where(got < ideal, codes + 1, codes)
-  return scales_from_bytes(jnp.clip(codes, 0, _max_scale_byte(fmt)), fmt)
+  return scales_from_bytes(jnp.clip(codes, 0, fmt.scale_max_byte), fmt)
 
 
 def floor_rule(blocks, ctx: BlockContext):
@@ -207,20 +283,24 @@ def nearest_rule(blocks, ctx: BlockContext):
 
 
 # ---- searched rules -----------------------------------------------------------
-def _search_window(fmt: Format, weighted: bool) -> range:
-  """Byte offsets from the "ceil" scale's code tried by the "mse" search."""
+def search_window(fmt: Format, weighted: bool) -> tuple[range, bool]:
+  """The "mse" candidates: byte offsets from the anchor code, and whether to add the zero scale.
+
+  The anchor is the "ceil" scale's byte; for E4M3 scales it is raised to at
+  least the smallest normal code (8), see the module docstring.
+  """
   if fmt.power_of_two_scales:
     if not weighted:
-      return range(-2, 1)
-    # From ceil-3 up to the first exponent at which the whole block rounds to
-    # 0: amax < 2**(A+1) and e >= A + 2 - log2(smallest subnormal) make every
-    # element at most a quarter of the smallest subnormal step; ceil >= A - emax.
+      return range(-1, 1), False
+    # Up to the first exponent at which the whole block rounds to 0:
+    # amax < 2**(A+1) and e >= A + 2 - log2(smallest subnormal) put every
+    # element below half the smallest subnormal; ceil >= A - emax.
     first_zero = fmt.elem_emax + 2 - fmt.elem_log2_smallest_subnormal
-    return range(-3, first_zero + 1)
-  octave = 2**fmt.scale_finfo.nmant  # codes per factor of two
+    return range(-8, first_zero + 1), False
+  octave = 1 << fmt.scale_finfo.nmant  # codes per factor of two in the normal range
   if not weighted:
-    return range(-2 * octave, octave + 1)
-  return range(-3 * octave, 3 * octave + 1)
+    return range(-octave, octave), False
+  return range(-4 * octave, 5 * octave + 1), True
 
 
 def _block_loss(residual, hessian):
@@ -233,35 +313,55 @@ def _block_loss(residual, hessian):
 def mse_rule(blocks, ctx: BlockContext):
   fmt = ctx.fmt
   weighted = ctx.hessian is not None
+  offsets, with_zero = search_window(fmt, weighted)
   anchor = scale_bytes(ceil_rule(blocks, ctx)).astype(jnp.int32)
+  if not fmt.power_of_two_scales:
+    anchor = jnp.maximum(anchor, fmt.scale_min_normal_byte)
   # Residuals are compared in units of 2**floor(log2(amax)) so that squares
   # stay in float32 range for any input magnitude.
-  unit = _bits.floor_log2(_bits.f32_bits(ctx.amax))[..., None]
-  target = _bits.scale_by_pow2(blocks, -unit)
+  unit = _bits.floor_log2(_bits.f32_bits(ctx.amax))
+  mag = jnp.abs(blocks)
+  target = _bits.scale_by_pow2(mag, -unit[..., None])
   gdec = ctx.global_decode
 
-  candidates = [jnp.clip(anchor + off, 0, _max_scale_byte(fmt)) for off in _search_window(fmt, weighted)]
-  if weighted and not fmt.power_of_two_scales:
-    candidates.append(jnp.zeros_like(anchor))  # the zero scale rounds the block to 0
-
-  best_loss = best_code = None
-  for code in candidates:  # a handful of static candidates; XLA fuses each
-    scales = scales_from_bytes(code, fmt)
-    q = encode_elements(blocks, scales, fmt, gdec)
+  def loss_of(code):
+    # Magnitudes suffice without a Hessian: x and its rounding share a sign.
     if fmt.power_of_two_scales:
-      dq = _bits.scale_by_pow2(q.astype(jnp.float32), scale_exponent(scales, fmt)[..., None] - unit)
+      e = code - fmt.scale_bias
+      y = jnp.minimum(_bits.scale_by_pow2(mag, -e[..., None]), fmt.elem_max)
+      q = _bits.round_to_grid(y, fmt.elem_nmant, fmt.elem_emin)
+      dq = _bits.scale_by_pow2(q, (e - unit)[..., None])
     else:
-      dq = _bits.scale_by_pow2(q.astype(jnp.float32) * scales.astype(jnp.float32)[..., None], -unit)
+      s = scales_from_bytes(code, fmt)
+      y = jnp.minimum(mag * _element_factor(s, fmt, gdec)[..., None], fmt.elem_max)
+      q = _bits.round_to_grid(y, fmt.elem_nmant, fmt.elem_emin)
+      dq = _bits.scale_by_pow2(q * s.astype(jnp.float32)[..., None], -unit[..., None])
       if gdec is not None:
         dq = dq * gdec
-    loss = _block_loss(target - dq, ctx.hessian)
-    if best_loss is None:
-      best_loss, best_code = loss, code
-    else:
-      better = loss < best_loss  # ties keep the smaller scale
-      best_loss = jnp.where(better, loss, best_loss)
-      best_code = jnp.where(better, code, best_code)
-  return scales_from_bytes(best_code, fmt)
+    r = target - dq
+    if weighted:
+      r = jnp.where(blocks < 0, -r, r)
+    return _block_loss(r, ctx.hessian)
+
+  def better(carry, code):
+    best_loss, best_code = carry
+    loss = loss_of(code)
+    take = loss < best_loss  # candidates ascend, so ties keep the smaller scale
+    return jnp.where(take, loss, best_loss), jnp.where(take, code, best_code)
+
+  def candidate(i):
+    return jnp.clip(anchor + (offsets.start + i), 0, fmt.scale_max_byte)
+
+  first = jnp.zeros_like(anchor) if with_zero else candidate(0)
+  carry = (loss_of(first), first)
+  rest = range(0 if with_zero else 1, len(offsets))
+  if len(rest) <= 2:
+    for i in rest:
+      carry = better(carry, candidate(i))
+  else:
+    # A loop, not an unrolled chain: compile time stays flat in the window size.
+    carry = lax.fori_loop(rest.start, rest.stop, lambda i, c: better(c, candidate(i)), carry)
+  return scales_from_bytes(carry[1], fmt)
 
 
 SCALE_RULES: dict[str, Callable[..., Any]] = {
@@ -287,6 +387,10 @@ def block_hessians(x, block_size: int):
   x = jnp.asarray(x)
   if x.ndim < 1:
     raise ValueError(f"block_hessians needs activations of shape (..., K), got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"block_hessians needs floating activations, got dtype {x.dtype}")
+  if block_size <= 0:
+    raise ValueError(f"block_hessians: block_size must be positive, got {block_size}")
   k = x.shape[-1]
   if k % block_size:
     raise ValueError(f"block_hessians: K={k} (shape {x.shape}) is not a multiple of block size {block_size}")
