@@ -219,7 +219,8 @@ def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule
     neighbours of ``x / scale``: unbiased, ``E[dequantize(q)] == x``, wherever
     no element saturates at ``elem_max`` (always true for ``scale_rule="ceil"``).
   """
-  nearest = quantize(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale, pad=pad)
+  nearest = quantize(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale, pad=pad,
+                     backend="xla")
   fmt, ax = nearest.fmt, nearest.axis
   xf = _bits.flush_subnormals(x.astype(jnp.float32))
   if pad:
@@ -283,11 +284,13 @@ def _fake(x, op: OperandConfig, axis: int, dtype, key=None):
   if op.fmt is None:
     return x.astype(dtype)
   xin = x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
+  # The XLA path, on every backend: XLA fuses quantize and dequantize into one
+  # pass over x, where a separate quantize kernel would write the QArray out.
   if key is not None and op.stochastic:
     q = stochastic_quantize(xin, op.fmt, key, axis=axis, scale_rule=op.rule, pad=True)
   else:
-    q = quantize(xin, op.fmt, axis=axis, scale_rule=op.rule, pad=True)
-  out = dequantize(q, jnp.float32)
+    q = quantize(xin, op.fmt, axis=axis, scale_rule=op.rule, pad=True, backend="xla")
+  out = dequantize(q, jnp.float32, backend="xla")
   n = x.shape[axis]
   if out.shape[axis] != n:
     out = lax.slice_in_dim(out, 0, n, axis=axis)
@@ -296,13 +299,12 @@ def _fake(x, op: OperandConfig, axis: int, dtype, key=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _fake_quant(x, fmt, axis, scale_rule, ste):
-  del ste
-  return dequantize(quantize(x, fmt, axis=axis, scale_rule=scale_rule), x.dtype)
+  return _fake_quant_fwd(x, fmt, axis, scale_rule, ste)[0]
 
 
 def _fake_quant_fwd(x, fmt, axis, scale_rule, ste):
-  q = quantize(x, fmt, axis=axis, scale_rule=scale_rule)
-  out = dequantize(q, x.dtype)
+  q = quantize(x, fmt, axis=axis, scale_rule=scale_rule, backend="xla")
+  out = dequantize(q, x.dtype, backend="xla")
   if ste == "identity":
     return out, None
   blocks = _to_blocks(_bits.flush_subnormals(x.astype(jnp.float32)), q.axis, fmt.block_size)
@@ -325,6 +327,9 @@ _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 def fake_quant(x, fmt: Format | str, *, axis: int = -1, scale_rule: str | None = None,
                ste: str = "identity"):
   """``dequantize(quantize(x, fmt, axis=axis), x.dtype)`` with a straight-through gradient.
+
+  Always the XLA reference path (bit-identical to the kernels), which XLA fuses
+  into a single pass over ``x``.
 
   Args:
     x: float32, bfloat16 or float16 array of shape ``S``; ``S[axis]`` a
