@@ -1,0 +1,168 @@
+"""Pieces shared by the block-scaled matmul kernels.
+
+Everything here is plain ``jnp`` on small tiles, so the same code runs inside a
+Pallas kernel (Triton back end or interpret mode) and in XLA.
+
+Operands reach the kernels as *byte matrices*: a ``(R, K)`` block-scaled
+matrix whose blocks run along ``K`` is stored as
+
+* ``data``: uint8 ``(R, K * elem_bits // 8)``; for 4-bit elements two E2M1
+  codes a byte, low nibble = even ``k`` (``fp4jax.pack_fp4`` along ``K``),
+* ``scales``: uint8 ``(R, K // block_size)``, the bit patterns of the E8M0 or
+  E4M3 block scales,
+
+so a ``(rows, chunk)`` tile is ``rows`` runs of contiguous bytes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax import lax
+
+from fp4jax import _bits
+from fp4jax.formats import Format
+
+_E2M1 = ml_dtypes.finfo(ml_dtypes.float4_e2m1fn)
+_E4M3 = ml_dtypes.finfo(ml_dtypes.float8_e4m3fn)
+
+#: An E2M1 code moved into an E4M3 byte (sign to bit 7, exponent and mantissa
+#: to the bottom of E4M3's fields) is the same value times 2**E2M1_IN_E4M3_LOG2:
+#: both formats put their subnormals at exponent field 0, so only the biases
+#: differ (E2M1's smallest normal is 2**0, E4M3's 2**-6).
+E2M1_IN_E4M3_LOG2 = int(_E4M3.minexp) - int(_E2M1.minexp)
+_MANT_SHIFT = int(_E4M3.nmant) - int(_E2M1.nmant)
+_MAG_MASK = (1 << (int(_E2M1.bits) - 1)) - 1  # exponent and mantissa bits of a nibble
+_SIGN = 1 << (int(_E2M1.bits) - 1)
+_SIGN_SHIFT = int(_E4M3.bits) - int(_E2M1.bits)
+
+
+def nibbles_to_e4m3(b):
+  """Packed E2M1 bytes -> two E4M3 arrays (low nibbles, high nibbles).
+
+  ``b``: uint8 array. Returns two ``float8_e4m3fn`` arrays of ``b``'s shape
+  holding ``E2M1(code) * 2**E2M1_IN_E4M3_LOG2`` exactly: a few shifts and masks
+  per byte, no table lookup.
+  """
+  hi_nib = b >> 4
+  lo = ((b & _MAG_MASK) << _MANT_SHIFT) | ((b & _SIGN) << _SIGN_SHIFT)
+  hi = ((hi_nib & _MAG_MASK) << _MANT_SHIFT) | ((hi_nib & _SIGN) << _SIGN_SHIFT)
+  return (lax.bitcast_convert_type(lo, jnp.float8_e4m3fn),
+          lax.bitcast_convert_type(hi, jnp.float8_e4m3fn))
+
+
+def interleave_last(lo, hi):
+  """``(..., n)`` and ``(..., n)`` -> ``(..., 2n)`` with ``lo`` at even positions."""
+  return jnp.stack([lo, hi], axis=-1).reshape(*lo.shape[:-1], 2 * lo.shape[-1])
+
+
+def decode_elements(data, fmt: Format):
+  """A tile of element bytes -> element values, ``(rows, n_bytes)`` -> ``(rows, K)``.
+
+  4-bit formats give E4M3 values equal to the elements times
+  ``2**E2M1_IN_E4M3_LOG2`` (see :func:`element_log2_offset`); 8-bit formats
+  give the elements themselves in ``fmt.elem_dtype``.
+  """
+  if fmt.elem_bits == 4:
+    lo, hi = nibbles_to_e4m3(data)
+    return interleave_last(lo, hi)
+  return lax.bitcast_convert_type(data, fmt.elem_dtype)
+
+
+def element_log2_offset(fmt: Format) -> int:
+  """log2 of (what :func:`decode_elements` returns) / (the element value)."""
+  return E2M1_IN_E4M3_LOG2 if fmt.elem_bits == 4 else 0
+
+
+def scale_to_f32(s, fmt: Format, extra_log2: int = 0):
+  """Scale bytes -> float32 ``scale * 2**extra_log2``, any shape.
+
+  E8M0: built from the exponent bits (``2**(b - 127 + extra_log2)``); byte
+  0xFF gives NaN, results below float32's normal range give 0 (as XLA's CPU
+  flushes them) and above it Inf. E4M3: an exact cast times ``2**extra_log2``.
+  """
+  if fmt.power_of_two_scales:
+    b = s.astype(jnp.int32)
+    e = b + extra_log2  # biased float32 exponent: E8M0 and float32 share bias 127
+    bits = jnp.where(e > 0, jnp.minimum(e, 255) << _bits.F32_MANT_BITS, 0)
+    out = lax.bitcast_convert_type(bits.astype(jnp.uint32), jnp.float32)
+    return jnp.where(b == fmt.scale_nan_byte, jnp.float32(jnp.nan), out)
+  out = lax.bitcast_convert_type(s, fmt.scale_dtype).astype(jnp.float32)
+  return out * np.float32(2.0**extra_log2) if extra_log2 else out
+
+
+def expand_blocks(s, block_size: int):
+  """``(rows, nb)`` per-block values -> ``(rows, nb * block_size)``."""
+  rows, nb = s.shape
+  return jnp.broadcast_to(s[:, :, None], (rows, nb, block_size)).reshape(rows, nb * block_size)
+
+
+def dequantize_tile(data, scales, fmt: Format, dtype):
+  """A tile of bytes and its scale bytes -> dequantized ``dtype`` values.
+
+  ``data``: ``(rows, K * elem_bits // 8)`` uint8; ``scales``: ``(rows, K //
+  block_size)`` uint8. Exact in bfloat16 for every format here (an element has
+  at most 4 significant bits and an E4M3 scale 4, bfloat16 holds 8), as long
+  as the product stays in float32's normal range. The global scale is not
+  applied.
+  """
+  v = decode_elements(data, fmt).astype(jnp.float32)
+  s = scale_to_f32(scales, fmt, -element_log2_offset(fmt))
+  return (v * expand_blocks(s, fmt.block_size)).astype(dtype)
+
+
+def row_mask(program_axis: int, block: int, size: int):
+  """``(block,)`` bool: which rows of this program's block lie inside ``size``,
+  or None when ``block`` divides ``size`` (no mask needed).
+
+  Pallas-Triton does not mask a block that runs past the array edge (interpret
+  mode pads it, the GPU reads and writes out of bounds), so kernels mask
+  their loads and stores with this.
+  """
+  if size % block == 0:
+    return None
+  from jax.experimental import pallas as pl
+
+  return pl.program_id(program_axis) * block + lax.broadcasted_iota(jnp.int32, (block,), 0) < size
+
+
+def load_rows(view, rows):
+  """``view[...]`` with the rows outside the array (``rows`` False) read as 0."""
+  if rows is None:
+    return view[...]
+  from jax.experimental.pallas import triton as plt
+
+  mask = jnp.broadcast_to(rows.reshape(-1, *([1] * (len(view.shape) - 1))), view.shape)
+  return plt.load(view, mask=mask, other=0)
+
+
+def store_tile(ref, value, rows, cols):
+  """``ref[...] = value`` for the in-bounds ``(rows, cols)`` of a 2-D tile."""
+  if rows is None and cols is None:
+    ref[...] = value
+    return
+  from jax.experimental.pallas import triton as plt
+
+  shape = value.shape
+  mask = jnp.ones(shape, jnp.bool_)
+  if rows is not None:
+    mask = mask & rows[:, None]
+  if cols is not None:
+    mask = mask & cols[None, :]
+  plt.store(ref, value, mask=mask)
+
+
+def pick_block(n: int, cap: int, minimum: int) -> int | None:
+  """Largest power of two in ``[minimum, cap]`` dividing ``n``, or None."""
+  b = cap
+  while b >= minimum:
+    if n % b == 0:
+      return b
+    b //= 2
+  return None
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"

@@ -1,0 +1,228 @@
+"""The matmul kernels in Pallas interpret mode (CPU) against a float64 numpy reference.
+
+Every kernel call writes into a NaN-filled (poisoned) output buffer, so an
+element the kernel forgets to write fails the comparison.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fp4jax as fj
+from fp4jax.kernels import _matmul_common as common
+from fp4jax.kernels import mx_matmul as mk
+from fp4jax.kernels import w4a16_matmul as wk
+from fp4jax.matmul import byte_matrix, prepare_weight
+
+F32, BF16 = np.dtype(np.float32), np.dtype(jnp.bfloat16)
+
+
+# ---- independent float64 reference ------------------------------------------------------
+def dequant64(q):
+  """values * scales (* global) in float64 through ml_dtypes casts, block axis expanded."""
+  v = np.asarray(q.values).astype(np.float64)
+  s = np.repeat(np.asarray(q.scales).astype(np.float64), q.fmt.block_size, axis=q.axis)
+  out = v * s
+  if q.global_scale is not None:
+    out = out * np.float64(np.asarray(q.global_scale))
+  return out
+
+
+def assert_matches(out, ref64, bound64, out_dtype):
+  """``out`` equals ``ref64`` up to float32 accumulation error (``bound64`` = |a| @ |b|) and,
+  for bf16 outputs, one final rounding."""
+  out = np.asarray(out).astype(np.float64)
+  assert out.shape == ref64.shape
+  assert np.all(np.isfinite(out)), "unwritten (poisoned) or non-finite elements"
+  tol = 4 * ref64.shape[-1] * 2.0**-24 * bound64 + 1e-30
+  if out_dtype == BF16:
+    tol = tol + 2.0**-8 * np.abs(ref64)
+  np.testing.assert_array_less(np.abs(out - ref64), tol + 1e-12)
+
+
+def quantized(shape, fmt, axis, seed):
+  x = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+  return fj.quantize(x, fmt, axis=axis)
+
+
+def poisoned(shape, dtype):
+  return jnp.full(shape, jnp.nan, dtype)
+
+
+# ---- building blocks --------------------------------------------------------------------
+def test_nibbles_to_e4m3_is_exact_for_every_byte():
+  b = np.arange(256, dtype=np.uint8)
+  lo, hi = common.nibbles_to_e4m3(jnp.asarray(b))
+  e2m1 = lambda c: c.astype(ml_dtypes.uint4).view(ml_dtypes.float4_e2m1fn).astype(np.float64)
+  scale = 2.0**common.E2M1_IN_E4M3_LOG2
+  np.testing.assert_array_equal(np.asarray(lo).astype(np.float64), e2m1(b & 15) * scale)
+  np.testing.assert_array_equal(np.asarray(hi).astype(np.float64), e2m1(b >> 4) * scale)
+
+
+def test_e8m0_scale_to_f32_matches_ml_dtypes():
+  b = np.arange(256, dtype=np.uint8)
+  want = b.view(ml_dtypes.float8_e8m0fnu).astype(np.float64)
+  got = np.asarray(common.scale_to_f32(jnp.asarray(b), fj.MXFP4)).astype(np.float64)
+  normal = want >= 2.0**-126
+  np.testing.assert_array_equal(got[normal], want[normal])
+  assert np.all(got[~normal & ~np.isnan(want)] == 0)  # flushed, as XLA's CPU does
+  assert np.isnan(got[255])
+
+
+def test_e4m3_scale_to_f32_with_offset():
+  b = np.arange(256, dtype=np.uint8)
+  want = b.view(ml_dtypes.float8_e4m3fn).astype(np.float64) * 64.0
+  got = np.asarray(common.scale_to_f32(jnp.asarray(b), fj.NVFP4, 6)).astype(np.float64)
+  np.testing.assert_array_equal(got, want)
+
+
+# ---- W4A16 ------------------------------------------------------------------------------
+W4A16_CASES = [
+    # fmt, M, K, N, out dtype: odd M, K and N multiples of the block but not powers of two
+    (fj.MXFP4, 1, 96, 48, F32),
+    (fj.MXFP4, 3, 160, 80, BF16),
+    (fj.MXFP4, 17, 96, 48, F32),
+    (fj.NVFP4, 1, 48, 80, BF16),
+    (fj.NVFP4, 17, 160, 48, F32),
+    (fj.MXFP8_E4M3, 3, 96, 80, F32),
+    (fj.MXFP8_E4M3, 17, 160, 48, BF16),
+]
+
+
+@pytest.mark.parametrize("fmt,m,k,n,out_dtype", W4A16_CASES)
+def test_w4a16_default_config_matches_float64(fmt, m, k, n, out_dtype):
+  x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+  w = quantized((k, n), fmt, 0, seed=k + n)
+  p = prepare_weight(w)
+  out = wk.w4a16_matmul(x, p.data, p.scales, p.global_scale, fmt=fmt, out_dtype=out_dtype,
+                        interpret=True, out_buffer=poisoned((m, n), out_dtype))
+  assert out.dtype == out_dtype
+  x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
+  assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), out_dtype)
+
+
+@pytest.mark.parametrize("cfg,fmt", [
+    (wk.Config(block_m=16, block_n=32, block_k=32, split_k=5, swap_ab=True), fj.NVFP4),
+    (wk.Config(block_m=32, block_n=16, block_k=64, split_k=1, swap_ab=False), fj.MXFP4),
+    (wk.Config(block_m=128, block_n=64, block_k=32, split_k=1, swap_ab=False, num_warps=8), fj.NVFP4),
+], ids=["splitk5_swap_nvfp4", "bm32_bn16_mxfp4", "prefill_tile_nvfp4"])
+def test_w4a16_configs(cfg, fmt):
+  m, k, n = 19, 320, 80
+  x = jax.random.normal(jax.random.key(3), (m, k), jnp.bfloat16)
+  w = quantized((k, n), fmt, 0, seed=4)
+  p = prepare_weight(w)
+  shape = (m, n) if cfg.split_k == 1 else (cfg.split_k, m, n)
+  dtype = BF16 if cfg.split_k == 1 else F32
+  out = wk.w4a16_matmul(x, p.data, p.scales, p.global_scale, fmt=fmt, out_dtype=jnp.bfloat16,
+                        config=cfg, interpret=True, out_buffer=poisoned(shape, dtype))
+  x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
+  assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), BF16)
+
+
+def test_w4a16_nan_scale_poisons_its_columns_only():
+  m, k, n = 3, 96, 48
+  x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
+  w = quantized((k, n), fj.MXFP4, 0, seed=1)
+  s = np.asarray(w.scales).view(np.uint8).copy()
+  s[1, 7] = 0xFF  # E8M0 NaN: block 1 of column 7
+  w = fj.QArray(w.values, jnp.asarray(s).view(jnp.float8_e8m0fnu), None, w.fmt, w.axis)
+  p = prepare_weight(w)
+  out = np.asarray(wk.w4a16_matmul(x, p.data, p.scales, None, fmt=fj.MXFP4, out_dtype=jnp.float32,
+                                   interpret=True))
+  assert np.all(np.isnan(out[:, 7]))
+  assert np.all(np.isfinite(np.delete(out, 7, axis=1)))
+
+
+def test_w4a16_extreme_scales_are_exact():
+  """Block scales near the bottom and top of the useful range still dequantize exactly."""
+  m, k, n = 2, 64, 16
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 16, (k, n)).astype(np.uint8)
+  values = jnp.asarray(codes.astype(ml_dtypes.uint4).view(ml_dtypes.float4_e2m1fn))
+  exps = np.array([[7] * n, [240] * n], np.uint8)  # 2**-120 and 2**113
+  w = fj.QArray(values, jnp.asarray(exps).view(jnp.float8_e8m0fnu), None, fj.MXFP4, -2)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  p = prepare_weight(w)
+  out = wk.w4a16_matmul(x, p.data, p.scales, None, fmt=fj.MXFP4, out_dtype=jnp.float32, interpret=True)
+  x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
+  assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), F32)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=jnp.zeros((2, 64), jnp.float32)), "bfloat16"),
+    (dict(x=jnp.zeros((2, 96), jnp.bfloat16)), "does not match"),
+    (dict(config=wk.Config(block_k=48)), "power of two"),
+    (dict(config=wk.Config(block_k=32, split_k=3)), "multiple of block_k"),
+    (dict(global_scale=jnp.float32(1.0)), "global scale"),
+])
+def test_w4a16_rejects_bad_input(bad, match):
+  w = prepare_weight(quantized((64, 32), fj.MXFP4, 0, seed=0))
+  args = dict(x=jnp.zeros((2, 64), jnp.bfloat16), global_scale=None, config=None)
+  args.update(bad)
+  with pytest.raises(ValueError, match=match):
+    wk.w4a16_matmul(args["x"], w.data, w.scales, args["global_scale"], fmt=fj.MXFP4,
+                    config=args["config"], interpret=True)
+
+
+# ---- MX x MX -----------------------------------------------------------------------------
+MX_CASES = [
+    (fj.MXFP4, fj.MXFP4, 3, 96, 48, F32, "fp8"),
+    (fj.MXFP4, fj.MXFP4, 17, 160, 80, BF16, "bf16"),
+    (fj.MXFP8_E4M3, fj.MXFP8_E4M3, 17, 96, 80, F32, "fp8"),
+    (fj.MXFP8_E4M3, fj.MXFP8_E4M3, 1, 160, 48, BF16, "bf16"),
+    (fj.MXFP8_E4M3, fj.MXFP4, 3, 160, 48, BF16, "fp8"),
+    (fj.MXFP8_E5M2, fj.MXFP8_E5M2, 17, 96, 48, F32, "fp8"),
+    (fj.MXFP8_E5M2, fj.MXFP4, 3, 96, 80, F32, "bf16"),
+    (fj.NVFP4, fj.NVFP4, 17, 48, 80, F32, "bf16"),
+    (fj.NVFP4, fj.NVFP4, 1, 160, 48, BF16, "bf16"),
+]
+
+
+@pytest.mark.parametrize("a_fmt,b_fmt,m,k,n,out_dtype,mma", MX_CASES)
+def test_mx_matches_float64(a_fmt, b_fmt, m, k, n, out_dtype, mma):
+  a = quantized((m, k), a_fmt, -1, seed=m)
+  b = quantized((k, n), b_fmt, 0, seed=n)
+  ad, asc = byte_matrix(a)
+  p = prepare_weight(b)
+  cfg = mk.default_config(m, k, n, a_fmt, b_fmt)
+  cfg = mk.Config(block_m=cfg.block_m, block_n=32, block_k=cfg.block_k, mma=mma)
+  out = mk.mx_matmul(ad, asc, a.global_scale, p.data, p.scales, p.global_scale, a_fmt=a_fmt, b_fmt=b_fmt,
+                     out_dtype=out_dtype, config=cfg, interpret=True, out_buffer=poisoned((m, n), out_dtype))
+  a64, b64 = dequant64(a), dequant64(b)
+  assert_matches(out, a64 @ b64, np.abs(a64) @ np.abs(b64), out_dtype)
+
+
+def test_mx_default_config_prefill_tile():
+  m, k, n = 130, 64, 272
+  a = quantized((m, k), fj.MXFP8_E4M3, -1, seed=1)
+  b = quantized((k, n), fj.MXFP8_E4M3, 0, seed=2)
+  ad, asc = byte_matrix(a)
+  p = prepare_weight(b)
+  assert mk.default_config(m, k, n, a.fmt, b.fmt).block_m == 128
+  out = mk.mx_matmul(ad, asc, None, p.data, p.scales, None, a_fmt=a.fmt, b_fmt=b.fmt, out_dtype=jnp.float32,
+                     interpret=True, out_buffer=poisoned((m, n), F32))
+  a64, b64 = dequant64(a), dequant64(b)
+  assert_matches(out, a64 @ b64, np.abs(a64) @ np.abs(b64), F32)
+
+
+def test_mx_rejects_bad_input():
+  a = quantized((4, 64), fj.NVFP4, -1, seed=0)
+  b = quantized((64, 32), fj.NVFP4, 0, seed=1)
+  ad, asc = byte_matrix(a)
+  p = prepare_weight(b)
+  call = functools.partial(mk.mx_matmul, ad, asc, a.global_scale, p.data, p.scales, p.global_scale,
+                           a_fmt=a.fmt, b_fmt=b.fmt, interpret=True)
+  with pytest.raises(ValueError, match="fp8 path"):
+    call(config=mk.Config(16, 16, 32, "fp8"))
+  with pytest.raises(ValueError, match="mma"):
+    call(config=mk.Config(16, 16, 32, "int8"))
+  with pytest.raises(ValueError, match="block sizes differ"):
+    mk.mx_matmul(ad, asc, a.global_scale, p.data, p.scales, None, a_fmt=a.fmt, b_fmt=fj.MXFP4,
+                 interpret=True)
+  with pytest.raises(ValueError, match="do not agree"):
+    mk.mx_matmul(ad[:, :-1], asc, a.global_scale, p.data, p.scales, p.global_scale, a_fmt=a.fmt,
+                 b_fmt=b.fmt, interpret=True)
