@@ -72,17 +72,3 @@ def scale_by_pow2(x, e):
   a = e >> 1
   return x * exp2i(a) * exp2i(e - a)
 
-
-def round_to_grid(a, nmant: int, emin: int):
-  """Rounds non-negative float32 ``a`` to a float grid, nearest even, as float32.
-
-  The grid has ``nmant`` mantissa bits and smallest normal exponent ``emin``
-  (its subnormals continue the step of the lowest binade). No saturation: the
-  caller clips to the format's maximum first, which is on the grid, so the
-  result never exceeds it. Equal to ``a.astype(fmt).astype(float32)`` after the
-  clip (a test checks it against ml_dtypes) and much cheaper than XLA's
-  narrow-float conversion on the CPU; ``jnp.round`` ties to even, and an even
-  multiple of the step is a code with an even mantissa.
-  """
-  step = jnp.maximum(floor_log2(f32_bits(a)), emin) - nmant
-  return jnp.round(a * exp2i(-step)) * exp2i(step)

@@ -124,7 +124,8 @@ def _quantize_xla(x, global_scale, hessian, *, fmt: Format, axis: int, scale_rul
       # The tensor amax skips non-finite elements only: the finite elements of
       # a NaN block still count, so no other block depends on where NaNs are.
       finite_bits = jnp.where(abs_bits < _bits.F32_INF_BITS, abs_bits, 0)
-      global_encode, global_scale = _global_factors(_bits.from_f32_bits(jnp.max(finite_bits)), fmt)
+      tensor_amax = _bits.from_f32_bits(jnp.max(jnp.max(finite_bits, axis=-1)))
+      global_encode, global_scale = _global_factors(tensor_amax, fmt)
     else:
       global_scale = jnp.asarray(global_scale, jnp.float32)
       global_encode = 1.0 / global_scale

@@ -310,6 +310,12 @@ def _block_loss(residual, hessian):
                     precision=lax.Precision.HIGHEST)
 
 
+def _pow2_factors(e):
+  """2**e for integer ``e`` in [-252, 254] as two normal float32 factors (see scale_by_pow2)."""
+  a = e >> 1
+  return _bits.exp2i(a), _bits.exp2i(e - a)
+
+
 def mse_rule(blocks, ctx: BlockContext):
   fmt = ctx.fmt
   weighted = ctx.hessian is not None
@@ -321,24 +327,32 @@ def mse_rule(blocks, ctx: BlockContext):
   # stay in float32 range for any input magnitude.
   unit = _bits.floor_log2(_bits.f32_bits(ctx.amax))
   mag = jnp.abs(blocks)
-  target = _bits.scale_by_pow2(mag, -unit[..., None])
   gdec = ctx.global_decode
+
+  def per_block(f):
+    # Per-block factors are computed once per block and broadcast: the barrier
+    # keeps XLA from recomputing them (bitcasts, an E4M3 decode, a division)
+    # for every element, which also splits the element loop into extra passes.
+    return lax.optimization_barrier(f)
 
   def loss_of(code):
     # Magnitudes suffice without a Hessian: x and its rounding share a sign.
     if fmt.power_of_two_scales:
       e = code - fmt.scale_bias
-      y = jnp.minimum(_bits.scale_by_pow2(mag, -e[..., None]), fmt.elem_max)
-      q = _bits.round_to_grid(y, fmt.elem_nmant, fmt.elem_emin)
-      dq = _bits.scale_by_pow2(q, (e - unit)[..., None])
+      (e1, e2), (d1, d2), (u1, u2) = per_block((_pow2_factors(-e), _pow2_factors(e - unit), _pow2_factors(-unit)))
+      y = mag * e1[..., None] * e2[..., None]
+      dq_unit = lambda q: q * d1[..., None] * d2[..., None]
     else:
       s = scales_from_bytes(code, fmt)
-      y = jnp.minimum(mag * _element_factor(s, fmt, gdec)[..., None], fmt.elem_max)
-      q = _bits.round_to_grid(y, fmt.elem_nmant, fmt.elem_emin)
-      dq = _bits.scale_by_pow2(q * s.astype(jnp.float32)[..., None], -unit[..., None])
-      if gdec is not None:
-        dq = dq * gdec
-    r = target - dq
+      enc, dec, (u1, u2) = per_block(
+          (_element_factor(s, fmt, gdec), _bits.flush_subnormals(_bits.scale_by_pow2(s.astype(jnp.float32), -unit)),
+           _pow2_factors(-unit)))
+      y = mag * enc[..., None]
+      dq_unit = lambda q: q * dec[..., None] if gdec is None else q * dec[..., None] * gdec
+    # The cast is round-to-nearest-even (ml_dtypes' rounding); on XLA's CPU it
+    # fuses with the arithmetic around it, unlike bit-level rounding.
+    q = jnp.minimum(y, fmt.elem_max).astype(fmt.elem_dtype).astype(jnp.float32)
+    r = mag * u1[..., None] * u2[..., None] - dq_unit(q)
     if weighted:
       r = jnp.where(blocks < 0, -r, r)
     return _block_loss(r, ctx.hessian)
