@@ -72,3 +72,27 @@ def scale_by_pow2(x, e):
   a = e >> 1
   return x * exp2i(a) * exp2i(e - a)
 
+
+
+def round_to_grid(a, nmant: int, emin: int, emax: int):
+  """Rounds non-negative float32 ``a`` to a float grid, nearest even, as float32.
+
+  The grid has ``nmant`` mantissa bits and normal binades ``2**emin`` to
+  ``2**emax`` (its subnormals continue the step of the lowest binade). No
+  saturation: the caller clips to the format's maximum first, which is on the
+  grid. Equal to ``a.astype(fmt).astype(float32)`` after the clip (tests check
+  it against ml_dtypes): ``jnp.round`` ties to even, and an even multiple of
+  the step is a code with an even mantissa.
+
+  Why not that cast pair: XLA's GPU compiler may delete a float32 -> narrow ->
+  float32 conversion pair ("excess precision"), which would skip the rounding.
+  The step comes from comparisons with exact powers of two (compares and
+  selects only), so it fuses into the surrounding arithmetic.
+  """
+  step = jnp.full(a.shape, 2.0 ** (emin - nmant), jnp.float32)
+  inv = jnp.full(a.shape, 2.0 ** (nmant - emin), jnp.float32)
+  for k in range(emin + 1, emax + 1):
+    up = a >= 2.0**k
+    step = jnp.where(up, jnp.float32(2.0 ** (k - nmant)), step)
+    inv = jnp.where(up, jnp.float32(2.0 ** (nmant - k)), inv)
+  return jnp.round(a * inv) * step

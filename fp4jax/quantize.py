@@ -69,7 +69,8 @@ def _global_factors(amax, fmt: Format):
   ok = jnp.isfinite(amax) & (amax > 0)
   encode = fmt.global_encode_numerator / jnp.where(ok, amax, 1.0)
   encode = jnp.where(ok, jnp.minimum(encode, _MAX_GLOBAL_ENCODE), 1.0).astype(jnp.float32)
-  return encode, (1.0 / encode).astype(jnp.float32)
+  # The barrier keeps XLA from simplifying 1 / (c / amax) into amax / c.
+  return encode, (1.0 / jax.lax.optimization_barrier(encode)).astype(jnp.float32)
 
 
 def global_scale_from_amax(amax, fmt: Format):
@@ -246,8 +247,10 @@ def _dequantize_xla(q: QArray, dtype):
   # Saturate, then cast: a finite QArray never dequantizes to Inf, even where
   # rounding up at the top of the range (the "ceil" and "mse" rules near
   # float32's or float16's maximum) lands past the output dtype's largest value.
-  big = float(jnp.finfo(dtype).max)
-  return _from_blocks(jnp.clip(out, -big, big), axis).astype(dtype)
+  # A select, not a clip: it keeps -0 and NaN as they are on every backend.
+  big = jnp.float32(jnp.finfo(dtype).max)
+  out = jnp.where(jnp.abs(out) > big, jnp.copysign(big, out), out)
+  return _from_blocks(out, axis).astype(dtype)
 
 
 def dequantize(q: QArray, dtype=jnp.float32, *, backend: str = "auto"):

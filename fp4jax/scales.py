@@ -18,7 +18,7 @@ first multiplied by the tensor encode factor ``g``):
   clamped to ``[2**-127, 2**127]``; elements above ``M * s`` saturate. For MXFP4
   this is ``2**(floor(log2 amax) - 2)``. E4M3 scales: ``amax / M`` rounded down
   to an E4M3 value (possibly 0, which zeroes the block). For E4M3 scales
-  ``amax / M`` means ``amax * float32(1 / M) * g`` in float32, as in the recipe.
+  ``amax / M`` means ``amax * (g * float32(1 / M))`` in float32.
 ``"ceil"``
   The smallest scale with ``amax / s <= M``: nothing clips. For E8M0 this is
   cuBLAS's / torchao's RCEIL. E4M3: ``amax / M`` rounded up (saturating at 448).
@@ -156,7 +156,9 @@ def _element_factor(scales, fmt: Format, global_decode):
   """
   s = scales.astype(jnp.float32)
   if global_decode is not None:
-    s = _bits.flush_subnormals(s * global_decode)
+    # The barrier pins the recipe's order of operations: XLA may otherwise
+    # rewrite 1 / (s * g) (or fold g into other factors) and round differently.
+    s = _bits.flush_subnormals(lax.optimization_barrier(s * global_decode))
   return jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
 
 
@@ -185,7 +187,9 @@ def encode_elements(blocks, scales, fmt: Format, global_decode=None):
   after an explicit clip. Returns ``fmt.elem_dtype`` values shaped like blocks.
   """
   y = jnp.clip(element_units(blocks, scales, fmt, global_decode), -fmt.elem_max, fmt.elem_max)
-  return y.astype(fmt.elem_dtype)
+  # A barrier after the cast: fused with a dequantize, XLA's GPU compiler may
+  # drop a float32 -> narrow -> float32 conversion pair, skipping the rounding.
+  return lax.optimization_barrier(y.astype(fmt.elem_dtype))
 
 
 def decode_blocks(values, scales, fmt: Format, global_decode=None):
@@ -212,7 +216,9 @@ def decode_blocks(values, scales, fmt: Format, global_decode=None):
   else:
     out = v * scales.astype(jnp.float32)[..., None]  # exact: 2 x 4 significant bits
     if global_decode is not None:
-      out = out * global_decode
+      # (v * s) * g rounds once; the barrier keeps XLA from reassociating it
+      # into v * (s * g), which rounds twice.
+      out = lax.optimization_barrier(out) * global_decode
   return _bits.flush_subnormals(out)
 
 
@@ -230,15 +236,17 @@ def _ceil_exponent(ctx: BlockContext):
 def _ideal_scale(ctx: BlockContext):
   """``amax / M`` in scale units (times the global encode factor): float32.
 
-  Computed as ``(amax * float32(1 / M)) * encode``, NVIDIA's recipe. Written as
-  a multiplication on purpose: XLA rewrites a division by a constant into
-  this multiplication anyway (so ``amax / 6`` would silently be it on some
-  backends and not on others).
+  Computed as ``amax * (encode * float32(1 / M))``: one tensor-wide factor, so
+  no intermediate can fall below float32's normal range (a tiny tensor with
+  a capped encode factor would otherwise flush to zero), and the multiply by
+  the float32 reciprocal of ``M`` is what NVIDIA's recipe does (XLA would
+  rewrite a division by the constant into it anyway). The barrier keeps XLA
+  from reassociating the product.
   """
-  s = ctx.amax * np.float32(1.0 / ctx.fmt.elem_max)
+  factor = jnp.float32(1.0 / ctx.fmt.elem_max)
   if ctx.global_encode is not None:
-    s = s * ctx.global_encode
-  return s
+    factor = lax.optimization_barrier(ctx.global_encode * factor)
+  return ctx.amax * factor
 
 
 def _round_scale(ctx: BlockContext, direction: int):
@@ -250,7 +258,7 @@ def _round_scale(ctx: BlockContext, direction: int):
   if direction == 0:
     return nearest
   codes = scale_bytes(nearest).astype(jnp.int32)
-  got = nearest.astype(jnp.float32)
+  got = lax.optimization_barrier(nearest).astype(jnp.float32)  # no convert-pair folding
   if direction < 0:
     codes = jnp.where(got > ideal, codes - 1, codes)
   else:
@@ -349,9 +357,7 @@ def mse_rule(blocks, ctx: BlockContext):
            _pow2_factors(-unit)))
       y = mag * enc[..., None]
       dq_unit = lambda q: q * dec[..., None] if gdec is None else q * dec[..., None] * gdec
-    # The cast is round-to-nearest-even (ml_dtypes' rounding); on XLA's CPU it
-    # fuses with the arithmetic around it, unlike bit-level rounding.
-    q = jnp.minimum(y, fmt.elem_max).astype(fmt.elem_dtype).astype(jnp.float32)
+    q = _bits.round_to_grid(jnp.minimum(y, fmt.elem_max), fmt.elem_nmant, fmt.elem_emin, fmt.elem_emax)
     r = mag * u1[..., None] * u2[..., None] - dq_unit(q)
     if weighted:
       r = jnp.where(blocks < 0, -r, r)

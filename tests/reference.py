@@ -5,7 +5,7 @@ and block sizes; exponents come from ``np.frexp`` or from comparisons in
 float64, element rounding from ml_dtypes casts (round to nearest even), and
 the "mse" rule is a brute force over every finite scale of the scale dtype.
 The NVFP4 recipe steps that the spec defines in float32 (the tensor encode
-factor and its reciprocal, the block scale ``amax * float32(1/6) * encode``, the element
+factor and its reciprocal, the block scale ``amax * (encode * float32(1/6))``, the element
 factor ``1 / (scale * decode)``) are evaluated in numpy float32; everything
 else is float64.
 """
@@ -229,8 +229,8 @@ def quantize(x, spec: Spec, rule: str, axis: int = -1, global_scale=None, hessia
   elif pow2_scales(spec):
     sbytes = (pow2_scale_exponent(amax, spec, rule) + 127).astype(np.uint8)
   else:
-    # The recipe multiplies by the float32 reciprocal of 6 (not a division).
-    ideal = (amax * np.float32(1.0 / elem_max(spec))).astype(np.float32) * encode_f
+    # One tensor-wide factor: the encode factor times the float32 reciprocal of 6.
+    ideal = amax * np.float32(encode_f * np.float32(1.0 / elem_max(spec)))
     sbytes = e4m3_scale(ideal.astype(np.float32), rule)
   sbytes = np.where(bad, 0xFF if pow2_scales(spec) else 0x7F, sbytes).astype(np.uint8)
   svals = decode_scale_bytes(np.where(bad, 0, sbytes), spec)
