@@ -1,0 +1,396 @@
+"""Pallas-Triton kernels: fused quantize + pack, and NVFP4's tensor amax.
+
+One pass over the input per program tile: load, flush float32 subnormals,
+block absolute maxima, the scale rule, the element codes (bit arithmetic, see
+:mod:`fp4jax.kernels._common`), the NaN scale for non-finite blocks, packing
+two E2M1 codes a byte, and the stores. The results match
+``fp4jax.quantize._quantize_xla`` bit for bit.
+
+NVFP4 without a given ``global_scale`` takes two passes over the input: the
+block scales are ``amax_block / 6 * 448 / amax_tensor`` rounded to E4M3, so no
+element code can be written before the whole tensor has been read; keeping
+the tensor on chip until then is impossible beyond the L2 size (50 MB), so the
+first pass (:func:`tensor_amax`) reduces the tensor's amax (per-tile partial
+maxima, then one tiny XLA max) and the second quantizes. Two reads and one
+write; with a calibrated ``global_scale`` it is one pass.
+
+Layouts: an input of shape ``S`` with block axis ``axis`` is viewed as
+``(A, K, C)`` (free reshape). ``C == 1`` ("row"): tiles ``(block_m, block_k)``
+of the ``(A, K)`` matrix, blocks contiguous. ``C > 1`` ("column", e.g. a
+``(K, N)`` weight quantized along ``K``): tiles ``(block_k, block_m)`` of one
+``(K, C)`` slab, a block is ``block_size`` rows of one column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from fp4jax import _bits
+from fp4jax.formats import Format, get_format
+from fp4jax.kernels import _common as C
+from fp4jax.qarray import QArray, normalize_axis
+from fp4jax.quantize import _global_factors, _quantize_xla
+from fp4jax.scales import SCALE_RULES, search_window
+
+__all__ = [
+    "Config",
+    "default_config",
+    "quantize_packed",
+    "quantize",
+    "tensor_amax",
+    "quantize_packed_reference",
+    "supported",
+]
+
+_INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+#: Tile sizes and launch parameters (see :class:`fp4jax.kernels._common.TileConfig`).
+Config = C.TileConfig
+default_config = C.default_tiles
+
+
+# ---- the scale rules on per-block values ------------------------------------------
+def _pow2_rule_exponent(amax_bits, fmt: Format, rule: str):
+  """E8M0 floor / ceil exponents from int32 amax bits (scales.py's formulas)."""
+  e = (amax_bits >> 23) - 127 - fmt.elem_emax
+  if rule == "ceil" or rule == "mse":
+    e = e + ((amax_bits & 0x7FFFFF) > fmt.elem_max_significand_bits).astype(jnp.int32)
+  return jnp.clip(e, fmt.scale_exp_min, fmt.scale_exp_max)
+
+
+def _e4m3_scale_code(amax_bits, genc, fmt: Format, rule: str, interpret: bool):
+  """NVFP4 block scale codes (int32 0..0x7E) for "floor" / "ceil" / "nearest"."""
+  sc = C.ElemCodec.of(fmt.scale_dtype)
+  amax = C.i32_to_f32(amax_bits)
+  # The reference's order: one tensor-wide factor encode * float32(1 / M).
+  ideal = amax * (genc * (np.float32(1) / np.float32(fmt.elem_max)))
+  if C.numerics(interpret).ftz:
+    ideal = C.flush_f32(ideal)
+  code, got = C.round_to_grid(jnp.minimum(jnp.maximum(ideal, 0.0), np.float32(fmt.scale_max)), sc)
+  if rule == "floor":
+    code = code - (got > ideal).astype(jnp.int32)
+  elif rule == "ceil" or rule == "mse":
+    code = code + (got < ideal).astype(jnp.int32)
+  return jnp.clip(code, 0, fmt.scale_nan_byte - 1)
+
+
+def _encode_pow2(x, e, codec, fmt, interpret):
+  """Element codes (signed, int32) and rounded |values| for E8M0 exponent ``e``."""
+  y = C.mul_ftz(x, C.i32_to_f32((127 - e) << 23), interpret)  # exact: 2**-e is normal
+  code, r = C.round_to_grid(jnp.minimum(jnp.abs(y), np.float32(fmt.elem_max)), codec)
+  return code | C.sign_code(C.f32_to_i32(y), codec), r
+
+
+def _encode_e4m3(x, code_s, gdec, codec, fmt, interpret):
+  """Element codes and rounded |values| for NVFP4 block scale codes ``code_s``."""
+  s = C.decode_magnitude(code_s, C.ElemCodec.of(fmt.scale_dtype)) * gdec
+  s = jnp.where(s < np.float32(2.0**-126), 0.0, s)  # the reference flushes this product
+  pos = s > 0
+  enc = jnp.where(pos, C.recip(jnp.where(pos, s, 1.0), interpret), 0.0)
+  y = C.mul_ftz(x, enc, interpret)
+  code, r = C.round_to_grid(jnp.minimum(jnp.abs(y), np.float32(fmt.elem_max)), codec)
+  return code | C.sign_code(C.f32_to_i32(y), codec), r
+
+
+def _mse_loss(target, dq, axis, interpret):
+  r = target - dq
+  return C.halving_sum(C.mul_rn(r, r, interpret), axis, C.numerics(interpret).group(r.shape[axis]))
+
+
+# ---- the kernel ----------------------------------------------------------------------
+def quantize_pack_kernel(*refs, fmt: Format, rule: str, tiling: C.Tiling, pack_axis,
+                         has_global: bool, interpret: bool):
+  """One tile: ``x`` -> codes (packed two a byte for 4-bit elements) and scale bytes.
+
+  Refs: ``x`` tile ``(t0, t1)`` (``tiling.tile``), [``gdec (1,)``, ``genc (1,)``],
+  ``codes``, ``scales`` (uint8). ``pack_axis``: the axis of the blocked view
+  (``(t0, nb, B)`` rows, ``(nb, B, t1)`` columns) along which pairs of codes
+  share a byte, or None for 8-bit elements.
+  """
+  if has_global:
+    x_ref, gdec_ref, genc_ref, codes_ref, scales_ref = refs
+  else:
+    x_ref, codes_ref, scales_ref = refs
+  rax = tiling.kax + 1  # the within-block axis of the blocked view
+  codec = C.ElemCodec.of(fmt.elem_dtype)
+
+  x = C.split_axis(tiling.load(x_ref).astype(jnp.float32), tiling.kax, fmt.block_size)
+  abits = C.f32_to_i32(x) & 0x7FFFFFFF
+  amax_bits = jnp.max(abits, axis=rax, keepdims=True)
+  nonfinite = amax_bits >= 0x7F800000
+  # Flushing after the max: only a block of subnormals and zeros has a
+  # subnormal max, and the reference sees zeros there.
+  amax_bits = jnp.where(nonfinite | (amax_bits < 0x00800000), 0, amax_bits)
+
+  if fmt.power_of_two_scales:
+    if rule == "mse":
+      e, codes = _mse_pow2(x, amax_bits, fmt, codec, rax, interpret)
+    else:
+      e = _pow2_rule_exponent(amax_bits, fmt, rule)
+      codes, _ = _encode_pow2(x, e, codec, fmt, interpret)
+    scale_code = e + fmt.scale_bias
+  else:
+    gdec, genc = gdec_ref[0], genc_ref[0]
+    if rule == "mse":
+      scale_code, codes = _mse_e4m3(x, amax_bits, gdec, genc, fmt, codec, rax, interpret)
+    else:
+      scale_code = _e4m3_scale_code(amax_bits, genc, fmt, rule, interpret)
+      codes, _ = _encode_e4m3(x, scale_code, gdec, codec, fmt, interpret)
+  scale_code = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)
+  codes = jnp.where(nonfinite, 0, codes)  # the reference zeroes non-finite blocks
+
+  out = codes.astype(jnp.uint8) if pack_axis is None else C.pack_pairs(codes, pack_axis)
+  tiling.store(codes_ref, out.reshape(codes_ref.shape))
+  tiling.store(scales_ref, jnp.squeeze(scale_code, rax).astype(jnp.uint8))
+
+
+def _mse_pow2(x, amax_bits, fmt, codec, rax, interpret):
+  unit = (amax_bits >> 23) - 127
+  anchor = _pow2_rule_exponent(amax_bits, fmt, "ceil") + fmt.scale_bias
+  ax = jnp.abs(x)
+  target = _bits.scale_by_pow2(C.i32_to_f32(C.flushed_bits(ax)), -unit)
+  best_loss = best_e = best_codes = None
+  offsets, _ = search_window(fmt, False)
+  for off in offsets:
+    e = jnp.clip(anchor + off, 0, fmt.scale_nan_byte - 1) - fmt.scale_bias
+    codes, r = _encode_pow2(x, e, codec, fmt, interpret)
+    dq = _bits.scale_by_pow2(r, e - unit)
+    loss = _mse_loss(target, dq, rax, interpret)
+    loss = jnp.expand_dims(loss, rax)
+    if best_loss is None:
+      best_loss, best_e, best_codes = loss, e, codes
+    else:
+      better = loss < best_loss  # ties keep the smaller scale, as the reference
+      best_loss = jnp.where(better, loss, best_loss)
+      best_e = jnp.where(better, e, best_e)
+      best_codes = jnp.where(better, codes, best_codes)
+  return best_e, best_codes
+
+
+def _mse_e4m3(x, amax_bits, gdec, genc, fmt, codec, rax, interpret):
+  sc = C.ElemCodec.of(fmt.scale_dtype)
+  unit = (amax_bits >> 23) - 127
+  anchor = jnp.maximum(_e4m3_scale_code(amax_bits, genc, fmt, "ceil", interpret), fmt.scale_min_normal_byte)
+  target = _bits.scale_by_pow2(C.i32_to_f32(C.flushed_bits(jnp.abs(x))), -unit)
+  offsets, with_zero = search_window(fmt, False)
+  assert not with_zero and offsets.step == 1
+
+  def candidate(off):
+    code_s = jnp.clip(anchor + off, 0, fmt.scale_max_byte)
+    codes, r = _encode_e4m3(x, code_s, gdec, codec, fmt, interpret)
+    dec = C.flush_f32(_bits.scale_by_pow2(C.decode_magnitude(code_s, sc), -unit))  # per block
+    dq = C.mul_rn(r * dec, gdec, interpret)  # r * dec is exact; one rounding, as the reference
+    return jnp.expand_dims(_mse_loss(target, dq, rax, interpret), rax), code_s, codes
+
+  def step(i, carry):
+    best_loss, best_code, best_codes = carry
+    loss, code_s, codes = candidate(i)
+    better = loss < best_loss  # candidates ascend: ties keep the smaller scale
+    return (jnp.where(better, loss, best_loss), jnp.where(better, code_s, best_code),
+            jnp.where(better, codes, best_codes))
+
+  # A loop, not 16 unrolled copies: compile time stays small.
+  carry = lax.fori_loop(offsets.start + 1, offsets.stop, step, candidate(offsets.start))
+  return carry[1], carry[2]
+
+
+# ---- wrappers ------------------------------------------------------------------------
+def supported(x_shape, x_dtype, fmt: Format, axis: int, scale_rule: str, pack_last: bool) -> str | None:
+  """None if the kernel handles the case, else the reason it does not."""
+  if np.dtype(x_dtype) not in [np.dtype(d) for d in _INPUT_DTYPES]:
+    return f"input dtype {np.dtype(x_dtype)} (expected float32, bfloat16 or float16)"
+  if scale_rule not in SCALE_RULES:
+    return f"scale_rule {scale_rule!r}"
+  if scale_rule == "nearest" and fmt.power_of_two_scales:
+    return f"scale_rule 'nearest' with {fmt!r}'s power-of-two scales"
+  if fmt.scale_finfo.bits != 8 or fmt.elem_bits not in (4, 8):
+    return f"{fmt!r}: only 4- and 8-bit elements with 8-bit scales"
+  if fmt.has_global_scale and fmt.power_of_two_scales:
+    return f"{fmt!r}: a global scale with power-of-two block scales"
+  if not fmt.power_of_two_scales and np.dtype(fmt.scale_dtype) != np.dtype(jnp.float8_e4m3fn):
+    return f"{fmt!r}: block scales must be E8M0 or E4M3"
+  if len(x_shape) == 0:
+    return "a scalar input"
+  _, k, c = C.as_3d(x_shape, axis)
+  if k % fmt.block_size:
+    return f"length {k} along axis {axis} is not a multiple of the block size {fmt.block_size}"
+  if fmt.elem_bits == 4 and c > 1 and pack_last and c % 2:
+    return f"odd last dimension {c} cannot hold packed 4-bit pairs"
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "axis", "scale_rule", "pack_last", "config", "interpret"))
+def _quantize_core(x, global_scale, *, fmt: Format, axis: int, scale_rule: str, pack_last: bool,
+                   config: Config | None, interpret: bool):
+  """(codes uint8, scale bytes uint8, global_scale or None), in the kernel's 2-D / 3-D view."""
+  shape3d = C.as_3d(x.shape, axis)
+  cfg = config or default_config(shape3d, fmt, x.dtype.itemsize)
+  cfg.check(fmt)
+  tiling = C.Tiling(shape3d, cfg.block_m, cfg.block_k)
+  x3 = tiling.view(x)
+  if fmt.elem_bits == 4:
+    # Rows pack along the block; columns along the last axis (QArray's
+    # memory order) or along the block axis (pack_fp4's convention).
+    pack_axis = 2 if (not tiling.col or pack_last) else 1
+    k_div, m_div = (2, 1) if pack_axis == tiling.kax + 1 else (1, 2)
+  else:
+    pack_axis, k_div, m_div = None, 1, 1
+  operands, in_specs = [x3], [tiling.spec()]
+  if fmt.has_global_scale:
+    if global_scale is None:
+      amax = C.i32_to_f32(tensor_amax_bits(x3, tiling, cfg, interpret=interpret))
+      genc, global_scale = _global_factors(amax, fmt)
+    else:
+      global_scale = jnp.asarray(global_scale, jnp.float32)
+      genc = 1.0 / global_scale
+    operands += [global_scale.reshape(1), genc.reshape(1)]
+    in_specs += [tiling.scalar_spec(), tiling.scalar_spec()]
+  kernel = functools.partial(
+      quantize_pack_kernel, fmt=fmt, rule=scale_rule, tiling=tiling, pack_axis=pack_axis,
+      has_global=fmt.has_global_scale, interpret=interpret)
+  codes, scales = pl.pallas_call(
+      kernel,
+      grid=tiling.grid,
+      in_specs=in_specs,
+      out_specs=[tiling.spec(k_div, m_div), tiling.spec(fmt.block_size)],
+      out_shape=[jax.ShapeDtypeStruct(tiling.array_shape(k_div, m_div), jnp.uint8),
+                 jax.ShapeDtypeStruct(tiling.array_shape(fmt.block_size), jnp.uint8)],
+      compiler_params=C.compiler_params(cfg.num_warps, cfg.num_stages),
+      interpret=interpret,
+      name=f"quantize_{fmt.name}_{scale_rule}",
+  )(*operands)
+  return codes, scales, (global_scale if fmt.has_global_scale else None)
+
+
+# ---- NVFP4 tensor amax -------------------------------------------------------------
+def tensor_amax_kernel(x_ref, o_ref, *, tiling: C.Tiling):
+  """Partial tensor amax of one tile, as float32 bits, with the reference's rules.
+
+  NaN and Inf elements are skipped (the finite elements of their blocks still
+  count) and float32 subnormals count as zero.
+  """
+  abits = C.f32_to_i32(tiling.load(x_ref).astype(jnp.float32)) & 0x7FFFFFFF
+  amax = jnp.max(jnp.where(abits < 0x7F800000, abits, 0))
+  # Flushing after the max: it is subnormal only if every element was.
+  o_ref[...] = jnp.where(amax < 0x00800000, 0, amax)
+
+
+def tensor_amax_bits(x3, tiling: C.Tiling, config: Config, *, interpret: bool):
+  """int32 bits of NVFP4's tensor amax of the kernel view ``x3``: one read pass.
+
+  Each program writes its tile's maximum; XLA reduces those (one int32 per
+  tile, under 0.1% of the input bytes).
+  """
+  partial = pl.pallas_call(
+      functools.partial(tensor_amax_kernel, tiling=tiling),
+      grid=tiling.grid,
+      in_specs=[tiling.spec()],
+      out_specs=tiling.program_spec(),
+      out_shape=jax.ShapeDtypeStruct(tiling.grid, jnp.int32),
+      compiler_params=C.compiler_params(config.num_warps, config.num_stages),
+      interpret=interpret,
+      name="tensor_amax",
+  )(x3)
+  return jnp.max(partial)
+
+
+# ---- public entry points -------------------------------------------------------------
+def _canonical(x, fmt, axis, scale_rule, pack_last):
+  fmt = get_format(fmt)
+  x = jnp.asarray(x)
+  if x.ndim == 0:
+    raise ValueError("quantize_packed needs an array with at least one axis, got a scalar")
+  axis = normalize_axis(axis, x.ndim, x.shape)
+  scale_rule = fmt.default_scale_rule if scale_rule is None else scale_rule
+  why = supported(x.shape, x.dtype, fmt, axis, scale_rule, pack_last)
+  if why is not None:
+    raise ValueError(f"no Pallas quantize kernel for input shape {tuple(x.shape)} dtype {x.dtype} "
+                     f"axis {axis} {fmt!r} scale_rule={scale_rule!r}: {why}")
+  return x, fmt, axis, scale_rule
+
+
+def quantize_packed(x, fmt, *, axis: int = -1, scale_rule: str | None = None, global_scale=None,
+                    config: Config | None = None, interpret: bool = False):
+  """Quantizes ``x`` along ``axis`` and packs the codes, in one kernel pass.
+
+  Args:
+    x: float32 / bfloat16 / float16 array of shape ``S``; ``S[axis]`` a multiple
+      of ``fmt.block_size``.
+    fmt: ``MXFP4``, ``NVFP4``, ``MXFP8_E4M3``, ``MXFP8_E5M2`` or a name.
+    axis: the block axis.
+    scale_rule: ``"floor"``, ``"ceil"``, ``"mse"`` or (NVFP4) ``"nearest"``;
+      default ``fmt.default_scale_rule``.
+    global_scale: NVFP4's float32 decode factor; computed from the tensor amax
+      (an extra pass) when None.
+    config: tile sizes (:class:`Config`); a heuristic when None.
+    interpret: run in Pallas interpret mode (CPU tests).
+
+  Returns:
+    ``(codes, scales, global_scale)``: ``codes`` uint8 shaped ``S`` with
+    ``S[axis]`` halved (4-bit elements, two a byte, element ``2i`` in the low
+    nibble, as :func:`fp4jax.pack_fp4` along ``axis``) or ``fmt.elem_dtype``
+    shaped ``S`` (8-bit elements); ``scales`` in ``fmt.scale_dtype`` shaped
+    ``S`` with ``S[axis] // block_size``; ``global_scale`` a float32 scalar
+    (NVFP4) or None. Bit-identical to ``fp4jax.quantize(..., backend="xla")``.
+  """
+  x, fmt, axis, scale_rule = _canonical(x, fmt, axis, scale_rule, pack_last=False)
+  codes, scales, gs = _quantize_core(x, global_scale, fmt=fmt, axis=axis, scale_rule=scale_rule,
+                                     pack_last=False, config=config, interpret=interpret)
+  shape = list(x.shape)
+  sshape = list(shape)
+  sshape[axis] //= fmt.block_size
+  if fmt.elem_bits == 4:
+    shape[axis] //= 2
+    codes = codes.reshape(shape)
+  else:
+    codes = lax.bitcast_convert_type(codes, fmt.elem_dtype).reshape(shape)
+  scales = lax.bitcast_convert_type(scales, fmt.scale_dtype).reshape(sshape)
+  return codes, scales, gs
+
+
+def quantize(x, fmt, *, axis: int = -1, scale_rule: str | None = None, global_scale=None,
+             config: Config | None = None, interpret: bool = False) -> QArray:
+  """:func:`fp4jax.quantize` through the kernel: a :class:`QArray`, same bits.
+
+  4-bit codes are packed along the last axis in memory and reinterpreted as
+  ``float4_e2m1fn`` of shape ``S`` (a bitcast and a reshape).
+  """
+  x, fmt, axis, scale_rule = _canonical(x, fmt, axis, scale_rule, pack_last=True)
+  codes, scales, gs = _quantize_core(x, global_scale, fmt=fmt, axis=axis, scale_rule=scale_rule,
+                                     pack_last=True, config=config, interpret=interpret)
+  values = lax.bitcast_convert_type(codes, fmt.elem_dtype).reshape(x.shape)
+  sshape = list(x.shape)
+  sshape[axis] //= fmt.block_size
+  scales = lax.bitcast_convert_type(scales, fmt.scale_dtype).reshape(sshape)
+  return QArray(values, scales, gs, fmt, axis)
+
+
+def tensor_amax(x, fmt, *, axis: int = -1, config: Config | None = None, interpret: bool = False):
+  """NVFP4's tensor amax of ``x`` (float32 scalar) as the reference computes it."""
+  x, fmt, axis, _ = _canonical(x, fmt, axis, None, pack_last=False)
+  shape3d = C.as_3d(x.shape, axis)
+  cfg = config or default_config(shape3d, fmt, x.dtype.itemsize)
+  cfg.check(fmt)
+  tiling = C.Tiling(shape3d, cfg.block_m, cfg.block_k)
+  return C.i32_to_f32(tensor_amax_bits(tiling.view(x), tiling, cfg, interpret=interpret))
+
+
+def quantize_packed_reference(x, fmt, *, axis: int = -1, scale_rule: str | None = None, global_scale=None):
+  """:func:`quantize_packed` through the jnp reference and ``pack_fp4``."""
+  from fp4jax.packing import pack_fp4
+
+  fmt = get_format(fmt)
+  axis = normalize_axis(axis, x.ndim, x.shape)
+  rule = fmt.default_scale_rule if scale_rule is None else scale_rule
+  q = _quantize_xla(x, global_scale, None, fmt=fmt, axis=axis, scale_rule=rule, pad=False)
+  codes = pack_fp4(q.values, axis=axis) if fmt.elem_bits == 4 else q.values
+  return codes, q.scales, q.global_scale

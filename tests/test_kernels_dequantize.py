@@ -1,0 +1,126 @@
+"""The dequantize kernel in Pallas interpret mode: every code and scale byte, both
+layouts, every output dtype; against the jnp reference and a numpy float64 decoder."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fp4jax as fj
+from fp4jax import kernels
+from fp4jax.kernels import dequantize as dqk
+from fp4jax.kernels import quantize_pack as qk
+from fp4jax.packing import unpack_fp4
+from fp4jax.qarray import QArray
+from fp4jax.quantize import _dequantize_xla
+
+FORMATS = [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3, fj.MXFP8_E5M2]
+OUT = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def _same(a, b):
+  """Bit equality, NaN equal to NaN whatever its payload."""
+  a, b = np.asarray(a), np.asarray(b)
+  ints = np.uint16 if a.dtype.itemsize == 2 else np.uint32
+  nan = np.isnan(a.astype(np.float32)) & np.isnan(b.astype(np.float32))
+  bad = (a.view(ints) != b.view(ints)) & ~nan
+  assert not bad.any(), f"{bad.sum()} of {bad.size} differ, e.g. {a[bad][:4]} vs {b[bad][:4]}"
+
+
+def _random_qarray(rng, fmt, shape, axis):
+  """Every element code and every scale byte appear (NaN and Inf codes too)."""
+  axis = axis % len(shape)
+  sshape = list(shape)
+  sshape[axis] //= fmt.block_size
+  codes = rng.integers(0, 1 << fmt.elem_bits, shape).astype(np.uint8)
+  scales = rng.integers(0, 256, sshape).astype(np.uint8)
+  if fmt.elem_bits == 4:
+    values = jax.lax.bitcast_convert_type(jnp.asarray(codes).astype(jnp.uint4), fmt.elem_dtype)
+  else:
+    values = jax.lax.bitcast_convert_type(jnp.asarray(codes), fmt.elem_dtype)
+  gs = jnp.float32(rng.uniform(0.5, 2.0) * 2.0**-10) if fmt.has_global_scale else None
+  return QArray(values, jax.lax.bitcast_convert_type(jnp.asarray(scales), fmt.scale_dtype), gs, fmt,
+                axis - len(shape))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_kernel_matches_reference_every_code_and_scale(fmt):
+  rng = np.random.default_rng(len(fmt.name))
+  b = fmt.block_size
+  for shape, axis in (((16, 8 * b), -1), ((4 * b, 6), 0), ((2, 2 * b, 4), 1)):
+    q = _random_qarray(rng, fmt, shape, axis)
+    for dtype in OUT:
+      _same(dqk.dequantize(q, dtype, interpret=True), _dequantize_xla(q, dtype=np.dtype(dtype)))
+
+
+@pytest.mark.parametrize("fmt", [fj.MXFP4, fj.MXFP8_E4M3], ids=lambda f: f.name)
+def test_kernel_matches_float64_decoder(fmt):
+  """Independent of the jnp code: ml_dtypes values times 2**(byte - 127) in float64,
+  NaN for byte 0xFF, float32 subnormals flushed, saturated to the output range."""
+  rng = np.random.default_rng(5)
+  q = _random_qarray(rng, fmt, (8, 4 * fmt.block_size), -1)
+  v = np.asarray(q.values).astype(np.float64)
+  e = np.asarray(jax.lax.bitcast_convert_type(q.scales, jnp.uint8)).astype(np.int64)
+  want = v * np.exp2(np.repeat(e, fmt.block_size, axis=-1) - 127.0)
+  want[np.repeat(e == 255, fmt.block_size, axis=-1)] = np.nan
+  want = np.where(np.abs(want) < 2.0**-126, np.copysign(0.0, want), want)
+  for dtype in OUT:
+    big = float(ml_dtypes.finfo(dtype).max)
+    w = np.clip(want, -big, big).astype(np.float32).astype(dtype)
+    _same(dqk.dequantize(q, dtype, interpret=True), w)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_dequantize_packed_inverts_quantize_packed(fmt, axis):
+  rng = np.random.default_rng(9)
+  x = jnp.asarray((rng.standard_normal((4 * fmt.block_size, 6)) * 3).astype(np.float32))
+  x = x if axis == 0 else x.T
+  codes, scales, gs = qk.quantize_packed(x, fmt, axis=axis, interpret=True)
+  got = dqk.dequantize_packed(codes, scales, gs, fmt=fmt, axis=axis, dtype=jnp.float32, interpret=True)
+  want = fj.dequantize(fj.quantize(x, fmt, axis=axis, backend="xla"), jnp.float32, backend="xla")
+  _same(got, want)
+  _same(got, dqk.dequantize_packed_reference(codes, scales, gs, fmt=fmt, axis=axis, dtype=jnp.float32))
+
+
+def test_partial_tiles_are_masked_and_every_element_written():
+  # Interpret mode fills outputs with NaN: an unwritten element would show.
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.uniform(0.5, 4.0, (6, 96)).astype(np.float32))
+  for axis, cfg, xx in ((-1, dqk.Config(2, 64), x), (0, dqk.Config(4, 64), x.T)):
+    q = fj.quantize(xx, fj.MXFP4, axis=axis, backend="xla")
+    for dtype in (jnp.float32, jnp.bfloat16):
+      out = dqk.dequantize(q, dtype, config=cfg, interpret=True)
+      assert not np.isnan(np.asarray(out, np.float32)).any()
+      _same(out, _dequantize_xla(q, dtype=np.dtype(dtype)))
+
+
+def test_backend_dispatch():
+  rng = np.random.default_rng(4)
+  q = _random_qarray(rng, fj.NVFP4, (4, 64), -1)
+  with kernels.interpret_mode():
+    _same(fj.dequantize(q, jnp.bfloat16, backend="pallas"), fj.dequantize(q, jnp.bfloat16, backend="xla"))
+  if not kernels.on_gpu():
+    with pytest.raises(ValueError, match="GPU"):
+      fj.dequantize(q, jnp.bfloat16, backend="pallas")
+  with kernels.interpret_mode(), pytest.raises(ValueError, match="float64"):
+    jax.config.update("jax_enable_x64", True)
+    try:
+      fj.dequantize(q, jnp.float64, backend="pallas")
+    finally:
+      jax.config.update("jax_enable_x64", False)
+
+
+def test_bad_inputs_raise_value_errors():
+  codes = jnp.zeros((4, 16), jnp.uint8)
+  with pytest.raises(ValueError, match="scales"):
+    dqk.dequantize_packed(codes, jnp.zeros((4, 2), jnp.uint8), fmt=fj.MXFP4, interpret=True)
+  with pytest.raises(ValueError, match="uint8"):
+    dqk.dequantize_packed(codes.astype(jnp.int32), jnp.zeros((4, 1), jnp.uint8), fmt=fj.MXFP4, interpret=True)
+  with pytest.raises(ValueError, match="global_scale"):
+    dqk.dequantize_packed(codes, jnp.zeros((4, 2), jnp.uint8), fmt=fj.NVFP4, interpret=True)
+  with pytest.raises(ValueError, match="int32"):
+    dqk.dequantize_packed(codes, jnp.zeros((4, 1), jnp.uint8), fmt=fj.MXFP4, dtype=jnp.int32, interpret=True)
