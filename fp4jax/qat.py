@@ -31,7 +31,7 @@ from fp4jax.formats import Format, get_format
 from fp4jax.matmul import scaled_dot_general
 from fp4jax.qarray import QArray, normalize_axis
 from fp4jax.quantize import dequantize, quantize
-from fp4jax.scales import SCALE_RULES, scale_exponent
+from fp4jax.scales import SCALE_RULES, element_units
 
 __all__ = [
     "OperandConfig",
@@ -159,18 +159,6 @@ def _from_blocks(blocks, axis: int):
   return jnp.moveaxis(blocks.reshape(*blocks.shape[:-2], -1), -1, axis)
 
 
-def _element_units(blocks, scales, fmt: Format, global_decode):
-  """``blocks / (scale * global_decode)`` before rounding or clipping.
-
-  The same arithmetic as :func:`fp4jax.scales.encode_elements` applies before
-  it rounds, so nearest and stochastic rounding start from the same value.
-  """
-  if fmt.power_of_two_scales:
-    return _bits.scale_by_pow2(blocks, -scale_exponent(scales, fmt)[..., None])
-  s = scales.astype(jnp.float32)[..., None] * global_decode
-  return blocks * jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-
-
 def _pad_axis(x, axis: int, multiple: int):
   n = x.shape[axis]
   if n % multiple == 0:
@@ -227,7 +215,7 @@ def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule
     xf = _pad_axis(xf, ax % xf.ndim, fmt.block_size)
   blocks = _to_blocks(xf, ax, fmt.block_size)
   scales = jnp.moveaxis(nearest.scales, ax, -1)
-  y = jnp.clip(_element_units(blocks, scales, fmt, nearest.global_scale), -fmt.elem_max, fmt.elem_max)
+  y = jnp.clip(element_units(blocks, scales, fmt, nearest.global_scale), -fmt.elem_max, fmt.elem_max)
   sr = _stochastic_round(y, fmt, key).astype(fmt.elem_dtype)  # on the grid: the cast is exact
   # Non-finite blocks carry the NaN scale; keep quantize's (zero) values there.
   bad = jax.lax.bitcast_convert_type(scales, jnp.uint8) == fmt.scale_nan_byte
@@ -308,7 +296,7 @@ def _fake_quant_fwd(x, fmt, axis, scale_rule, ste):
   if ste == "identity":
     return out, None
   blocks = _to_blocks(_bits.flush_subnormals(x.astype(jnp.float32)), q.axis, fmt.block_size)
-  y = _element_units(blocks, jnp.moveaxis(q.scales, q.axis, -1), fmt, q.global_scale)
+  y = element_units(blocks, jnp.moveaxis(q.scales, q.axis, -1), fmt, q.global_scale)
   return out, _from_blocks(jnp.abs(y) <= fmt.elem_max, q.axis)
 
 
