@@ -6,8 +6,18 @@ the largest element binade, the smallest subnormal, ...) is derived here from
 ``ml_dtypes.finfo``; no other module retypes 6.0 or 448.
 
 The formats follow the OCP Microscaling (MX) Formats Specification v1.0 (MXFP4,
-MXFP8) and NVIDIA's NVFP4 (E2M1 elements, an E4M3 scale per 16 elements and one
-float32 tensor-wide scale).
+MXFP6, MXFP8, MXINT8) and NVIDIA's NVFP4 (E2M1 elements, an E4M3 scale per 16
+elements and one float32 tensor-wide scale).
+
+Elements are described by two types. ``elem_dtype`` is what ``QArray.values``
+stores; ``elem_type`` is the number system whose grid the values lie on (its
+``finfo``: ``max``, ``nmant``, ``minexp``, ...). They coincide for the formats
+XLA has dtypes for (E2M1, E4M3, E5M2). XLA has no 6-bit floats, so MXFP6
+stores each element's 6-bit code in the low bits of a ``uint8``; MXINT8 stores
+``int8`` codes ``k`` meaning ``k * 2**-6``, whose grid a :class:`FixedPoint`
+describes with the same ``finfo`` fields. :attr:`Format.elem_storage` names
+the resulting encoding, and ``fp4jax.scales`` has one encoder and decoder per
+encoding, so quantize and dequantize never test a format's name.
 """
 
 from __future__ import annotations
@@ -15,16 +25,67 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-__all__ = ["Format", "MXFP4", "NVFP4", "MXFP8_E4M3", "MXFP8_E5M2", "FORMATS", "get_format"]
+__all__ = [
+    "Format", "FixedPoint", "MXFP4", "NVFP4", "MXFP8_E4M3", "MXFP8_E5M2", "MXFP6_E2M3", "MXFP6_E3M2",
+    "MXINT8", "FORMATS", "ALL_FORMATS", "get_format",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedPoint:
+  """A two's complement integer element with an implicit scale ``2**-frac_bits``.
+
+  It answers the ``ml_dtypes.finfo`` questions fp4jax asks of a float element
+  by viewing its values ``k * 2**-frac_bits`` as a float grid: one binade
+  ``[1, 2)`` with ``frac_bits`` mantissa bits, continued below by "subnormals"
+  of the same step. So ``nmant = frac_bits``, ``minexp = 0``, ``maxexp = 1``
+  (the largest binade is ``2**0``) and ``smallest_subnormal = 2**-frac_bits``.
+
+  ``symmetric``: codes span ``-(2**(bits-1) - 1) .. 2**(bits-1) - 1``, so
+  ``max`` is ``(2**(bits-1) - 1) * 2**-frac_bits`` and the most negative code
+  (``-2**(bits-1)``) is never produced by quantization, although it decodes
+  (to ``-2**(bits-1-frac_bits)``) like any two's complement code.
+  """
+
+  bits: int
+  frac_bits: int
+  symmetric: bool = True
+
+  @property
+  def dtype(self):
+    return np.dtype(f"int{self.bits}").type
+
+  @property
+  def max(self) -> float:
+    return float((2 ** (self.bits - 1) - 1) * 2.0**-self.frac_bits)
+
+  @property
+  def nmant(self) -> int:
+    return self.frac_bits
+
+  @property
+  def minexp(self) -> int:
+    return 0
+
+  @property
+  def maxexp(self) -> int:
+    return 1
+
+  @property
+  def smallest_subnormal(self) -> float:
+    return 2.0**-self.frac_bits
 
 
 @functools.cache
-def _finfo(dtype) -> ml_dtypes.finfo:
+def _finfo(dtype):
+  if isinstance(dtype, FixedPoint):
+    return dtype
   return ml_dtypes.finfo(dtype)
 
 
@@ -44,6 +105,9 @@ class Format:
     default_scale_rule: the rule ``quantize`` uses when none is given: the OCP
       ``"floor"`` rule for MX formats, round-to-nearest (``"nearest"``) of the
       block scale for NVFP4, as NVIDIA's recipe does.
+    elem_type: the element number system: an ``ml_dtypes`` float type or a
+      :class:`FixedPoint`; ``None`` (the default) means ``elem_dtype`` itself.
+      Every element constant below comes from its ``finfo``.
   """
 
   name: str
@@ -52,22 +116,44 @@ class Format:
   block_size: int
   has_global_scale: bool = False
   default_scale_rule: str = "floor"
+  elem_type: Any = None
 
   def __post_init__(self):
     # Normalise to the numpy scalar types so formats compare and hash equal no
     # matter whether they were built from jnp or ml_dtypes names.
     object.__setattr__(self, "elem_dtype", np.dtype(self.elem_dtype).type)
     object.__setattr__(self, "scale_dtype", np.dtype(self.scale_dtype).type)
+    elem_type = self.elem_dtype if self.elem_type is None else self.elem_type
+    if not isinstance(elem_type, FixedPoint):
+      elem_type = np.dtype(elem_type).type
+    object.__setattr__(self, "elem_type", elem_type)
     if self.block_size <= 0:
       raise ValueError(f"block_size must be positive, got {self.block_size}")
+    if isinstance(elem_type, FixedPoint) and np.dtype(self.elem_dtype) != np.dtype(elem_type.dtype):
+      raise ValueError(f"{self.name}: a {elem_type} element is stored as {np.dtype(elem_type.dtype)}, "
+                       f"got elem_dtype {np.dtype(self.elem_dtype)}")
 
   def __repr__(self) -> str:
     return f"fp4jax.{self.name.upper()}"
 
   # ---- element constants, all from ml_dtypes.finfo -------------------------
   @property
-  def elem_finfo(self) -> ml_dtypes.finfo:
-    return _finfo(self.elem_dtype)
+  def elem_finfo(self):
+    """``ml_dtypes.finfo(elem_type)``, or the :class:`FixedPoint` itself (same fields)."""
+    return _finfo(self.elem_type)
+
+  @property
+  def elem_storage(self) -> str:
+    """How ``QArray.values`` holds an element; ``fp4jax.scales`` encodes and decodes by it.
+
+    ``"native"``: in ``elem_dtype``, an XLA float type (a cast rounds to it).
+    ``"code"``: the element's bit pattern in the low bits of an unsigned
+    ``elem_dtype`` (sign in bit ``elem_bits - 1``), for floats XLA lacks.
+    ``"fixed_point"``: the integer ``k`` of a :class:`FixedPoint` element.
+    """
+    if isinstance(self.elem_type, FixedPoint):
+      return "fixed_point"
+    return "native" if self.elem_type == self.elem_dtype else "code"
 
   @property
   def elem_max(self) -> float:
@@ -172,14 +258,26 @@ NVFP4 = Format(
 )
 MXFP8_E4M3 = Format("mxfp8_e4m3", jnp.float8_e4m3fn, jnp.float8_e8m0fnu, 32)
 MXFP8_E5M2 = Format("mxfp8_e5m2", jnp.float8_e5m2, jnp.float8_e8m0fnu, 32)
+# OCP MX v1.0 section 5.3: FP6 elements, E8M0 scales, blocks of 32. XLA has no
+# 6-bit dtype: the codes live in uint8 (see ``elem_storage``).
+MXFP6_E2M3 = Format("mxfp6_e2m3", jnp.uint8, jnp.float8_e8m0fnu, 32, elem_type=ml_dtypes.float6_e2m3fn)
+MXFP6_E3M2 = Format("mxfp6_e3m2", jnp.uint8, jnp.float8_e8m0fnu, 32, elem_type=ml_dtypes.float6_e3m2fn)
+# OCP MX v1.0 section 5.3.3: 8-bit two's complement elements with an implicit
+# scale of 2**-6 (largest magnitude 1 63/64, element emax 0). Quantization
+# clips symmetrically to +-127/64, as the spec's reference code
+# (microsoft/microxcaling, mx/formats.py: int8 max_norm 1.984375) does.
+MXINT8 = Format("mxint8", jnp.int8, jnp.float8_e8m0fnu, 32, elem_type=FixedPoint(8, 6))
 
+#: The formats with Pallas kernels and checkpoint layouts (the original four).
 FORMATS: dict[str, Format] = {f.name: f for f in (MXFP4, NVFP4, MXFP8_E4M3, MXFP8_E5M2)}
+#: Every built-in format: :data:`FORMATS` plus MXFP6 and MXINT8 (XLA path only).
+ALL_FORMATS: dict[str, Format] = {**FORMATS, **{f.name: f for f in (MXFP6_E2M3, MXFP6_E3M2, MXINT8)}}
 
 
 def get_format(fmt: Format | str) -> Format:
-  """Returns ``fmt`` itself, or the registered format of that name."""
+  """Returns ``fmt`` itself, or the built-in format of that name (see :data:`ALL_FORMATS`)."""
   if isinstance(fmt, Format):
     return fmt
-  if isinstance(fmt, str) and fmt.lower() in FORMATS:
-    return FORMATS[fmt.lower()]
-  raise ValueError(f"unknown format {fmt!r}; expected a fp4jax.Format or one of {sorted(FORMATS)}")
+  if isinstance(fmt, str) and fmt.lower() in ALL_FORMATS:
+    return ALL_FORMATS[fmt.lower()]
+  raise ValueError(f"unknown format {fmt!r}; expected a fp4jax.Format or one of {sorted(ALL_FORMATS)}")

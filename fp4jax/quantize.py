@@ -14,10 +14,11 @@ import numpy as np
 
 from fp4jax import _bits
 from fp4jax.formats import Format, get_format
-from fp4jax.qarray import QArray, normalize_axis, validate_qarray
-from fp4jax.scales import SCALE_RULES, BlockContext, decode_blocks, encode_elements
+from fp4jax.qarray import QArray, check_global_scale_shape, normalize_axis, validate_qarray
+from fp4jax.scales import (ALL_SCALE_RULES, SCALE_RULES, BlockContext, check_rule, decode_blocks,
+                           encode_elements, global_encode_numerator)
 
-__all__ = ["quantize", "dequantize", "global_scale_from_amax"]
+__all__ = ["quantize", "dequantize", "global_scale_from_amax", "global_amax"]
 
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _BACKENDS = ("auto", "xla", "pallas")
@@ -56,61 +57,166 @@ def _from_blocks(blocks, axis: int):
   return jnp.moveaxis(x, -1, axis)
 
 
-def _global_factors(amax, fmt: Format):
+def _to_tiles(x, b: int):
+  """(..., M, N) -> (..., M // b, N // b, b * b): tile (i, j) flattened row-major."""
+  *lead, m, n = x.shape
+  t = x.reshape(*lead, m // b, b, n // b, b)
+  return jnp.swapaxes(t, -3, -2).reshape(*lead, m // b, n // b, b * b)
+
+
+def _from_tiles(tiles, b: int):
+  *lead, mb, nb, _ = tiles.shape
+  t = jnp.swapaxes(tiles.reshape(*lead, mb, nb, b, b), -3, -2)
+  return t.reshape(*lead, mb * b, nb * b)
+
+
+def _blocked_global(g, axis: int, tile):
+  """A global factor in the values' layout (scalar or per group) -> broadcastable against the block scales."""
+  if g is None or jnp.ndim(g) == 0 or tile is not None:
+    return g  # 2-D blocks keep the leading axes in place; (..., 1, 1) lines up with the tiles
+  return jnp.moveaxis(g, axis, -1)
+
+
+def _global_factors(amax, fmt: Format, numerator: float | None = None):
   """(encode, decode) float32 tensor factors from the tensor's finite amax.
 
-  The encode factor ``elem_max * scale_max / amax`` (6 * 448 / amax for NVFP4)
+  The encode factor ``elem_max * scale_max / amax`` (6 * 448 / amax for NVFP4;
+  ``numerator / amax`` when given, see :func:`fp4jax.scales.global_encode_numerator`)
   is what block scales are computed with; the stored decode factor is its
   float32 reciprocal, as in FlashInfer and NVIDIA's recipe. A zero (or
   non-finite) amax gives 1 for both; the encode factor is capped at 2**126 so
-  that its reciprocal stays a normal float32.
+  that its reciprocal stays a normal float32. Elementwise for an array amax.
   """
   amax = jnp.asarray(amax, jnp.float32)
   ok = jnp.isfinite(amax) & (amax > 0)
-  encode = fmt.global_encode_numerator / jnp.where(ok, amax, 1.0)
+  numerator = fmt.global_encode_numerator if numerator is None else numerator
+  encode = numerator / jnp.where(ok, amax, 1.0)
   encode = jnp.where(ok, jnp.minimum(encode, _MAX_GLOBAL_ENCODE), 1.0).astype(jnp.float32)
   # The barrier keeps XLA from simplifying 1 / (c / amax) into amax / c.
   return encode, (1.0 / jax.lax.optimization_barrier(encode)).astype(jnp.float32)
 
 
-def global_scale_from_amax(amax, fmt: Format):
+def global_scale_from_amax(amax, fmt: Format, *, scale_rule: str | None = None):
   """NVFP4's tensor decode factor, about ``amax / (elem_max * scale_max)``, float32.
 
   Computed as FlashInfer and NVIDIA's recipe do: the encode factor
   ``6 * 448 / amax`` first, then its float32 reciprocal. A zero (or
   non-finite) amax gives 1; an amax below ``2688 * 2**-126`` gives ``2**-126``.
+  ``amax`` may be an array (e.g. one per row from :func:`global_amax`): the
+  result has its shape. With ``scale_rule="4over6"`` the numerator is
+  ``6 * 256`` (:func:`fp4jax.scales.global_encode_numerator`), as
+  ``quantize(..., scale_rule="4over6")`` computes it.
   """
-  return _global_factors(amax, get_format(fmt))[1]
+  fmt = get_format(fmt)
+  rule = fmt.default_scale_rule if scale_rule is None else scale_rule
+  return _global_factors(amax, fmt, global_encode_numerator(fmt, rule))[1]
 
 
-def _check_global_scale(global_scale, fmt: Format):
-  """float32 scalar decode factor; concrete values must be normal and at most 2**126."""
+def _keep_axes(granularity, ndim: int, block_axes: tuple[int, ...]) -> tuple[int, ...]:
+  """The axes (non-negative, sorted) along which the global scale varies."""
+  blocked = {a % ndim for a in block_axes}
+  if isinstance(granularity, str):
+    if granularity == "tensor":
+      return ()
+    if granularity == "row":
+      if len(blocked) > 1:
+        raise ValueError("granularity='row' needs 1-D blocks: a row global scale would split a 2-D tile; "
+                         "use 'tensor', 'leading' or leading axes")
+      return tuple(a for a in range(ndim) if a not in blocked)
+    if granularity == "leading":
+      keep = (0,)
+    else:
+      raise ValueError(f"unknown granularity {granularity!r}; expected 'tensor', 'row', 'leading' "
+                       "or a tuple of axes")
+  else:
+    try:
+      keep = tuple(normalize_axis(a, ndim) % ndim for a in granularity)
+    except TypeError:
+      raise ValueError(f"granularity must be 'tensor', 'row', 'leading' or a tuple of axes, "
+                       f"got {granularity!r}") from None
+    if len(set(keep)) != len(keep):
+      raise ValueError(f"granularity {granularity!r} repeats an axis")
+  bad = sorted(set(keep) & blocked)
+  if bad:
+    raise ValueError(f"granularity {granularity!r} keeps axis {bad[0]} of an array of rank {ndim}, which is a "
+                     f"block axis (blocks along {sorted(blocked)}): a block must not straddle two global scales")
+  return tuple(sorted(keep))
+
+
+def _group_amax_bits(abs_bits, keep: tuple[int, ...]):
+  """Max of finite ``|x|`` bits over every axis not in ``keep`` (kept with length 1)."""
+  finite_bits = jnp.where(abs_bits < _bits.F32_INF_BITS, abs_bits, 0)
+  reduce = tuple(a for a in range(abs_bits.ndim) if a not in keep)
+  return jnp.max(finite_bits, axis=reduce, keepdims=True)
+
+
+def global_amax(x, granularity="tensor", *, axis: int = -1, block_shape=None):
+  """The amax NVFP4's global scale is computed from, at a granularity.
+
+  Args:
+    x: float32, bfloat16 or float16 array of shape ``S``.
+    granularity: ``"tensor"`` (one value), ``"row"`` (one per index of every
+      axis but the block axis), ``"leading"`` (one per index of axis 0, e.g.
+      per expert) or a tuple of the axes to keep, as for :func:`quantize`.
+    axis: the block axis (1-D blocks).
+    block_shape: ``(B, B)`` for 2-D blocks over the last two axes, else None.
+
+  Returns:
+    float32: ``max |x|`` over the finite elements (NaN and Inf skipped, float32
+    subnormals counted as 0), a scalar for ``"tensor"``, else with ``S``'s
+    rank and length 1 on the reduced axes. ``global_scale_from_amax`` of it
+    is the ``global_scale`` that ``quantize(x, NVFP4, granularity=...)`` stores.
+  """
+  x = jnp.asarray(x)
+  if x.ndim == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"global_amax needs a floating array with at least one axis, got shape {x.shape} "
+                     f"dtype {x.dtype}")
+  block_axes = (-2, -1) if block_shape is not None else (normalize_axis(axis, x.ndim, x.shape),)
+  keep = _keep_axes(granularity, x.ndim, block_axes)
+  abs_bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(_bits.F32_ABS_MASK)
+  out = _bits.from_f32_bits(_group_amax_bits(abs_bits, keep))
+  return out.reshape(()) if not keep else out
+
+
+def _check_global_scale(global_scale, fmt: Format, shape=None, block_axes=()):
+  """float32 decode factor(s); concrete values must be normal and at most 2**126.
+
+  A scalar, or (given the input ``shape``) an array of one factor per row /
+  leading index (see :func:`fp4jax.qarray.check_global_scale_shape`).
+  """
   if not fmt.has_global_scale:
     raise ValueError(f"{fmt!r} has no global scale; global_scale must be None")
   g = jnp.asarray(global_scale)
-  if g.shape != () or not jnp.issubdtype(g.dtype, jnp.floating):
+  if not jnp.issubdtype(g.dtype, jnp.floating):
     raise ValueError(f"global_scale must be a float scalar, got shape {g.shape} dtype {g.dtype}")
+  if g.shape != ():
+    if shape is None:
+      raise ValueError(f"global_scale must be a float scalar, got shape {g.shape} dtype {g.dtype}")
+    check_global_scale_shape(g.shape, shape, block_axes)
   g = g.astype(jnp.float32)
   try:
-    v = float(g)
-  except jax.errors.ConcretizationTypeError:  # traced: its value is unknown here
+    v = np.asarray(g, np.float64)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):  # traced: value unknown here
     return g
   # Both the decode factor and its reciprocal (the encode factor) must be
   # normal float32 numbers, or whole tensors would flush to zero.
-  if not 2.0**-126 <= v <= _MAX_GLOBAL_ENCODE:
-    raise ValueError(f"global_scale (a decode factor) must lie in [2**-126, 2**126], got {v}")
+  if not np.all((v >= 2.0**-126) & (v <= _MAX_GLOBAL_ENCODE)):
+    bad = v[~((v >= 2.0**-126) & (v <= _MAX_GLOBAL_ENCODE))].flat[0]
+    raise ValueError(f"global_scale (a decode factor) must lie in [2**-126, 2**126], got {bad}")
   return g
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "axis", "scale_rule", "pad"))
-def _quantize_xla(x, global_scale, hessian, *, fmt: Format, axis: int, scale_rule: str, pad: bool):
+@functools.partial(jax.jit, static_argnames=("fmt", "axis", "scale_rule", "pad", "tile", "keep"))
+def _quantize_xla(x, global_scale, hessian, *, fmt: Format, axis: int, scale_rule: str, pad: bool,
+                  tile: int | None = None, keep: tuple[int, ...] = ()):
   x = x.astype(jnp.float32)
   n = x.shape[axis]
   if pad and n % fmt.block_size:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, -n % fmt.block_size)
     x = jnp.pad(x, widths)
-  blocks = _to_blocks(_bits.flush_subnormals(x), axis, fmt.block_size)
+  x = _bits.flush_subnormals(x)
+  blocks = _to_blocks(x, axis, fmt.block_size) if tile is None else _to_tiles(x, tile)
 
   abs_bits = _bits.f32_bits(blocks) & jnp.uint32(_bits.F32_ABS_MASK)
   # Non-negative floats order like their bit patterns; Inf and NaN sort last.
@@ -121,23 +227,44 @@ def _quantize_xla(x, global_scale, hessian, *, fmt: Format, axis: int, scale_rul
 
   global_encode = None
   if fmt.has_global_scale:
-    if global_scale is None:
+    numerator = global_encode_numerator(fmt, scale_rule)
+    if global_scale is None and not keep:
       # The tensor amax skips non-finite elements only: the finite elements of
       # a NaN block still count, so no other block depends on where NaNs are.
       finite_bits = jnp.where(abs_bits < _bits.F32_INF_BITS, abs_bits, 0)
       tensor_amax = _bits.from_f32_bits(jnp.max(jnp.max(finite_bits, axis=-1)))
-      global_encode, global_scale = _global_factors(tensor_amax, fmt)
+      global_encode, global_scale = _global_factors(tensor_amax, fmt, numerator)
+    elif global_scale is None:
+      x_bits = _bits.f32_bits(x) & jnp.uint32(_bits.F32_ABS_MASK)
+      group_amax = _bits.from_f32_bits(_group_amax_bits(x_bits, keep))
+      global_encode, global_scale = _global_factors(group_amax, fmt, numerator)
     else:
       global_scale = jnp.asarray(global_scale, jnp.float32)
       global_encode = 1.0 / global_scale
 
-  ctx = BlockContext(fmt=fmt, amax=amax, global_encode=global_encode,
-                     global_decode=global_scale, hessian=hessian)
-  scales = SCALE_RULES[scale_rule](finite_blocks, ctx)
+  g_dec = _blocked_global(global_scale, axis, tile)
+  ctx = BlockContext(fmt=fmt, amax=amax, global_encode=_blocked_global(global_encode, axis, tile),
+                     global_decode=g_dec, hessian=hessian, tile=tile)
+  scales = ALL_SCALE_RULES[scale_rule](finite_blocks, ctx)
   nan_scale = jnp.full(scales.shape, fmt.scale_nan_byte, jnp.uint8)
   scales = jnp.where(nonfinite, jax.lax.bitcast_convert_type(nan_scale, fmt.scale_dtype), scales)
-  values = encode_elements(finite_blocks, scales, fmt, global_scale)
+  values = encode_elements(finite_blocks, scales, fmt, g_dec)
+  if tile is not None:
+    return QArray(_from_tiles(values, tile), scales, global_scale, fmt, -1, (tile, tile))
   return QArray(_from_blocks(values, axis), jnp.moveaxis(scales, -1, axis), global_scale, fmt, axis)
+
+
+def _xla_only_reason(fmt: Format, scale_rule: str, block_shape, global_scale, keep) -> str | None:
+  """Why no kernel takes this case (the kernels implement the original layout and rules), or None."""
+  if block_shape is not None:
+    return f"2-D blocks (block_shape={block_shape})"
+  if scale_rule not in SCALE_RULES:
+    return f"scale_rule {scale_rule!r}"
+  if fmt.elem_storage != "native":
+    return f"{fmt!r} elements ({fmt.elem_storage!r} storage)"
+  if keep or (global_scale is not None and jnp.ndim(global_scale) != 0):
+    return "a global scale per row / leading index"
+  return None
 
 
 def quantize(
@@ -150,22 +277,28 @@ def quantize(
     hessian=None,
     pad: bool = False,
     backend: str = "auto",
+    block_shape: tuple[int, int] | None = None,
+    granularity="tensor",
 ) -> QArray:
   """Quantizes ``x`` to a block-scaled format along ``axis``.
 
   Args:
     x: float32, bfloat16 or float16 array of shape ``S``, any rank.
     fmt: a :class:`fp4jax.Format` (``fp4jax.MXFP4``, ``NVFP4``, ``MXFP8_E4M3``,
-      ``MXFP8_E5M2``) or its name.
+      ``MXFP8_E5M2``, ``MXFP6_E2M3``, ``MXFP6_E3M2``, ``MXINT8``) or its name.
     axis: the axis whose consecutive runs of ``fmt.block_size`` elements share
       a scale. ``S[axis]`` must be a multiple of the block size unless ``pad``.
-    scale_rule: ``"floor"``, ``"ceil"``, ``"nearest"`` (E4M3 scales) or ``"mse"``;
-      see :mod:`fp4jax.scales`. Default: ``fmt.default_scale_rule``.
-    global_scale: NVFP4 only: a float32 scalar decode factor to use instead
-      of the one computed from the tensor's amax (``1 / (6 * 448 / amax)``),
-      e.g. from calibration; block scales then target ``amax / global_scale /
-      6``. It must lie in ``[2**-126, 2**126]`` (checked when not traced).
-      Blocks whose scale would exceed E4M3's 448 saturate.
+    scale_rule: ``"floor"``, ``"ceil"``, ``"nearest"`` (E4M3 scales), ``"mse"``,
+      ``"even"`` (E8M0 scales) or ``"4over6"`` (E4M3 scales); see
+      :mod:`fp4jax.scales`. Default: ``fmt.default_scale_rule``.
+    global_scale: NVFP4 only: the float32 decode factor to use instead of the
+      one computed from the amax (``1 / (6 * 448 / amax)``), e.g. from
+      calibration (:func:`global_scale_from_amax`, :class:`fp4jax.AmaxHistory`):
+      a scalar, or one per row / leading index (an array of ``S``'s rank with
+      length 1 or ``S[a]`` on each axis and 1 on the block axes). Block scales
+      then target ``amax / global_scale / 6``. Every factor must lie in
+      ``[2**-126, 2**126]`` (checked when not traced). Blocks whose scale would
+      exceed E4M3's 448 saturate.
     hessian: ``(S[axis] // block_size, B, B)`` block Hessians (see
       :func:`fp4jax.block_hessians`); with ``scale_rule="mse"`` each block's
       scale minimises ``r^T H_j r``.
@@ -173,17 +306,32 @@ def quantize(
       has the padded shape.
     backend: ``"xla"`` (this reference), ``"pallas"`` (GPU kernel) or ``"auto"``
       (the kernel on a GPU where one exists for the case, else XLA). Results
-      are bit-identical.
+      are bit-identical. The kernels take the formats of ``fp4jax.FORMATS``
+      and the rules of ``fp4jax.SCALE_RULES`` with 1-D blocks and a
+      tensor-wide global scale; ``"pallas"`` raises ValueError otherwise.
+    block_shape: ``None`` (1-D blocks along ``axis``) or ``(B, B)`` with ``B =
+      fmt.block_size``: one scale per ``B x B`` tile of the last two axes
+      (``axis`` must be -1, ``S[-2]`` and ``S[-1]`` multiples of ``B``). A
+      matrix and its transpose then quantize to transposed values and
+      scales, bit for bit, under every rule.
+    granularity: NVFP4 only, when ``global_scale`` is None: ``"tensor"`` (one
+      global scale, the default), ``"row"`` (one per index of every axis but
+      the block axis, 1-D blocks), ``"leading"`` (one per index of axis 0,
+      e.g. per expert of an ``(E, K, N)`` weight) or a tuple of the axes to
+      keep. Each is computed from that group's amax (:func:`global_amax`).
 
   Returns:
     A :class:`QArray` with ``values`` of shape ``S`` in ``fmt.elem_dtype``,
-    ``scales`` of shape ``S`` with ``S[axis] // block_size`` along ``axis`` in
-    ``fmt.scale_dtype``, and ``global_scale`` (float32 scalar, NVFP4) or None.
+    ``scales`` of shape ``S`` with ``S[axis] // block_size`` along ``axis`` (2-D
+    blocks: ``(*S[:-2], S[-2] // B, S[-1] // B)``) in ``fmt.scale_dtype``,
+    and ``global_scale`` (NVFP4: float32, a scalar for ``"tensor"``, else
+    ``S``'s rank with length 1 on the reduced axes) or None.
 
   Raises:
     ValueError: naming the shape, dtype or axis at fault (unsupported dtype,
       axis out of range, axis length not a multiple of the block size without
-      ``pad``, a hessian of the wrong shape, a rule the format lacks).
+      ``pad``, a hessian of the wrong shape, a rule the format lacks, a
+      block_shape or granularity the input or format cannot take).
 
   Semantics: float32 subnormal inputs (``|x| < 2**-126``) count as zero on
   every backend. Elements round to nearest even on the element grid (ties to
@@ -201,22 +349,34 @@ def quantize(
   """
   fmt = get_format(fmt)
   x = jnp.asarray(x) if not hasattr(x, "dtype") else x
-  axis = _check_input(x, fmt, axis, pad)
+  tile = None
+  if block_shape is not None:
+    tile = _check_block_shape(block_shape, x, fmt, axis, pad)
+    axis = -1
+  else:
+    axis = _check_input(x, fmt, axis, pad)
   scale_rule = fmt.default_scale_rule if scale_rule is None else scale_rule
-  if scale_rule not in SCALE_RULES:
-    raise ValueError(f"unknown scale_rule {scale_rule!r}; expected one of {sorted(SCALE_RULES)}")
-  if scale_rule == "nearest" and fmt.power_of_two_scales:
-    raise ValueError(f"scale_rule 'nearest' rounds E4M3 block scales; {fmt!r} has power-of-two "
-                     "scales: use 'floor', 'ceil' or 'mse'")
+  check_rule(fmt, scale_rule)
   if backend not in _BACKENDS:
     raise ValueError(f"unknown backend {backend!r}; expected one of {_BACKENDS}")
+  block_axes = (axis,) if tile is None else (-2, -1)
+  if isinstance(granularity, str) and granularity == "tensor":
+    keep = ()
+  else:
+    if not fmt.has_global_scale:
+      raise ValueError(f"granularity={granularity!r} picks NVFP4-style global scales; {fmt!r} has no global scale")
+    if global_scale is not None:
+      raise ValueError("pass global_scale= or granularity=, not both: the shape of global_scale sets its granularity")
+    keep = _keep_axes(granularity, x.ndim, block_axes)
   if global_scale is not None:
-    global_scale = _check_global_scale(global_scale, fmt)
+    global_scale = _check_global_scale(global_scale, fmt, tuple(x.shape), block_axes)
   n_blocks = -(-x.shape[axis] // fmt.block_size)
   if hessian is not None:
     hessian = jnp.asarray(hessian)
     if scale_rule != "mse":
       raise ValueError(f"hessian= needs scale_rule='mse', got {scale_rule!r}")
+    if tile is not None:
+      raise ValueError(f"hessian= weights 1-D blocks; block_shape={block_shape} is not supported with it")
     want = (n_blocks, fmt.block_size, fmt.block_size)
     if tuple(hessian.shape) != want:
       raise ValueError(
@@ -228,36 +388,73 @@ def quantize(
     hessian = jnp.asarray(hessian, jnp.float32)
 
   if backend != "xla":
-    from fp4jax import kernels  # lazy: the core does not depend on Pallas
+    why = _xla_only_reason(fmt, scale_rule, block_shape, global_scale, keep)
+    if why is None:
+      from fp4jax import kernels  # lazy: the core does not depend on Pallas
 
-    q = kernels.maybe_quantize(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
-                               hessian=hessian, pad=pad, backend=backend)
-    if q is not None:
-      return q
-  return _quantize_xla(x, global_scale, hessian, fmt=fmt, axis=axis, scale_rule=scale_rule, pad=pad)
+      q = kernels.maybe_quantize(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
+                                 hessian=hessian, pad=pad, backend=backend)
+      if q is not None:
+        return q
+    elif backend == "pallas":
+      raise ValueError(f"backend='pallas': no Pallas quantize kernel for this case: {why}")
+  return _quantize_xla(x, global_scale, hessian, fmt=fmt, axis=axis, scale_rule=scale_rule, pad=pad,
+                       tile=tile, keep=keep)
+
+
+def _check_block_shape(block_shape, x, fmt: Format, axis, pad: bool) -> int:
+  """Validates 2-D blocks; returns the tile side ``B``."""
+  b = fmt.block_size
+  try:
+    ok = tuple(int(v) for v in block_shape) == (b, b) and len(block_shape) == 2
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(f"block_shape must be None or ({b}, {b}) for {fmt!r} (one scale per {b}x{b} tile), "
+                     f"got {block_shape!r}")
+  if not hasattr(x, "dtype") or x.dtype not in [np.dtype(d) for d in _INPUT_DTYPES]:
+    raise ValueError(
+        f"quantize expects float32, bfloat16 or float16 input, got dtype {getattr(x, 'dtype', type(x))}")
+  if x.ndim < 2:
+    raise ValueError(f"block_shape={block_shape} tiles the last two axes; got shape {tuple(x.shape)}")
+  if normalize_axis(axis, x.ndim, x.shape) != -1:
+    raise ValueError(f"block_shape={block_shape} tiles the last two axes and stores axis -1; got axis {axis}")
+  if pad:
+    raise ValueError(f"pad=True pads one axis; with block_shape={block_shape} the last two axes of shape "
+                     f"{tuple(x.shape)} must already be multiples of {b}")
+  if x.shape[-2] % b or x.shape[-1] % b:
+    raise ValueError(f"quantize: shape {tuple(x.shape)} is not a whole number of {b}x{b} tiles along its "
+                     f"last two axes (block_shape={block_shape})")
+  return b
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _dequantize_xla(q: QArray, dtype):
   fmt = q.fmt
   axis = q.axis
-  blocks = _to_blocks(q.values, axis, fmt.block_size)
-  scales = jnp.moveaxis(q.scales, axis, -1)
-  out = decode_blocks(blocks, scales, fmt, q.global_scale)
+  tile = None if q.block_shape is None else q.block_shape[0]
+  if tile is None:
+    blocks = _to_blocks(q.values, axis, fmt.block_size)
+    scales = jnp.moveaxis(q.scales, axis, -1)
+  else:
+    blocks, scales = _to_tiles(q.values, tile), q.scales
+  out = decode_blocks(blocks, scales, fmt, _blocked_global(q.global_scale, axis, tile))
   # Saturate, then cast: a finite QArray never dequantizes to Inf, even where
   # rounding up at the top of the range (the "ceil" and "mse" rules near
   # float32's or float16's maximum) lands past the output dtype's largest value.
   # A select, not a clip: it keeps -0 and NaN as they are on every backend.
   big = jnp.float32(jnp.finfo(dtype).max)
   out = jnp.where(jnp.abs(out) > big, jnp.copysign(big, out), out)
-  return _from_blocks(out, axis).astype(dtype)
+  out = _from_blocks(out, axis) if tile is None else _from_tiles(out, tile)
+  return out.astype(dtype)
 
 
 def dequantize(q: QArray, dtype=jnp.float32, *, backend: str = "auto"):
   """Returns ``q.values * q.scales * q.global_scale`` as ``dtype``, shape ``q.shape``.
 
   Args:
-    q: a :class:`QArray` (any format, any rank and block axis).
+    q: a :class:`QArray` (any format, any rank and block axis, 1-D or 2-D
+      blocks, scalar or per-group global scale).
     dtype: a floating output dtype.
     backend: ``"xla"``, ``"pallas"`` or ``"auto"``, as for :func:`quantize`.
 
@@ -276,9 +473,13 @@ def dequantize(q: QArray, dtype=jnp.float32, *, backend: str = "auto"):
     raise ValueError(f"unknown backend {backend!r}; expected one of {_BACKENDS}")
   validate_qarray(q)
   if backend != "xla":
-    from fp4jax import kernels
+    why = _xla_only_reason(q.fmt, q.fmt.default_scale_rule, q.block_shape, q.global_scale, ())
+    if why is None:
+      from fp4jax import kernels
 
-    out = kernels.maybe_dequantize(q, dtype=dtype, backend=backend)
-    if out is not None:
-      return out
+      out = kernels.maybe_dequantize(q, dtype=dtype, backend=backend)
+      if out is not None:
+        return out
+    elif backend == "pallas":
+      raise ValueError(f"backend='pallas': no Pallas dequantize kernel for this case: {why}")
   return _dequantize_xla(q, dtype=dtype)

@@ -31,6 +31,37 @@ first multiplied by the tensor encode factor ``g``):
   every representable scale; ties go to the smaller scale. With ``hessian=H``
   the loss is ``r^T H_j r`` for the block's residual ``r = x - dq``.
 
+Two more rules are in :data:`ALL_SCALE_RULES` (the XLA path only; the kernels
+implement the rules of :data:`SCALE_RULES`):
+
+``"even"`` (E8M0 scales only)
+  torchao's ``ScaleCalculationMode.EVEN`` (``torchao/prototype/mx_formats``,
+  ``X = 2**(floor(log2(rounding(amax))) - emax)``): ``amax`` is first rounded to
+  the element's ``nmant`` mantissa bits, ties away from zero, by adding half a
+  unit in that place to its float32 bit pattern (a carry moves it to the next
+  power of two), then the "floor" rule applies. It picks the "floor" scale or
+  twice it; it doubles only when ``amax``'s significand is at least
+  ``2 - 2**-(nmant+1)`` (1.75 for E2M1), a subset of the blocks where "ceil"
+  doubles (significand above ``elem_max / 2**emax``, 1.5 for E2M1), so it clips
+  less than "floor" and keeps more small elements than "ceil".
+``"4over6"`` (E4M3 scales only)
+  "Four Over Six" (Cook et al., 2025, arXiv:2512.02010, mit-han-lab/fouroversix):
+  per block, two "nearest" scales, one mapping ``amax`` to ``M`` (6 for E2M1)
+  and one mapping it to ``2**emax`` (4), each rounded to the nearest E4M3; the
+  block keeps the one with the lower squared error (ties keep the first).
+  Since the second scale is ``M / 2**emax`` (1.5) times the first, the tensor
+  encode factor becomes ``M * 256 / amax`` instead of ``M * 448 / amax`` (256
+  is the largest power of two ``p`` with ``1.5 p <= 448``), as in the recipe,
+  so no block scale saturates (see :func:`global_encode_numerator`).
+
+2-D blocks (``quantize(..., block_shape=(b, b))``) reach the rules as blocks of
+``b * b`` elements with ``BlockContext.tile = b``. Their losses are summed in
+an order that is the same for a tile and its transpose (pairs ``(i, j)``,
+``(j, i)`` first), so a matrix and its transpose get the same scales under
+every rule; the "mse" window is then the wide one of the weighted search
+below (a search, checked by the tests against a brute force, not a proof: the
+bound of (2) grows with the number of elements in a block).
+
 Exponents are read off float32 bit patterns, never off a rounded ``log2``, so
 the floor and ceil rules are exact for every float32 ``amax``.
 
@@ -86,6 +117,7 @@ further down, and a few blocks per thousand get a slightly worse one.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -97,7 +129,10 @@ from fp4jax.formats import Format
 
 __all__ = [
     "SCALE_RULES",
+    "ALL_SCALE_RULES",
     "BlockContext",
+    "check_rule",
+    "global_encode_numerator",
     "scale_exponent",
     "element_units",
     "encode_elements",
@@ -114,10 +149,13 @@ class BlockContext:
   Attributes:
     fmt: the format.
     amax: ``(..., num_blocks)`` float32 block absolute maxima (finite).
-    global_encode: float32 scalar: NVFP4's tensor encode factor ``g`` (the
-      block scale targets ``amax * g / M``); None without a global scale.
-    global_decode: float32 scalar: the stored decode factor (about ``1 / g``).
+    global_encode: float32 NVFP4 tensor encode factor ``g`` (the block scale
+      targets ``amax * g / M``), a scalar or an array broadcastable against
+      ``amax`` (one per row / leading index); None without a global scale.
+    global_decode: the stored decode factor (about ``1 / g``), shaped alike.
     hessian: ``(num_blocks, B, B)`` float32 for the weighted "mse" rule, or None.
+    tile: ``b`` when each block is a ``b x b`` tile flattened row-major (2-D
+      blocks), else None.
   """
 
   fmt: Format
@@ -125,6 +163,7 @@ class BlockContext:
   global_encode: Any = None
   global_decode: Any = None
   hessian: Any = None
+  tile: int | None = None
 
 
 # ---- scale <-> bits ---------------------------------------------------------
@@ -144,6 +183,75 @@ def scale_exponent(scales, fmt: Format):
 def _pow2_scales(exponent, fmt: Format):
   e = jnp.clip(exponent, fmt.scale_exp_min, fmt.scale_exp_max)
   return scales_from_bytes(e + fmt.scale_bias, fmt)
+
+
+# ---- element encodings (Format.elem_storage) -----------------------------------
+def _encode_native(y, fmt: Format):
+  # A barrier after the cast: fused with a dequantize, XLA's GPU compiler may
+  # drop a float32 -> narrow -> float32 conversion pair, skipping the rounding.
+  return lax.optimization_barrier(y.astype(fmt.elem_dtype))
+
+
+def _decode_native(values, fmt: Format):
+  del fmt
+  return values.astype(jnp.float32)
+
+
+def _encode_code(y, fmt: Format):
+  """Float32 ``y`` (``|y| <= elem_max``) -> the element's bit pattern, nearest even.
+
+  The magnitude is rounded onto the grid first (exact float32), then read off
+  its float32 bits: a normal ``a = 1.f * 2**E`` has code ``(E - emin + 1) <<
+  nmant | f``, which is ``(bits >> (23 - nmant)) - ((127 + emin - 1) << nmant)``;
+  a subnormal ``a = k * 2**(emin - nmant)`` has code ``k``. The sign bit is
+  ``y``'s, so ``-0.0`` and negatives rounding to zero keep it (as ml_dtypes).
+  """
+  m, emin = fmt.elem_nmant, fmt.elem_emin
+  a = _bits.round_to_grid(jnp.abs(y), m, emin, fmt.elem_emax)
+  normal = (_bits.f32_bits(a) >> (_bits.F32_MANT_BITS - m)).astype(jnp.int32) - ((_bits.F32_EXP_BIAS + emin - 1) << m)
+  sub = (a * jnp.float32(2.0 ** (m - emin))).astype(jnp.int32)  # exact: an integer below 2**m
+  mag = jnp.where(a >= jnp.float32(2.0**emin), normal, sub)
+  sign = (_bits.f32_bits(y) >> 31).astype(jnp.int32) << (fmt.elem_bits - 1)
+  return lax.optimization_barrier((mag | sign).astype(fmt.elem_dtype))
+
+
+def _decode_code(values, fmt: Format):
+  """Element bit patterns -> float32: ``(2**nmant * [e > 0] + f) * 2**(max(e, 1) + emin - 1 - nmant)``."""
+  m, emin, bits = fmt.elem_nmant, fmt.elem_emin, fmt.elem_bits
+  c = values.astype(jnp.int32)
+  mag = c & ((1 << (bits - 1)) - 1)
+  e = mag >> m
+  sig = (mag & ((1 << m) - 1)) | jnp.where(e > 0, 1 << m, 0)
+  out = sig.astype(jnp.float32) * _bits.exp2i(jnp.maximum(e, 1) + (emin - 1 - m))  # exact
+  return jnp.where(((c >> (bits - 1)) & 1) == 1, -out, out)
+
+
+def _encode_fixed_point(y, fmt: Format):
+  """Float32 ``y`` (``|y| <= elem_max``) -> integer codes ``round(y / 2**-f)``, nearest even."""
+  unit_exp = fmt.elem_log2_smallest_subnormal  # the code unit 2**-f
+  return lax.optimization_barrier(jnp.round(y * jnp.float32(2.0**-unit_exp)).astype(fmt.elem_dtype))
+
+
+def _decode_fixed_point(values, fmt: Format):
+  return values.astype(jnp.float32) * jnp.float32(2.0**fmt.elem_log2_smallest_subnormal)  # exact
+
+
+#: ``Format.elem_storage`` -> (encode float32 grid-bound values, decode to float32).
+ELEMENT_CODECS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "native": (_encode_native, _decode_native),
+    "code": (_encode_code, _decode_code),
+    "fixed_point": (_encode_fixed_point, _decode_fixed_point),
+}
+
+
+def decode_elements(values, fmt: Format):
+  """``QArray.values`` (any shape, ``fmt.elem_dtype``) -> their float32 element values."""
+  return ELEMENT_CODECS[fmt.elem_storage][1](values, fmt)
+
+
+def _per_element(g):
+  """A global factor shaped like the block scales ``(..., nb)`` -> broadcastable over ``(..., nb, B)``."""
+  return g if jnp.ndim(g) == 0 else jnp.asarray(g)[..., None]
 
 
 # ---- applying scales --------------------------------------------------------
@@ -169,7 +277,8 @@ def element_units(blocks, scales, fmt: Format, global_decode=None):
     blocks: float32 ``(..., nb, B)``.
     scales: ``(..., nb)`` in ``fmt.scale_dtype``.
     fmt: the format.
-    global_decode: float32 scalar for formats with a global scale, else None.
+    global_decode: float32 for formats with a global scale (a scalar, or an
+      array broadcastable against ``scales``), else None.
 
   Power-of-two scales apply by exponent arithmetic (exact); E4M3 scales as a
   multiplication by :func:`_element_factor`. Stochastic rounding and the STE
@@ -187,9 +296,7 @@ def encode_elements(blocks, scales, fmt: Format, global_decode=None):
   after an explicit clip. Returns ``fmt.elem_dtype`` values shaped like blocks.
   """
   y = jnp.clip(element_units(blocks, scales, fmt, global_decode), -fmt.elem_max, fmt.elem_max)
-  # A barrier after the cast: fused with a dequantize, XLA's GPU compiler may
-  # drop a float32 -> narrow -> float32 conversion pair, skipping the rounding.
-  return lax.optimization_barrier(y.astype(fmt.elem_dtype))
+  return ELEMENT_CODECS[fmt.elem_storage][0](y, fmt)
 
 
 def decode_blocks(values, scales, fmt: Format, global_decode=None):
@@ -199,7 +306,7 @@ def decode_blocks(values, scales, fmt: Format, global_decode=None):
     values: ``(..., nb, B)`` in the element dtype.
     scales: ``(..., nb)`` in the scale dtype.
     fmt: the format.
-    global_decode: float32 scalar or None.
+    global_decode: float32 (a scalar or broadcastable against ``scales``) or None.
 
   Returns:
     float32 ``(..., nb, B)``. A NaN scale (E8M0 0xFF, E4M3 0x7F) gives NaN
@@ -208,7 +315,7 @@ def decode_blocks(values, scales, fmt: Format, global_decode=None):
     (``< 2**-126``) become signed zeros on every backend. Products beyond
     float32's range are +-Inf here (``dequantize`` saturates them).
   """
-  v = values.astype(jnp.float32)
+  v = decode_elements(values, fmt)
   if fmt.power_of_two_scales:
     codes = scale_bytes(scales)
     out = _bits.scale_by_pow2(v, scale_exponent(scales, fmt)[..., None])
@@ -218,7 +325,7 @@ def decode_blocks(values, scales, fmt: Format, global_decode=None):
     if global_decode is not None:
       # (v * s) * g rounds once; the barrier keeps XLA from reassociating it
       # into v * (s * g), which rounds twice.
-      out = lax.optimization_barrier(out) * global_decode
+      out = lax.optimization_barrier(out) * _per_element(global_decode)
   return _bits.flush_subnormals(out)
 
 
@@ -233,26 +340,35 @@ def _ceil_exponent(ctx: BlockContext):
   return _floor_exponent(ctx) + over.astype(jnp.int32)
 
 
-def _ideal_scale(ctx: BlockContext):
-  """``amax / M`` in scale units (times the global encode factor): float32.
+def _even_exponent(ctx: BlockContext):
+  # torchao's EVEN: add half a unit in the element's last mantissa place to
+  # amax's bits (a carry lands in the exponent field), then floor. amax is
+  # finite, so the sum stays below 2**32.
+  half_ulp = jnp.uint32(1 << (_bits.F32_MANT_BITS - ctx.fmt.elem_nmant - 1))
+  return _bits.floor_log2(_bits.f32_bits(ctx.amax) + half_ulp) - ctx.fmt.elem_emax
 
-  Computed as ``amax * (encode * float32(1 / M))``: one tensor-wide factor, so
+
+def _ideal_scale(ctx: BlockContext, target: float | None = None):
+  """``amax / target`` in scale units (times the global encode factor): float32.
+
+  ``target`` is the element value ``amax`` maps to, ``M`` by default.
+  Computed as ``amax * (encode * float32(1 / target))``: one tensor-wide factor, so
   no intermediate can fall below float32's normal range (a tiny tensor with
   a capped encode factor would otherwise flush to zero), and the multiply by
   the float32 reciprocal of ``M`` is what NVIDIA's recipe does (XLA would
   rewrite a division by the constant into it anyway). The barrier keeps XLA
   from reassociating the product.
   """
-  factor = jnp.float32(1.0 / ctx.fmt.elem_max)
+  factor = jnp.float32(1.0 / (ctx.fmt.elem_max if target is None else target))
   if ctx.global_encode is not None:
     factor = lax.optimization_barrier(ctx.global_encode * factor)
   return ctx.amax * factor
 
 
-def _round_scale(ctx: BlockContext, direction: int):
+def _round_scale(ctx: BlockContext, direction: int, target: float | None = None):
   """Rounds the ideal scale to a non-pow2 scale dtype: -1 down, 0 nearest, +1 up."""
   fmt = ctx.fmt
-  ideal = _ideal_scale(ctx)
+  ideal = _ideal_scale(ctx, target)
   # Saturate before the cast: ml_dtypes (and XLA) give NaN above E4M3's range.
   nearest = jnp.clip(ideal, 0.0, fmt.scale_max).astype(fmt.scale_dtype)
   if direction == 0:
@@ -290,12 +406,19 @@ def nearest_rule(blocks, ctx: BlockContext):
   return _round_scale(ctx, 0)
 
 
+def even_rule(blocks, ctx: BlockContext):
+  del blocks
+  check_rule(ctx.fmt, "even")
+  return _pow2_scales(_even_exponent(ctx), ctx.fmt)
+
+
 # ---- searched rules -----------------------------------------------------------
 def search_window(fmt: Format, weighted: bool) -> tuple[range, bool]:
   """The "mse" candidates: byte offsets from the anchor code, and whether to add the zero scale.
 
   The anchor is the "ceil" scale's byte; for E4M3 scales it is raised to at
-  least the smallest normal code (8), see the module docstring.
+  least the smallest normal code (8), see the module docstring. ``weighted``
+  asks for the wide window (Hessian-weighted losses, 2-D blocks).
   """
   if fmt.power_of_two_scales:
     if not weighted:
@@ -311,9 +434,23 @@ def search_window(fmt: Format, weighted: bool) -> tuple[range, bool]:
   return range(-4 * octave, 5 * octave + 1), True
 
 
-def _block_loss(residual, hessian):
+def _tile_sum(sq, b: int):
+  """Sum of ``(..., b * b)`` row-major tile entries, bit-identical for a tile and its transpose.
+
+  Entry ``(i, j)`` and ``(j, i)`` are added first (float addition commutes),
+  the pair sums sit in the upper triangle, and that same array is reduced.
+  """
+  s = sq.reshape(*sq.shape[:-1], b, b)
+  pairs = s + jnp.swapaxes(s, -1, -2)
+  upper = np.triu(np.ones((b, b), bool), 1)
+  diag = np.eye(b, dtype=bool)
+  return jnp.sum(jnp.where(upper, pairs, jnp.where(diag, s, 0.0)), axis=(-2, -1))
+
+
+def _block_loss(residual, hessian, tile=None):
   if hessian is None:
-    return jnp.sum(residual * residual, axis=-1)
+    sq = residual * residual
+    return jnp.sum(sq, axis=-1) if tile is None else _tile_sum(sq, tile)
   return jnp.einsum("...nb,nbd,...nd->...n", residual, hessian, residual,
                     precision=lax.Precision.HIGHEST)
 
@@ -324,13 +461,10 @@ def _pow2_factors(e):
   return _bits.exp2i(a), _bits.exp2i(e - a)
 
 
-def mse_rule(blocks, ctx: BlockContext):
+def _loss_function(blocks, ctx: BlockContext):
+  """``loss_of(code)``: each block's loss (``(..., nb)`` float32) under scale bytes ``code``."""
   fmt = ctx.fmt
   weighted = ctx.hessian is not None
-  offsets, with_zero = search_window(fmt, weighted)
-  anchor = scale_bytes(ceil_rule(blocks, ctx)).astype(jnp.int32)
-  if not fmt.power_of_two_scales:
-    anchor = jnp.maximum(anchor, fmt.scale_min_normal_byte)
   # Residuals are compared in units of 2**floor(log2(amax)) so that squares
   # stay in float32 range for any input magnitude.
   unit = _bits.floor_log2(_bits.f32_bits(ctx.amax))
@@ -356,12 +490,23 @@ def mse_rule(blocks, ctx: BlockContext):
           (_element_factor(s, fmt, gdec), _bits.flush_subnormals(_bits.scale_by_pow2(s.astype(jnp.float32), -unit)),
            _pow2_factors(-unit)))
       y = mag * enc[..., None]
-      dq_unit = lambda q: q * dec[..., None] if gdec is None else q * dec[..., None] * gdec
+      dq_unit = lambda q: q * dec[..., None] if gdec is None else q * dec[..., None] * _per_element(gdec)
     q = _bits.round_to_grid(jnp.minimum(y, fmt.elem_max), fmt.elem_nmant, fmt.elem_emin, fmt.elem_emax)
     r = mag * u1[..., None] * u2[..., None] - dq_unit(q)
     if weighted:
       r = jnp.where(blocks < 0, -r, r)
-    return _block_loss(r, ctx.hessian)
+    return _block_loss(r, ctx.hessian, ctx.tile)
+
+  return loss_of
+
+
+def mse_rule(blocks, ctx: BlockContext):
+  fmt = ctx.fmt
+  offsets, with_zero = search_window(fmt, ctx.hessian is not None or ctx.tile is not None)
+  anchor = scale_bytes(ceil_rule(blocks, ctx)).astype(jnp.int32)
+  if not fmt.power_of_two_scales:
+    anchor = jnp.maximum(anchor, fmt.scale_min_normal_byte)
+  loss_of = _loss_function(blocks, ctx)
 
   def better(carry, code):
     best_loss, best_code = carry
@@ -384,12 +529,66 @@ def mse_rule(blocks, ctx: BlockContext):
   return scales_from_bytes(carry[1], fmt)
 
 
+def four_over_six_rule(blocks, ctx: BlockContext):
+  check_rule(ctx.fmt, "4over6")
+  fmt = ctx.fmt
+  six = _round_scale(ctx, 0)
+  four = _round_scale(ctx, 0, target=2.0**fmt.elem_emax)
+  loss_of = _loss_function(blocks, ctx)
+  take_four = loss_of(scale_bytes(four).astype(jnp.int32)) < loss_of(scale_bytes(six).astype(jnp.int32))
+  return jnp.where(take_four, four, six)
+
+
+#: The rules the kernels implement too (``fp4jax.kernels`` refuses any other).
 SCALE_RULES: dict[str, Callable[..., Any]] = {
     "floor": floor_rule,
     "ceil": ceil_rule,
     "nearest": nearest_rule,
     "mse": mse_rule,
 }
+
+#: Every rule ``fp4jax.quantize`` takes: :data:`SCALE_RULES` plus ``"even"``
+#: and ``"4over6"`` (XLA path only).
+ALL_SCALE_RULES: dict[str, Callable[..., Any]] = {
+    **SCALE_RULES,
+    "even": even_rule,
+    "4over6": four_over_six_rule,
+}
+
+# Rules that only make sense for one kind of block scale: True = power-of-two
+# (E8M0) scales, False = E4M3 scales.
+_RULE_NEEDS_POW2 = {
+    "nearest": (False, "rounds E4M3 block scales"),
+    "4over6": (False, "chooses between two E4M3 block scales"),
+    "even": (True, "rounds a power-of-two (E8M0) block scale"),
+}
+
+
+def check_rule(fmt: Format, rule: str) -> None:
+  """Raises ValueError unless ``rule`` is a known rule that applies to ``fmt``'s scales."""
+  if rule not in ALL_SCALE_RULES:
+    raise ValueError(f"unknown scale_rule {rule!r}; expected one of {sorted(ALL_SCALE_RULES)}")
+  if rule in _RULE_NEEDS_POW2:
+    pow2, what = _RULE_NEEDS_POW2[rule]
+    if fmt.power_of_two_scales != pow2:
+      kind = "power-of-two" if fmt.power_of_two_scales else "E4M3"
+      ok = [r for r in ALL_SCALE_RULES
+            if r not in _RULE_NEEDS_POW2 or _RULE_NEEDS_POW2[r][0] == fmt.power_of_two_scales]
+      raise ValueError(f"scale_rule {rule!r} {what}; {fmt!r} has {kind} scales: use one of {ok}")
+
+
+def global_encode_numerator(fmt: Format, rule: str) -> float:
+  """NVFP4's tensor encode factor is this over the tensor amax.
+
+  ``elem_max * scale_max`` (6 * 448) by default. For ``"4over6"`` the block
+  scale may be ``M / 2**emax`` (1.5) times the usual one, so the numerator is
+  ``elem_max * p`` with ``p`` the largest power of two such that ``p * M /
+  2**emax <= scale_max``: 6 * 256, as the Four Over Six recipe does.
+  """
+  if rule != "4over6":
+    return fmt.global_encode_numerator
+  headroom = fmt.elem_max / 2.0**fmt.elem_emax
+  return fmt.elem_max * 2.0 ** math.floor(math.log2(fmt.scale_max / headroom))
 
 
 def block_hessians(x, block_size: int):

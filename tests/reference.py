@@ -269,3 +269,147 @@ def half_ulp(v, spec: Spec) -> np.ndarray:
   fi = ml_dtypes.finfo(spec.elem)
   e = np.maximum(floor_log2(np.maximum(np.abs(v), 1e-300)), int(fi.minexp))
   return np.ldexp(0.5, e - int(fi.nmant))
+
+
+# ---- breadth: MXFP6, MXINT8, "even", "4over6", 2-D tiles (added functions only) ----------
+SPECS_BREADTH = {
+    "mxfp6_e2m3": Spec("mxfp6_e2m3", ml_dtypes.float6_e2m3fn, ml_dtypes.float8_e8m0fnu, 32),
+    "mxfp6_e3m2": Spec("mxfp6_e3m2", ml_dtypes.float6_e3m2fn, ml_dtypes.float8_e8m0fnu, 32),
+}
+
+# MXINT8 (OCP MX v1.0): int8 codes k meaning k / 64; quantization clips to +-127/64.
+MXINT8_MAX = 127.0 / 64.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Elem:
+  """An element grid for the E8M0 references: its max, emax, mantissa bits, rounding."""
+
+  name: str
+  max: float
+  emax: int
+  nmant: int
+  kind: str  # "float" (an ml_dtypes type in `dtype`) or "int8"
+  dtype: type = None
+
+  def round(self, y) -> np.ndarray:
+    """Saturate, then round to nearest even on the grid; float64 (int8: codes / 64, never -0)."""
+    y = np.clip(np.asarray(y, np.float64), -self.max, self.max)
+    if self.kind == "int8":
+      return np.round(y * 64.0).astype(np.int64) / 64.0
+    return y.astype(self.dtype).astype(np.float64)
+
+
+def float_elem(dtype) -> Elem:
+  fi = ml_dtypes.finfo(dtype)
+  m = float(fi.max)
+  return Elem(np.dtype(dtype).name, m, int(floor_log2(m)), int(fi.nmant), "float", dtype)
+
+
+ELEMS = {
+    "mxfp4": float_elem(ml_dtypes.float4_e2m1fn),
+    "mxfp8_e4m3": float_elem(ml_dtypes.float8_e4m3fn),
+    "mxfp8_e5m2": float_elem(ml_dtypes.float8_e5m2),
+    "mxfp6_e2m3": float_elem(ml_dtypes.float6_e2m3fn),
+    "mxfp6_e3m2": float_elem(ml_dtypes.float6_e3m2fn),
+    "mxint8": Elem("int8", MXINT8_MAX, 0, 6, "int8"),
+}
+
+
+def even_exponent(amax, elem: Elem) -> np.ndarray:
+  """torchao's EVEN, restated in float64: round amax to (nmant + 1) significant bits,
+  ties away from zero, then floor(log2(.)) - emax (clamped to E8M0's range)."""
+  amax = np.asarray(amax, np.float64)
+  m, e = np.frexp(np.where(amax > 0, amax, 1.0))  # amax = m * 2**e, m in [0.5, 1)
+  q = np.floor(m * 2.0 ** (elem.nmant + 1) + 0.5) * 2.0 ** (e - elem.nmant - 1)
+  out = np.where(amax > 0, floor_log2(q) - elem.emax, -127)
+  return np.clip(out, -127, 127)
+
+
+def mx_exponents(blocks, elem: Elem, rule: str) -> np.ndarray:
+  """E8M0 exponents of float32 finite blocks (nb, B) for floor / ceil / even / mse (brute force)."""
+  x = np.asarray(blocks, np.float64)
+  amax = np.abs(x).max(-1)
+  if rule == "floor":
+    return np.clip(np.where(amax > 0, floor_log2(np.where(amax > 0, amax, 1.0)) - elem.emax, -127), -127, 127)
+  if rule == "ceil":
+    ks = np.arange(-127, 128)
+    fits = amax[:, None] <= elem.max * np.ldexp(1.0, ks)
+    return np.where(fits.any(-1), ks[np.argmax(fits, -1)], 127)
+  if rule == "even":
+    return even_exponent(amax, elem)
+  if rule == "mse":
+    ks = np.arange(-127, 128)
+    losses = np.stack([np.sum((x - elem.round(x / 2.0**k) * 2.0**k) ** 2, -1) for k in ks], -1)
+    return ks[np.argmin(losses, -1)]
+  raise ValueError(rule)
+
+
+def quantize_mx(x, elem: Elem, rule: str, axis: int = -1, block: int = 32):
+  """E8M0-scaled reference for any element grid: (values float64, scale bytes uint8).
+
+  Float32 subnormal inputs count as zero; finite inputs only.
+  """
+  x = flush_f32_subnormals(np.asarray(x).astype(np.float32)).astype(np.float64)
+  xm = np.moveaxis(x, axis, -1)
+  lead, n = xm.shape[:-1], xm.shape[-1]
+  blocks = xm.reshape(-1, block)
+  e = mx_exponents(blocks, elem, rule)
+  vals = elem.round(blocks / np.ldexp(1.0, e)[:, None])
+  values = np.moveaxis(vals.reshape(*lead, n), -1, axis)
+  sbytes = np.moveaxis((e + 127).astype(np.uint8).reshape(*lead, n // block), -1, axis)
+  return values, sbytes
+
+
+def nvfp4_four_over_six(x, axis: int = -1, global_scale=None):
+  """NVFP4 "4over6": (values float64, scale bytes, decode float32, sse6, sse4 per block).
+
+  The recipe's float32 steps: encode = 6 * 256 / amax (or 1 / global_scale),
+  candidate scales amax * (encode * float32(1/6)) and amax * (encode *
+  float32(1/4)) rounded to the nearest E4M3; elements by the float32 reciprocal
+  of scale * decode; the block keeps "4" iff its float64 squared error is lower.
+  """
+  spec = SPECS["nvfp4"]
+  x = flush_f32_subnormals(np.asarray(x).astype(np.float32))
+  xm = np.moveaxis(x, axis, -1)
+  lead, n = xm.shape[:-1], xm.shape[-1]
+  blocks = xm.reshape(-1, 16)
+  amax = np.abs(blocks).max(-1).astype(np.float32)
+  if global_scale is None:
+    t = np.float32(np.abs(x).max())
+    if t > 0:
+      enc = min(np.float32(np.float32(6.0 * 256.0) / t), np.float32(2.0**126))
+    else:
+      enc = np.float32(1.0)
+    dec = np.float32(np.float32(1.0) / enc)
+  else:
+    dec = np.float32(global_scale)
+    enc = np.float32(np.float32(1.0) / dec)
+  cands, sse = [], []
+  for target in (6.0, 4.0):
+    ideal = (amax * np.float32(enc * np.float32(1.0 / target))).astype(np.float32)
+    sb = e4m3_scale(ideal, "nearest")
+    sv = decode_scale_bytes(sb, spec)
+    v = encode(blocks, sv, spec, dec)
+    err = blocks.astype(np.float64) - dequant(v, sv, spec, dec)
+    cands.append((v, sb))
+    sse.append(np.sum(err * err, -1))
+  four = sse[1] < sse[0]
+  vals = np.where(four[:, None], cands[1][0], cands[0][0])
+  sb = np.where(four, cands[1][1], cands[0][1]).astype(np.uint8)
+  values = np.moveaxis(vals.reshape(*lead, n), -1, axis)
+  scales = np.moveaxis(sb.reshape(*lead, n // 16), -1, axis)
+  return values, scales, dec, sse[0], sse[1]
+
+
+def to_tiles(x, b: int) -> np.ndarray:
+  """(..., M, N) -> (..., M // b * N // b, b * b): tiles in row-major tile order, each flattened row-major."""
+  *lead, m, n = x.shape
+  t = np.asarray(x).reshape(*lead, m // b, b, n // b, b)
+  return np.swapaxes(t, -3, -2).reshape(*lead, (m // b) * (n // b), b * b)
+
+
+def from_tiles(t, b: int, m: int, n: int) -> np.ndarray:
+  *lead, _, _ = t.shape
+  x = np.swapaxes(np.asarray(t).reshape(*lead, m // b, n // b, b, b), -3, -2)
+  return x.reshape(*lead, m, n)
