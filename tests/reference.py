@@ -361,7 +361,7 @@ def quantize_mx(x, elem: Elem, rule: str, axis: int = -1, block: int = 32):
   return values, sbytes
 
 
-def nvfp4_four_over_six(x, axis: int = -1, global_scale=None):
+def nvfp4_four_over_six(x, axis: int = -1, global_scale=None, block: int = 16):
   """NVFP4 "4over6": (values float64, scale bytes, decode float32, sse6, sse4 per block).
 
   The recipe's float32 steps: encode = 6 * 256 / amax (or 1 / global_scale),
@@ -373,7 +373,7 @@ def nvfp4_four_over_six(x, axis: int = -1, global_scale=None):
   x = flush_f32_subnormals(np.asarray(x).astype(np.float32))
   xm = np.moveaxis(x, axis, -1)
   lead, n = xm.shape[:-1], xm.shape[-1]
-  blocks = xm.reshape(-1, 16)
+  blocks = xm.reshape(-1, block)
   amax = np.abs(blocks).max(-1).astype(np.float32)
   if global_scale is None:
     t = np.float32(np.abs(x).max())
@@ -398,7 +398,7 @@ def nvfp4_four_over_six(x, axis: int = -1, global_scale=None):
   vals = np.where(four[:, None], cands[1][0], cands[0][0])
   sb = np.where(four, cands[1][1], cands[0][1]).astype(np.uint8)
   values = np.moveaxis(vals.reshape(*lead, n), -1, axis)
-  scales = np.moveaxis(sb.reshape(*lead, n // 16), -1, axis)
+  scales = np.moveaxis(sb.reshape(*lead, n // block), -1, axis)
   return values, scales, dec, sse[0], sse[1]
 
 
