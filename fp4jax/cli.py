@@ -15,7 +15,8 @@ import sys
 
 # MXFP8 without a suffix means E4M3 elements, the usual choice for weights.
 _FORMAT_CHOICES = {"mxfp4": "mxfp4", "nvfp4": "nvfp4", "mxfp8": "mxfp8_e4m3",
-                   "mxfp8_e4m3": "mxfp8_e4m3", "mxfp8_e5m2": "mxfp8_e5m2"}
+                   "mxfp8_e4m3": "mxfp8_e4m3", "mxfp8_e5m2": "mxfp8_e5m2",
+                   "mxfp6_e2m3": "mxfp6_e2m3", "mxfp6_e3m2": "mxfp6_e3m2", "mxint8": "mxint8"}
 
 
 def _add_report(sub):
@@ -23,6 +24,11 @@ def _add_report(sub):
   p.add_argument("--out", default="fp4jax_report.png", help="path of the PNG plot (default: %(default)s)")
   p.add_argument("--size", type=int, default=1 << 16, help="elements per synthetic tensor (default: %(default)s)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--formats", metavar="NAMES", default=None,
+                 help="'all' or comma-separated format names (default: mxfp4, nvfp4, mxfp8_e4m3, mxfp8_e5m2)")
+  p.add_argument("--rules", metavar="NAMES", default=None,
+                 help="'all' or comma-separated scale rules (default: floor, ceil, nearest, mse; "
+                      "'all' adds even and 4over6)")
   p.set_defaults(func=lambda args: __import__("fp4jax.report", fromlist=["main"]).main(args))
 
 
@@ -43,6 +49,8 @@ def _add_convert(sub):
   p.add_argument("--exclude", metavar="REGEX", help="never quantize tensors whose name matches (re.search)")
   p.add_argument("--verbose", "-v", action="store_true", help="print a line per tensor")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--stats", action="store_true",
+                 help="then print fp4jax.stats of each quantized tensor (SQNR, clipped %%, scales at max/min %%)")
   p.set_defaults(func=_convert)
 
 
@@ -52,6 +60,9 @@ def _add_inspect(sub):
   p.add_argument("--reference", metavar="REF.safetensors",
                  help="the unquantized original: adds each tensor's SQNR against it")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+  p.add_argument("--stats", action="store_true",
+                 help="with --reference: add fp4jax.stats columns (clipped %%, scales at max/min %%) for "
+                      "quantized tensors (the JSON always has them)")
   p.set_defaults(func=_inspect)
 
 
@@ -136,7 +147,48 @@ def _convert(args) -> int:
   print(_table(["tensors", "count", "bytes before", "bytes after", "mean SQNR dB"], rows, "<>>>>"))
   for r in groups["skipped"]:
     print(f"skipped {r.name}: {r.action.split(': ', 1)[1]}")
+  if args.stats and groups["quantized"]:
+    _print_stats(args.dst, args.src, [r.name for r in groups["quantized"]])
   return 0
+
+
+# ---- fp4jax.stats ------------------------------------------------------------------
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{100 * x:.3f}"
+
+
+def _stats_against(tensor, ref):
+  """fp4jax.stats of a QArray ``tensor`` against the original ``ref``; None if either does not fit."""
+  import numpy as np
+
+  from fp4jax.qarray import QArray
+  from fp4jax.stats import stats
+
+  if not isinstance(tensor, QArray) or isinstance(ref, QArray):
+    return None
+  r = np.asarray(ref)
+  if tuple(r.shape) != tuple(tensor.shape) or r.dtype.kind not in "fV":
+    return None
+  try:
+    return stats(r, tensor)
+  except ValueError:
+    return None
+
+
+def _print_stats(path, reference, names) -> None:
+  from fp4jax import checkpoints
+
+  rows = []
+  with checkpoints.CheckpointFile(path) as f, checkpoints.CheckpointFile(reference) as ref:
+    for name in names:
+      st = _stats_against(f.load(name), ref.load(name))
+      if st is not None:
+        rows.append([name, _db(st.sqnr_db), f"{st.rel_mse:.3e}", _pct(st.clipped_fraction),
+                     _pct(st.scale_at_max_fraction), _pct(st.scale_at_min_fraction)])
+  print(f"fp4jax.stats of {path} against {reference}:")
+  print(_table(["tensor", "SQNR dB", "rel MSE", "clipped %", "scale@max %", "scale@min %"], rows, "<>>>>>"))
 
 
 # ---- inspect -----------------------------------------------------------------------
@@ -176,24 +228,36 @@ def _inspect(args) -> int:
             "file_tensors": sorted(e.parts.values()),
         }
         if ref is not None:
-          row["sqnr_db"] = _sqnr_against(f.load(e.name), ref.load(e.name)) if e.name in ref_names else None
+          tensor, original = (f.load(e.name), ref.load(e.name)) if e.name in ref_names else (None, None)
+          row["sqnr_db"] = _sqnr_against(tensor, original) if e.name in ref_names else None
+          st = _stats_against(tensor, original) if e.name in ref_names else None
+          for key in _STATS_KEYS:
+            row[key] = None if st is None else getattr(st, key)
         rows.append(row)
     finally:
       if ref is not None:
         ref.close()
   if args.json:
     for r in rows:  # strict JSON has no Infinity: an exact copy reads "inf"
-      if r.get("sqnr_db") is not None and not math.isfinite(r["sqnr_db"]):
-        r["sqnr_db"] = str(r["sqnr_db"])
+      for key in ("sqnr_db",) + _STATS_KEYS:
+        if r.get(key) is not None and not math.isfinite(r[key]):
+          r[key] = str(r[key])
     print(json.dumps({"file": args.file, "reference": args.reference, "tensors": rows}, indent=1, allow_nan=False))
     return 0
-  headers = ["name", "format", "layout", "axis", "shape", "bytes"] + (["SQNR dB"] if ref is not None else [])
+  extra = args.stats and ref is not None
+  headers = (["name", "format", "layout", "axis", "shape", "bytes"] + (["SQNR dB"] if ref is not None else [])
+             + (["clipped %", "scale@max %", "scale@min %"] if extra else []))
   table = [[r["name"], r["format"], r["layout"], "" if r["axis"] is None else r["axis"],
             "x".join(map(str, r["shape"])) or "()", f"{r['bytes']:,}"]
-           + ([_db(r["sqnr_db"])] if ref is not None else []) for r in rows]
+           + ([_db(r["sqnr_db"])] if ref is not None else [])
+           + ([_pct(r[k]) for k in _STATS_KEYS[1:]] if extra else []) for r in rows]
   print(f"{args.file}: {len(rows)} tensors, {sum(r['bytes'] for r in rows):,} bytes of data")
-  print(_table(headers, table, "<<<>>>>"))
+  print(_table(headers, table, "<<<>>>>" + (">>>" if extra else "")))
   return 0
+
+
+# Stats fields the inspect JSON carries for each quantized tensor with a reference.
+_STATS_KEYS = ("rel_mse", "clipped_fraction", "scale_at_max_fraction", "scale_at_min_fraction")
 
 
 def main(argv=None) -> int:

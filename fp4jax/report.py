@@ -21,7 +21,15 @@ rows of 512 blocked along the last axis):
   columns put one large element into many blocks.
 
 Metrics, in float64 over all elements: ``mse = mean((x - dq)**2)``,
-``rel_mse = mse / mean(x**2)`` and ``sqnr_db = 10 * log10(1 / rel_mse)``.
+``rel_mse = mse / mean(x**2)`` and ``sqnr_db = 10 * log10(1 / rel_mse)``; and
+from :func:`fp4jax.stats`: the fraction of elements that saturated
+(``clipped_fraction``) and of blocks whose scale is the largest or smallest
+of its range (``scale_at_max_fraction``, ``scale_at_min_fraction``), printed
+in a second table.
+
+By default the table covers the formats of ``fp4jax.FORMATS`` and the rules
+of ``fp4jax.SCALE_RULES``; ``--formats all --rules all`` adds MXFP6, MXINT8,
+"even" and "4over6".
 """
 
 from __future__ import annotations
@@ -36,11 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp4jax.formats import FORMATS, Format, get_format
+from fp4jax.formats import ALL_FORMATS, FORMATS, Format, get_format
 from fp4jax.quantize import dequantize, quantize
-from fp4jax.scales import SCALE_RULES
+from fp4jax.scales import ALL_SCALE_RULES, SCALE_RULES
+from fp4jax.stats import stats
 
-__all__ = ["DISTRIBUTIONS", "COLUMNS", "generate", "valid_rules", "error_table", "format_table", "plot", "main"]
+__all__ = ["DISTRIBUTIONS", "COLUMNS", "generate", "valid_rules", "error_table", "format_table",
+           "format_diagnostics", "plot", "main"]
 
 ROW_LENGTH = 512  # elements per row: a multiple of every format's block size
 
@@ -73,8 +83,10 @@ DISTRIBUTIONS: dict[str, Callable[[np.random.Generator, tuple], np.ndarray]] = {
     "llm_weights": _llm_weights,
 }
 
-#: Keys of each row of :func:`error_table`, in the printed order.
-COLUMNS = ("distribution", "format", "rule", "bits", "mse", "rel_mse", "sqnr_db")
+#: Keys of each row of :func:`error_table`: the main table's columns in
+#: printed order, then the :func:`fp4jax.stats` fractions of the second table.
+COLUMNS = ("distribution", "format", "rule", "bits", "mse", "rel_mse", "sqnr_db",
+           "clipped_fraction", "scale_at_max_fraction", "scale_at_min_fraction")
 
 
 def generate(name: str, size: int, seed: int) -> np.ndarray:
@@ -92,21 +104,22 @@ def generate(name: str, size: int, seed: int) -> np.ndarray:
   return DISTRIBUTIONS[name](rng, (rows, ROW_LENGTH)).astype(np.float32)
 
 
-def valid_rules(fmt: Format) -> list[str]:
+def valid_rules(fmt: Format, rules: Iterable[str] | None = None) -> list[str]:
   """The scale rules ``quantize`` accepts for ``fmt``, in ``SCALE_RULES`` order.
 
   Asks ``quantize`` itself (abstractly, nothing is compiled): a rule that does
   not apply to the format's scale dtype raises ValueError while tracing.
+  ``rules`` (default ``SCALE_RULES``) are the candidates, e.g. ``ALL_SCALE_RULES``.
   """
   probe = jax.ShapeDtypeStruct((1, fmt.block_size), jnp.float32)
-  rules = []
-  for rule in SCALE_RULES:
+  out = []
+  for rule in (SCALE_RULES if rules is None else rules):
     try:
       jax.eval_shape(lambda x, rule=rule: quantize(x, fmt, scale_rule=rule, backend="xla"), probe)
     except ValueError:
       continue
-    rules.append(rule)
-  return rules
+    out.append(rule)
+  return out
 
 
 def _errors(x: np.ndarray, dq: np.ndarray) -> dict:
@@ -132,33 +145,39 @@ def error_table(
   Args:
     size: elements per distribution (rounded up to whole rows of 512).
     seed: seeds every distribution's generator.
-    formats: formats or names; default every format in ``fp4jax.FORMATS``.
+    formats: formats or names; default every format in ``fp4jax.FORMATS``
+      (``fp4jax.ALL_FORMATS`` adds MXFP6 and MXINT8).
     distributions: names from :data:`DISTRIBUTIONS`; default all.
-    rules: scale rules to try; default every rule; rules a format does not
-      accept are skipped (see :func:`valid_rules`).
+    rules: scale rules to try, from ``fp4jax.ALL_SCALE_RULES``; default every
+      rule of ``fp4jax.SCALE_RULES``; rules a format does not accept are
+      skipped (see :func:`valid_rules`).
 
   Returns:
     A list of dicts with keys :data:`COLUMNS`: ``distribution``, ``format``
     and ``rule`` (str), ``bits`` (storage bits per element including scales),
-    ``mse``, ``rel_mse`` and ``sqnr_db`` (float). Each tensor is quantized
+    ``mse``, ``rel_mse`` and ``sqnr_db`` (float), and the clipping and
+    scale-range fractions of :func:`fp4jax.stats`. Each tensor is quantized
     along its last axis with ``backend="xla"`` and dequantized to float32.
   """
   fmts = [get_format(f) for f in (FORMATS.values() if formats is None else formats)]
   dists = list(DISTRIBUTIONS if distributions is None else distributions)
   wanted = list(SCALE_RULES if rules is None else rules)
   for r in wanted:
-    if r not in SCALE_RULES:
-      raise ValueError(f"unknown scale rule {r!r}; expected one of {list(SCALE_RULES)}")
+    if r not in ALL_SCALE_RULES:
+      raise ValueError(f"unknown scale rule {r!r}; expected one of {list(ALL_SCALE_RULES)}")
   table = []
   for dist in dists:
     x = generate(dist, size, seed)
     xj = jnp.asarray(x)
     for fmt in fmts:
-      for rule in [r for r in valid_rules(fmt) if r in wanted]:
+      for rule in valid_rules(fmt, wanted):
         q = quantize(xj, fmt, axis=-1, scale_rule=rule, backend="xla")
         dq = np.asarray(dequantize(q, jnp.float32, backend="xla"))
         row = {"distribution": dist, "format": fmt.name, "rule": rule, "bits": fmt.bits_per_element}
         row.update(_errors(x, dq))
+        st = stats(x, q)
+        row.update(clipped_fraction=st.clipped_fraction, scale_at_max_fraction=st.scale_at_max_fraction,
+                   scale_at_min_fraction=st.scale_at_min_fraction)
         table.append(row)
   return table
 
@@ -177,6 +196,34 @@ def format_table(table: list[dict]) -> str:
         f"{r['mse']:>12.4e}{r['rel_mse']:>11.3e}{r['sqnr_db']:>9.2f}"
     )
   return "\n".join(lines)
+
+
+def format_diagnostics(table: list[dict]) -> str:
+  """The :func:`fp4jax.stats` fractions of :func:`error_table`'s rows, in percent, one line per row.
+
+  Rows start with the format (the main table's with the distribution).
+  """
+  head = f"{'format':<12}{'rule':<9}{'distribution':<13}{'clipped %':>11}{'scale@max %':>13}{'scale@min %':>13}"
+  lines = [head, "-" * len(head)]
+  for r in table:
+    lines.append(
+        f"{r['format']:<12}{r['rule']:<9}{r['distribution']:<13}{100 * r['clipped_fraction']:>11.3f}"
+        f"{100 * r['scale_at_max_fraction']:>13.3f}{100 * r['scale_at_min_fraction']:>13.3f}"
+    )
+  return "\n".join(lines)
+
+
+def _names(arg: str | None, known: Iterable[str], what: str) -> list[str] | None:
+  """``--formats`` / ``--rules``: None (the default set), ``"all"`` or a comma-separated list."""
+  if arg is None:
+    return None
+  if arg == "all":
+    return list(known)
+  names = [n.strip().lower() if what == "format" else n.strip() for n in arg.split(",") if n.strip()]
+  for n in names:
+    if n not in known:
+      raise ValueError(f"unknown {what} {n!r}; expected 'all' or a comma-separated list of {list(known)}")
+  return names
 
 
 def plot(table: list[dict], path: str, title: str = "fp4jax quantization error") -> None:
@@ -209,18 +256,31 @@ def plot(table: list[dict], path: str, title: str = "fp4jax quantization error")
 
 
 def main(args) -> int:
-  """The ``report`` subcommand: ``args.out`` (PNG path), ``args.size``, ``args.seed``."""
+  """The ``report`` subcommand: ``args.out`` (PNG path), ``args.size``, ``args.seed``.
+
+  Optional ``args.formats`` / ``args.rules``: ``"all"`` or comma-separated
+  names (default: ``fp4jax.FORMATS`` and ``fp4jax.SCALE_RULES``).
+  """
   if args.size < 1:
     print(f"fp4jax report: --size must be a positive number of elements, got {args.size}", file=sys.stderr)
     return 2
+  try:
+    formats = _names(getattr(args, "formats", None), ALL_FORMATS, "format")
+    rules = _names(getattr(args, "rules", None), ALL_SCALE_RULES, "scale rule")
+  except ValueError as e:
+    print(f"fp4jax report: {e}", file=sys.stderr)
+    return 2
   start = time.perf_counter()
-  table = error_table(args.size, args.seed)
+  table = error_table(args.size, args.seed, formats=formats, rules=rules)
   rows = -(-args.size // ROW_LENGTH)
   print(
       f"fp4jax quantization error: {rows}x{ROW_LENGTH} float32 per distribution, blocks along "
       f"the last axis, seed {args.seed}, jax {jax.__version__} on {jax.default_backend()}"
   )
   print(format_table(table))
+  print()
+  print("Clipping and scale range (fp4jax.stats): elements that saturated, blocks at the ends of the scale range")
+  print(format_diagnostics(table))
   plot(table, args.out, title=f"fp4jax quantization SQNR ({rows}x{ROW_LENGTH} elements, seed {args.seed})")
   print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
   return 0
