@@ -96,3 +96,35 @@ def round_to_grid(a, nmant: int, emin: int, emax: int):
     step = jnp.where(up, jnp.float32(2.0 ** (k - nmant)), step)
     inv = jnp.where(up, jnp.float32(2.0 ** (nmant - k)), inv)
   return jnp.round(a * inv) * step
+
+
+def encode_float_code(y, nmant: int, emin: int, emax: int, bits: int):
+  """Float32 ``y`` (``|y|`` at most the format's max) -> its ``bits``-bit float code, int32.
+
+  For small float formats without Inf/NaN codes (FP6 E2M3 / E3M2), which XLA
+  has no dtype for: round-to-nearest-even onto the grid first (exact
+  float32), then read the code off the float32 bits. A normal ``a = 1.f *
+  2**E`` has code ``(E - emin + 1) << nmant | f``, i.e. ``(bits(a) >> (23 -
+  nmant)) - ((127 + emin - 1) << nmant)``; a subnormal ``a = k * 2**(emin -
+  nmant)`` has code ``k``. The sign bit is ``y``'s, so ``-0.0`` and negatives
+  that round to zero keep it, as ml_dtypes casts do.
+  """
+  a = round_to_grid(jnp.abs(y), nmant, emin, emax)
+  normal = (f32_bits(a) >> (F32_MANT_BITS - nmant)).astype(jnp.int32) - ((F32_EXP_BIAS + emin - 1) << nmant)
+  sub = (a * jnp.float32(2.0 ** (nmant - emin))).astype(jnp.int32)  # exact: an integer below 2**nmant
+  mag = jnp.where(a >= jnp.float32(2.0**emin), normal, sub)
+  return mag | ((f32_bits(y) >> 31).astype(jnp.int32) << (bits - 1))
+
+
+def decode_float_code(codes, nmant: int, emin: int, bits: int):
+  """Inverse of :func:`encode_float_code`: codes (any int dtype) -> float32, exactly.
+
+  ``(2**nmant * [e > 0] + f) * 2**(max(e, 1) + emin - 1 - nmant)`` for exponent
+  field ``e`` and mantissa field ``f``, negated when the sign bit is set.
+  """
+  c = codes.astype(jnp.int32)
+  mag = c & ((1 << (bits - 1)) - 1)
+  e = mag >> nmant
+  sig = (mag & ((1 << nmant) - 1)) | jnp.where(e > 0, 1 << nmant, 0)
+  out = sig.astype(jnp.float32) * exp2i(jnp.maximum(e, 1) + (emin - 1 - nmant))
+  return jnp.where(((c >> (bits - 1)) & 1) == 1, -out, out)

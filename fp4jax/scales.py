@@ -86,7 +86,10 @@ gains at most ``err(s_c)**2 <= h(x)**2``, and only if it lies below ``M s + h(x)
 * E8M0 scales, ``s <= s_c / 4``: ``amax > M/2``, so ``amax`` clips by more than
   ``M/4`` and its loss rises by more than ``(M/4)**2 - h(M/2)**2``; the other
   ``B - 1`` gain at most ``(B - 1) * h(M/4)**2``. E2M1: 2.0 > 31/16; E4M3:
-  12480 > 496; E5M2: 2.0e8 > 3.3e7. The window is ``{s_c / 2, s_c}``.
+  12480 > 496; E5M2: 2.0e8 > 3.3e7; E2M3: 3.5 > 0.122; E3M2: 48 > 7.75; MXINT8
+  (its grid ``k / 64`` read as one binade with 6 mantissa bits and subnormals
+  of the same step, for which (1) holds too): 0.246 > 0.0019. The window is
+  ``{s_c / 2, s_c}``.
 * E4M3 scales (NVFP4, B = 16), ``s <= s_c / 2``: a normal ``s_c`` is within 1/8
   of ``t`` (within 1/7 for codes 8..15), so ``amax > 5.25``; it clips to at
   most 3, a rise of at least ``2.25**2 - 0.75**2 = 4.5``; only elements below
@@ -136,6 +139,8 @@ __all__ = [
     "scale_exponent",
     "element_units",
     "encode_elements",
+    "encode_units",
+    "decode_elements",
     "decode_blocks",
     "block_hessians",
     "search_window",
@@ -198,32 +203,12 @@ def _decode_native(values, fmt: Format):
 
 
 def _encode_code(y, fmt: Format):
-  """Float32 ``y`` (``|y| <= elem_max``) -> the element's bit pattern, nearest even.
-
-  The magnitude is rounded onto the grid first (exact float32), then read off
-  its float32 bits: a normal ``a = 1.f * 2**E`` has code ``(E - emin + 1) <<
-  nmant | f``, which is ``(bits >> (23 - nmant)) - ((127 + emin - 1) << nmant)``;
-  a subnormal ``a = k * 2**(emin - nmant)`` has code ``k``. The sign bit is
-  ``y``'s, so ``-0.0`` and negatives rounding to zero keep it (as ml_dtypes).
-  """
-  m, emin = fmt.elem_nmant, fmt.elem_emin
-  a = _bits.round_to_grid(jnp.abs(y), m, emin, fmt.elem_emax)
-  normal = (_bits.f32_bits(a) >> (_bits.F32_MANT_BITS - m)).astype(jnp.int32) - ((_bits.F32_EXP_BIAS + emin - 1) << m)
-  sub = (a * jnp.float32(2.0 ** (m - emin))).astype(jnp.int32)  # exact: an integer below 2**m
-  mag = jnp.where(a >= jnp.float32(2.0**emin), normal, sub)
-  sign = (_bits.f32_bits(y) >> 31).astype(jnp.int32) << (fmt.elem_bits - 1)
-  return lax.optimization_barrier((mag | sign).astype(fmt.elem_dtype))
+  code = _bits.encode_float_code(y, fmt.elem_nmant, fmt.elem_emin, fmt.elem_emax, fmt.elem_bits)
+  return lax.optimization_barrier(code.astype(fmt.elem_dtype))
 
 
 def _decode_code(values, fmt: Format):
-  """Element bit patterns -> float32: ``(2**nmant * [e > 0] + f) * 2**(max(e, 1) + emin - 1 - nmant)``."""
-  m, emin, bits = fmt.elem_nmant, fmt.elem_emin, fmt.elem_bits
-  c = values.astype(jnp.int32)
-  mag = c & ((1 << (bits - 1)) - 1)
-  e = mag >> m
-  sig = (mag & ((1 << m) - 1)) | jnp.where(e > 0, 1 << m, 0)
-  out = sig.astype(jnp.float32) * _bits.exp2i(jnp.maximum(e, 1) + (emin - 1 - m))  # exact
-  return jnp.where(((c >> (bits - 1)) & 1) == 1, -out, out)
+  return _bits.decode_float_code(values, fmt.elem_nmant, fmt.elem_emin, fmt.elem_bits)
 
 
 def _encode_fixed_point(y, fmt: Format):
@@ -242,6 +227,17 @@ ELEMENT_CODECS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "code": (_encode_code, _decode_code),
     "fixed_point": (_encode_fixed_point, _decode_fixed_point),
 }
+
+
+def encode_units(y, fmt: Format):
+  """Float32 element units (``x`` already divided by its scales) -> ``QArray.values`` storage.
+
+  Saturates to ``+-elem_max``, rounds to nearest even and encodes by
+  ``fmt.elem_storage``. Values already on the grid (e.g. stochastically
+  rounded ones) are encoded exactly.
+  """
+  y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
+  return ELEMENT_CODECS[fmt.elem_storage][0](y, fmt)
 
 
 def decode_elements(values, fmt: Format):
@@ -295,8 +291,7 @@ def encode_elements(blocks, scales, fmt: Format, global_decode=None):
   Round-to-nearest-even with saturation to +-elem_max, as ml_dtypes' casts do
   after an explicit clip. Returns ``fmt.elem_dtype`` values shaped like blocks.
   """
-  y = jnp.clip(element_units(blocks, scales, fmt, global_decode), -fmt.elem_max, fmt.elem_max)
-  return ELEMENT_CODECS[fmt.elem_storage][0](y, fmt)
+  return encode_units(element_units(blocks, scales, fmt, global_decode), fmt)
 
 
 def decode_blocks(values, scales, fmt: Format, global_decode=None):

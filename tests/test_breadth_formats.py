@@ -110,6 +110,7 @@ def test_encoder_matches_ml_dtypes_or_round_half_even(fmt):
     want_codes = np.clip(y, -elem.max, elem.max).astype(elem.dtype).view(np.uint8)
     np.testing.assert_array_equal(codes, want_codes)  # sign of zero included
   np.testing.assert_array_equal(np.asarray(S.decode_elements(jnp.asarray(codes), fmt)), want)
+  np.testing.assert_array_equal(np.asarray(S.encode_units(jnp.asarray(y), fmt)), codes)
 
 
 def _data(shape, dtype, seed=0):
