@@ -421,6 +421,12 @@ def save(path, tensors: Mapping[str, QArray | Any], *, layout: str = "gpt_oss",
       raise ValueError(f"tensor names must be strings, got {name!r}")
     if isinstance(t, QArray):
       validate_qarray(t)
+      if t.block_shape is not None or (t.global_scale is not None and np.ndim(t.global_scale) > 0):
+        # The header metadata records format, axis and shape only: refuse now
+        # rather than write a file that load() would reject.
+        raise ValueError(
+            f"tensor {name!r}: QArrays with 2-D blocks or a per-group global scale cannot be saved yet "
+            f"(block_shape={t.block_shape}, global_scale shape {np.shape(t.global_scale)})")
       items.append((name, t, _resolve_layout(t.fmt, t.axis, layout)))
     elif hasattr(t, "dtype") and hasattr(t, "shape"):
       items.append((name, t, None))

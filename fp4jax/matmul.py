@@ -37,7 +37,7 @@ from jax import lax
 
 from fp4jax.formats import Format
 from fp4jax.packing import pack_fp4, unpack_fp4
-from fp4jax.qarray import QArray, validate_qarray
+from fp4jax.qarray import QArray, validate_qarray, xla_only_reason
 from fp4jax.quantize import dequantize
 
 __all__ = [
@@ -167,6 +167,8 @@ def prepare_weight(w: QArray) -> PreparedWeight:
   if not isinstance(w, QArray):
     raise ValueError(f"prepare_weight expects a fp4jax.QArray, got {type(w).__name__}")
   validate_qarray(w)
+  if why := xla_only_reason(w):
+    raise ValueError(f"prepare_weight: {why}; use the QArray itself with scaled_matmul")
   if w.ndim != 2:
     raise ValueError(f"prepare_weight expects a 2-D weight (K, N) or (N, K), got shape {w.shape}")
   data, scales = byte_matrix(w)
@@ -261,6 +263,9 @@ def _kernel_plan(lhs, rhs, dims, out_dtype):
     return None, "the kernels take one contracting axis and no batch axes"
   if not isinstance(rhs, (QArray, PreparedWeight)) or len(rhs.shape) != 2:
     return None, "the kernels need a 2-D QArray or PreparedWeight rhs"
+  for operand in (lhs, rhs):
+    if isinstance(operand, QArray) and (why := xla_only_reason(operand)):
+      return None, why
   if _block_axis(rhs) != rc[0]:
     return None, f"rhs is blocked along axis {_block_axis(rhs)}, not its contracting axis {rc[0]}"
   if isinstance(lhs, PreparedWeight):

@@ -10,7 +10,7 @@ import numpy as np
 
 from fp4jax.formats import Format
 
-__all__ = ["QArray", "validate_qarray", "normalize_axis", "check_global_scale_shape"]
+__all__ = ["QArray", "validate_qarray", "normalize_axis", "check_global_scale_shape", "xla_only_reason"]
 
 
 def normalize_axis(axis: int, ndim: int, shape: Any = None) -> int:
@@ -155,6 +155,24 @@ def check_global_scale_shape(gshape, shape, block_axes, what: str = "global_scal
         f"{what} must be a float scalar, got shape {gshape}; a per-row / per-leading-axis {what} "
         f"for values of shape {shape} has {len(shape)} axes, each of length 1 or the values' length, "
         f"and length 1 along the block axes {blocked}")
+
+
+def xla_only_reason(q: QArray) -> str | None:
+  """Why only the XLA path can take ``q``, or None when a kernel may.
+
+  The Pallas kernels (quantize, dequantize, matmul) read native element
+  dtypes with 1-D blocks and at most one tensor-wide scale; 2-D blocks,
+  per-group global scales and elements stored as codes (MXFP6, MXINT8) are
+  features of the XLA path. Every kernel entry point asks this first, so a
+  new QArray feature falls back instead of being misread.
+  """
+  if q.block_shape is not None:
+    return f"2-D blocks {q.block_shape} run on the XLA path only"
+  if q.fmt.elem_storage != "native":
+    return f"{q.fmt!r} stores its elements as {q.fmt.elem_storage!r} (XLA path only)"
+  if q.global_scale is not None and jnp.ndim(q.global_scale) > 0:
+    return f"a per-group global scale of shape {jnp.shape(q.global_scale)} runs on the XLA path only"
+  return None
 
 
 def validate_qarray(q: QArray) -> QArray:

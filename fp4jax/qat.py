@@ -31,7 +31,7 @@ from fp4jax.formats import Format, get_format
 from fp4jax.matmul import scaled_dot_general
 from fp4jax.qarray import QArray, normalize_axis
 from fp4jax.quantize import dequantize, quantize
-from fp4jax.scales import SCALE_RULES, element_units
+from fp4jax.scales import SCALE_RULES, element_units, encode_units
 
 __all__ = [
     "OperandConfig",
@@ -216,7 +216,7 @@ def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule
   blocks = _to_blocks(xf, ax, fmt.block_size)
   scales = jnp.moveaxis(nearest.scales, ax, -1)
   y = jnp.clip(element_units(blocks, scales, fmt, nearest.global_scale), -fmt.elem_max, fmt.elem_max)
-  sr = _stochastic_round(y, fmt, key).astype(fmt.elem_dtype)  # on the grid: the cast is exact
+  sr = encode_units(_stochastic_round(y, fmt, key), fmt)  # on the grid: encoding is exact
   # Non-finite blocks carry the NaN scale; keep quantize's (zero) values there.
   bad = jax.lax.bitcast_convert_type(scales, jnp.uint8) == fmt.scale_nan_byte
   values = jnp.where(bad[..., None], _to_blocks(nearest.values, ax, fmt.block_size), sr)

@@ -64,9 +64,13 @@ def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
     raise ValueError(f"qarray_sharding expects a fp4jax.QArray, got {type(q).__name__}")
   if not isinstance(sharding, NamedSharding):
     raise ValueError(f"qarray_sharding expects a NamedSharding, got {type(sharding).__name__}")
-  check_block_sharding(q.shape, sharding, q.fmt, q.axis)
+  for axis in q.block_axes:  # 2-D blocks must not be split along either axis
+    check_block_sharding(q.shape, sharding, q.fmt, axis)
+  if q.global_scale is not None and len(q.global_scale.shape) > 0:
+    raise ValueError(f"qarray_sharding: a per-group global scale of shape {tuple(q.global_scale.shape)} "
+                     "has no sharding rule yet; use a tensor-wide global scale")
   replicated = None if q.global_scale is None else NamedSharding(sharding.mesh, PartitionSpec())
-  return QArray(sharding, sharding, replicated, q.fmt, q.axis)
+  return QArray(sharding, sharding, replicated, q.fmt, q.axis, q.block_shape)
 
 
 def shard_qarray(q: QArray, sharding: NamedSharding) -> QArray:

@@ -109,7 +109,9 @@ def maybe_dequantize(q, *, dtype, backend):
   """The kernel's ``dequantize(q, dtype)``, or None to fall back."""
   from fp4jax.kernels import dequantize
 
-  why = dequantize.supported(q.shape, q.fmt, q.axis, np.dtype(dtype), packed_last=True)
+  from fp4jax.qarray import xla_only_reason
+
+  why = xla_only_reason(q) or dequantize.supported(q.shape, q.fmt, q.axis, np.dtype(dtype), packed_last=True)
   if not _runnable(backend, why, "dequantize", gpu_verified("dequantize", q.fmt)):
     return None
   return dequantize.dequantize(q, dtype, interpret=_INTERPRET.get())

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 
 from fp4jax.formats import Format, get_format
 from fp4jax.kernels import _common as C
-from fp4jax.qarray import QArray, normalize_axis, validate_qarray
+from fp4jax.qarray import QArray, normalize_axis, validate_qarray, xla_only_reason
 
 __all__ = ["Config", "dequantize_packed", "dequantize", "dequantize_packed_reference", "supported"]
 
@@ -119,6 +119,8 @@ def supported(shape, fmt: Format, axis: int, dtype, packed_last: bool) -> str | 
   """None if the kernel handles the case, else why not."""
   if np.dtype(dtype) not in [np.dtype(d) for d in _OUT_DTYPES]:
     return f"output dtype {np.dtype(dtype)} (expected float32, bfloat16 or float16)"
+  if fmt.elem_storage != "native":
+    return f"{fmt!r} stores its elements as {fmt.elem_storage!r} (XLA path only)"
   if fmt.scale_finfo.bits != 8 or fmt.elem_bits not in (4, 8):
     return f"{fmt!r}: only 4- and 8-bit elements with 8-bit scales"
   if not fmt.power_of_two_scales and np.dtype(fmt.scale_dtype) != np.dtype(jnp.float8_e4m3fn):
@@ -240,6 +242,8 @@ def qarray_codes(q: QArray):
 def dequantize(q: QArray, dtype=jnp.float32, *, config: Config | None = None, interpret: bool = False):
   """``fp4jax.dequantize(q, dtype)`` through the kernel: same bits, one pass."""
   validate_qarray(q)
+  if why := xla_only_reason(q):
+    raise ValueError(f"kernels.dequantize: {why}")
   _check(q.shape, q.fmt, q.axis, dtype, packed_last=True)
   return _dequantize_core(qarray_codes(q), lax.bitcast_convert_type(q.scales, jnp.uint8), q.global_scale,
                           shape=tuple(q.shape), fmt=q.fmt, axis=q.axis % q.ndim, packed_last=True,

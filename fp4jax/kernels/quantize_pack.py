@@ -212,6 +212,8 @@ def supported(x_shape, x_dtype, fmt: Format, axis: int, scale_rule: str, pack_la
     return f"scale_rule {scale_rule!r}"
   if scale_rule == "nearest" and fmt.power_of_two_scales:
     return f"scale_rule 'nearest' with {fmt!r}'s power-of-two scales"
+  if fmt.elem_storage != "native":
+    return f"{fmt!r} stores its elements as {fmt.elem_storage!r} (XLA path only)"
   if fmt.scale_finfo.bits != 8 or fmt.elem_bits not in (4, 8):
     return f"{fmt!r}: only 4- and 8-bit elements with 8-bit scales"
   if fmt.has_global_scale and fmt.power_of_two_scales:
