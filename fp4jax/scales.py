@@ -509,18 +509,23 @@ def mse_rule(blocks, ctx: BlockContext):
     take = loss < best_loss  # candidates ascend, so ties keep the smaller scale
     return jnp.where(take, loss, best_loss), jnp.where(take, code, best_code)
 
-  def candidate(i):
-    return jnp.clip(anchor + (offsets.start + i), 0, fmt.scale_max_byte)
+  n_zero = int(with_zero)  # the zero scale, when searched, is candidate 0
 
-  first = jnp.zeros_like(anchor) if with_zero else candidate(0)
-  carry = (loss_of(first), first)
-  rest = range(0 if with_zero else 1, len(offsets))
-  if len(rest) <= 2:
-    for i in rest:
+  def candidate(i):
+    code = jnp.clip(anchor + (offsets.start + i - n_zero), 0, fmt.scale_max_byte)
+    return jnp.where(i < n_zero, 0, code) if with_zero else code
+
+  # Every candidate's loss is computed by the same code (all inside the loop,
+  # or all unrolled): XLA may sum a block's squares in a different order
+  # inside a loop body than outside it, which would break exact ties unevenly.
+  carry = (jnp.full(anchor.shape, jnp.inf, jnp.float32), candidate(0))
+  n = len(offsets) + n_zero
+  if n <= 3:
+    for i in range(n):
       carry = better(carry, candidate(i))
   else:
     # A loop, not an unrolled chain: compile time stays flat in the window size.
-    carry = lax.fori_loop(rest.start, rest.stop, lambda i, c: better(c, candidate(i)), carry)
+    carry = lax.fori_loop(0, n, lambda i, c: better(c, candidate(i)), carry)
   return scales_from_bytes(carry[1], fmt)
 
 

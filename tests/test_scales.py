@@ -5,6 +5,7 @@ NVFP4 block scales, and the "mse" rule (plain and Hessian-weighted) against a
 brute force over every finite scale.
 """
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -291,3 +292,18 @@ def test_search_window_sizes():
     assert len(fj.scales.search_window(fmt, False)[0]) == 2
   offsets, zero = fj.scales.search_window(fj.NVFP4, False)
   assert (offsets.start, offsets.stop, zero) == (-8, 8, False)
+
+
+def test_mse_ties_keep_smallest_scale_inside_and_outside_loop():
+  # A block 3e37 times below the tensor amax: every candidate E4M3 scale
+  # rounds it to zero, so all losses tie exactly and the search must keep the
+  # smallest code (0) whichever candidate's loss is summed where (a kernel run
+  # once saw the tie go to code 1 when one loss was summed outside the loop).
+  blk = np.array([-1.43e-3, -1.09, -0.275, -0.0221, -1.87e-3, 6.44e-3, -0.0278, 0.0135,
+                  1.71, 3.36, 0.0255, 3.97, -10.44, -0.684, -0.0233, -2.41], np.float32)
+  x = np.zeros(32, np.float32)
+  x[:16], x[16] = blk, 3e38
+  q = fj.quantize(jnp.asarray(x, jnp.bfloat16), fj.NVFP4, scale_rule="mse")
+  codes = np.asarray(jax.lax.bitcast_convert_type(q.scales, jnp.uint8))
+  assert codes[0] == 0
+  np.testing.assert_array_equal(np.asarray(q.values[:16], np.float32), 0.0)
