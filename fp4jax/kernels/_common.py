@@ -314,6 +314,31 @@ def as_3d(shape, axis: int):
   return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
 
 
+def unsupported_layout(shape, fmt: Format, axis: int, packed_last: bool) -> str | None:
+  """Why the quantize/dequantize kernels cannot hold ``fmt`` data of ``shape``, or None.
+
+  The checks both kernels share: native 4- or 8-bit elements, 8-bit E8M0 or
+  E4M3 scales, whole blocks along ``axis``, and an even last dimension when
+  4-bit codes are packed in pairs along it.
+  """
+  if fmt.elem_storage != "native":
+    return f"{fmt!r} stores its elements as {fmt.elem_storage!r} (XLA path only)"
+  if fmt.scale_finfo.bits != 8 or fmt.elem_bits not in (4, 8):
+    return f"{fmt!r}: only 4- and 8-bit elements with 8-bit scales"
+  if fmt.has_global_scale and fmt.power_of_two_scales:
+    return f"{fmt!r}: a global scale with power-of-two block scales"
+  if not fmt.power_of_two_scales and np.dtype(fmt.scale_dtype) != np.dtype(jnp.float8_e4m3fn):
+    return f"{fmt!r}: block scales must be E8M0 or E4M3"
+  if len(shape) == 0:
+    return "a scalar"
+  _, k, c = as_3d(shape, axis)
+  if k % fmt.block_size:
+    return f"length {k} along axis {axis} is not a multiple of the block size {fmt.block_size}"
+  if fmt.elem_bits == 4 and c > 1 and packed_last and c % 2:
+    return f"odd last dimension {c} cannot hold packed 4-bit pairs"
+  return None
+
+
 # ---- tiling shared by the kernels --------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TileConfig:

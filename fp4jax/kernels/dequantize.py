@@ -119,20 +119,7 @@ def supported(shape, fmt: Format, axis: int, dtype, packed_last: bool) -> str | 
   """None if the kernel handles the case, else why not."""
   if np.dtype(dtype) not in [np.dtype(d) for d in _OUT_DTYPES]:
     return f"output dtype {np.dtype(dtype)} (expected float32, bfloat16 or float16)"
-  if fmt.elem_storage != "native":
-    return f"{fmt!r} stores its elements as {fmt.elem_storage!r} (XLA path only)"
-  if fmt.scale_finfo.bits != 8 or fmt.elem_bits not in (4, 8):
-    return f"{fmt!r}: only 4- and 8-bit elements with 8-bit scales"
-  if not fmt.power_of_two_scales and np.dtype(fmt.scale_dtype) != np.dtype(jnp.float8_e4m3fn):
-    return f"{fmt!r}: block scales must be E8M0 or E4M3"
-  if len(shape) == 0:
-    return "a scalar"
-  _, k, c = C.as_3d(shape, axis)
-  if k % fmt.block_size:
-    return f"length {k} along axis {axis} is not a multiple of the block size {fmt.block_size}"
-  if fmt.elem_bits == 4 and c > 1 and packed_last and c % 2:
-    return f"odd last dimension {c} cannot hold packed 4-bit pairs"
-  return None
+  return C.unsupported_layout(shape, fmt, axis, packed_last)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "fmt", "axis", "packed_last", "dtype", "config",

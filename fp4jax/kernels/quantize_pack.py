@@ -212,22 +212,7 @@ def supported(x_shape, x_dtype, fmt: Format, axis: int, scale_rule: str, pack_la
     return f"scale_rule {scale_rule!r}"
   if scale_rule == "nearest" and fmt.power_of_two_scales:
     return f"scale_rule 'nearest' with {fmt!r}'s power-of-two scales"
-  if fmt.elem_storage != "native":
-    return f"{fmt!r} stores its elements as {fmt.elem_storage!r} (XLA path only)"
-  if fmt.scale_finfo.bits != 8 or fmt.elem_bits not in (4, 8):
-    return f"{fmt!r}: only 4- and 8-bit elements with 8-bit scales"
-  if fmt.has_global_scale and fmt.power_of_two_scales:
-    return f"{fmt!r}: a global scale with power-of-two block scales"
-  if not fmt.power_of_two_scales and np.dtype(fmt.scale_dtype) != np.dtype(jnp.float8_e4m3fn):
-    return f"{fmt!r}: block scales must be E8M0 or E4M3"
-  if len(x_shape) == 0:
-    return "a scalar input"
-  _, k, c = C.as_3d(x_shape, axis)
-  if k % fmt.block_size:
-    return f"length {k} along axis {axis} is not a multiple of the block size {fmt.block_size}"
-  if fmt.elem_bits == 4 and c > 1 and pack_last and c % 2:
-    return f"odd last dimension {c} cannot hold packed 4-bit pairs"
-  return None
+  return C.unsupported_layout(x_shape, fmt, axis, pack_last)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "axis", "scale_rule", "pack_last", "config", "interpret"))
