@@ -112,6 +112,11 @@ def maybe_dequantize(q, *, dtype, backend):
   from fp4jax.qarray import xla_only_reason
 
   why = xla_only_reason(q) or dequantize.supported(q.shape, q.fmt, q.axis, np.dtype(dtype), packed_last=True)
+  if why is None and q.axis != -1 and on_gpu() and not _INTERPRET.get():
+    # The last GPU run found mismatches along a non-last axis whose cause is
+    # not known (benchmarks/results/quantize.md): refuse rather than risk
+    # wrong numbers until a GPU run shows it bit-exact.
+    why = f"dequantize along axis {q.axis} (not the last) is not yet verified on the GPU"
   if not _runnable(backend, why, "dequantize", gpu_verified("dequantize", q.fmt)):
     return None
   return dequantize.dequantize(q, dtype, interpret=_INTERPRET.get())
