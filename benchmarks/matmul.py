@@ -134,7 +134,7 @@ def w4a16_case(m, k, n, fmt, *, configs=None, baselines=True, interpret=False, c
       if cfg is None:
         f = lambda x, p: fj.scaled_matmul(x, p, preferred_element_type=jnp.bfloat16, backend="pallas")
       elif cfg == "two_pass":
-        f = lambda x, p: mm._run_two_pass("w4a16", x, p, dims, jnp.bfloat16)
+        f = lambda x, p: mm.run_two_pass("w4a16", x, p, dims, jnp.bfloat16)
       else:
         f = functools.partial(_w4a16_direct, fmt=fmt, cfg=cfg, interpret=interpret)
       if check:
@@ -178,7 +178,7 @@ def mx_case(m, k, n, fmt, *, configs=None, baselines=True, interpret=False, chec
       if cfg is None:
         f = lambda a, p: fj.scaled_matmul(a, p, preferred_element_type=jnp.bfloat16, backend="pallas")
       elif cfg == "two_pass":
-        f = lambda a, p: mm._run_two_pass("mx", a, p, dims, jnp.bfloat16)
+        f = lambda a, p: mm.run_two_pass("mx", a, p, dims, jnp.bfloat16)
       else:
         f = functools.partial(_mx_direct, cfg=cfg, interpret=interpret)
       if check:
@@ -263,7 +263,7 @@ def check():
       rec(f"w4a16 kernel {fmt.name} M={m} K={k} N={n}",
           fj.scaled_matmul(x, p, preferred_element_type=jnp.float32, backend="pallas"), ref)
       rec(f"w4a16 two-pass {fmt.name} M={m} K={k} N={n}",
-          mm._run_two_pass("w4a16", x, p, dims, jnp.float32), ref)
+          mm.run_two_pass("w4a16", x, p, dims, jnp.float32), ref)
   x = jax.random.normal(jax.random.key(5), (17, 4160), jnp.bfloat16)
   w = make_weights(4160, 200, fj.MXFP4, 1)[0]
   ref, p = ref_matmul(x, w), prepare_weight(w)
@@ -281,7 +281,7 @@ def check():
     ref, p = ref_matmul(a, w), prepare_weight(w)
     rec(f"mx kernel {af.name} x {bf.name}",
         fj.scaled_matmul(a, p, preferred_element_type=jnp.float32, backend="pallas"), ref)
-    rec(f"mx two-pass {af.name} x {bf.name}", mm._run_two_pass("mx", a, p, dims, jnp.float32), ref)
+    rec(f"mx two-pass {af.name} x {bf.name}", mm.run_two_pass("mx", a, p, dims, jnp.float32), ref)
     if mk.fp8_mma_supported(af, bf):
       out = _mx_direct(a, p, cfg=mk.Config(64, 64, 64, "fp8", 4, 3), interpret=False,
                        out_buffer=jnp.full((m, n), jnp.nan, jnp.bfloat16))

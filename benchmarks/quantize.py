@@ -31,10 +31,10 @@ import ml_dtypes
 import numpy as np
 
 import fp4jax as fj
-from fp4jax.kernels import _common as C
+from fp4jax.kernels import common as C
 from fp4jax.kernels import dequantize as dqk
 from fp4jax.kernels import quantize_pack as qk
-from fp4jax.quantize import _dequantize_xla, _quantize_xla
+from fp4jax.reference import dequantize_reference, quantize_reference
 
 MiB = 1 << 20
 LOG = []
@@ -170,7 +170,7 @@ def probes():
 def calibrate():
   """Finds how XLA rounds the reference's inexact float operations on this GPU
   (reciprocal instruction, flushing, reduction order, E2M1 -0 decode) and sets
-  ``fp4jax.kernels._common.GPU_NUMERICS`` to match; logs each finding."""
+  ``fp4jax.kernels.common.GPU_NUMERICS`` to match; logs each finding."""
   from jax.experimental import pallas as pl
 
   log("## XLA GPU numerics the kernels must reproduce")
@@ -182,9 +182,9 @@ def calibrate():
     def k(x_ref, o_ref):
       t = x_ref[...]
       if ins.startswith("rcp"):
-        o_ref[...] = C._asm_f32(f"{ins} $0, $1;", t)
+        o_ref[...] = C.asm_f32(f"{ins} $0, $1;", t)
       else:
-        o_ref[...] = C._asm_f32(f"{ins} $0, $1, $2;", jnp.ones_like(t), t)
+        o_ref[...] = C.asm_f32(f"{ins} $0, $1, $2;", jnp.ones_like(t), t)
     spec = pl.BlockSpec((1024,), lambda i: (i,))
     return pl.pallas_call(k, grid=(x.shape[0] // 1024,), in_specs=[spec], out_specs=spec,
                           out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32))(x)
@@ -239,7 +239,7 @@ RULES = {"mxfp4": ("floor", "ceil", "mse"), "nvfp4": ("nearest", "floor", "ceil"
 
 def check_quantize(shape, axis, fmt, rule, dtype, seed, config=None, specials=True, gscale=None, packed=True):
   x = make_x(shape, dtype, seed, specials=specials)
-  ref = _quantize_xla(x, gscale, None, fmt=fmt, axis=axis % len(shape) - len(shape), scale_rule=rule, pad=False)
+  ref = quantize_reference(x, gscale, None, fmt=fmt, axis=axis % len(shape) - len(shape), scale_rule=rule, pad=False)
   q = qk.quantize(x, fmt, axis=axis, scale_rule=rule, global_scale=gscale, config=config, **INTERP)
   bad = count_diff(q.values, ref.values) + count_diff(q.scales, ref.scales)
   if fmt.has_global_scale:
@@ -255,7 +255,7 @@ def check_quantize(shape, axis, fmt, rule, dtype, seed, config=None, specials=Tr
 
 def check_dequantize(ref_q, dtype, config=None):
   out = dqk.dequantize(ref_q, dtype, config=config, **INTERP)
-  want = _dequantize_xla(ref_q, dtype=np.dtype(dtype))
+  want = dequantize_reference(ref_q, dtype=np.dtype(dtype))
   return count_diff(out, want)
 
 
@@ -330,7 +330,7 @@ def bench_quantize(fmt, rule, dtype, nbytes, axis_kind, bw, rows, config=None, c
   make = lambda i: make_x(shape, dtype, 17 + i)
   nb = qbytes(n, fmt, itemsize)
   ax = axis % 2 - 2
-  xla = lambda x: _quantize_xla(x, None, None, fmt=fmt, axis=ax, scale_rule=rule, pad=False)
+  xla = lambda x: quantize_reference(x, None, None, fmt=fmt, axis=ax, scale_rule=rule, pad=False)
   kq = lambda x: qk.quantize(x, fmt, axis=axis, scale_rule=rule, config=config, **INTERP)
   kp = lambda x: qk.quantize_packed(x, fmt, axis=axis, scale_rule=rule, config=config, **INTERP)
   bad = "-"
@@ -358,10 +358,10 @@ def bench_dequantize(fmt, out_dtype, nbytes_out, axis_kind, bw, rows, config=Non
   n = int(np.prod(shape))
   rule = "nearest" if fmt.has_global_scale else "floor"
   ax = axis % 2 - 2
-  mk_q = lambda i: _quantize_xla(make_x(shape, jnp.bfloat16, 50 + i), None, None, fmt=fmt, axis=ax,
+  mk_q = lambda i: quantize_reference(make_x(shape, jnp.bfloat16, 50 + i), None, None, fmt=fmt, axis=ax,
                                  scale_rule=rule, pad=False)
   nb = n * itemsize + n * fmt.elem_bits // 8 + n // fmt.block_size
-  xla = lambda q: _dequantize_xla(q, dtype=np.dtype(out_dtype))
+  xla = lambda q: dequantize_reference(q, dtype=np.dtype(out_dtype))
   kd = lambda q: dqk.dequantize(q, out_dtype, config=config, **INTERP)
   packed = lambda i: qk.quantize_packed(make_x(shape, jnp.bfloat16, 50 + i), fmt, axis=axis, scale_rule=rule,
                                          **INTERP)

@@ -3,6 +3,32 @@
 ``fp4jax.flax`` (linen) and ``fp4jax.nnx`` hold the Flax layers; they are
 imported on demand so the core needs no Flax. ``fp4jax.checkpoints`` reads and
 writes safetensors files and needs the ``checkpoints`` extra.
+
+Layers, from the bottom up. A module imports only modules listed before it
+(on an earlier line, or earlier on its own line; a package's submodules are
+listed in brackets, in order, and its ``__init__`` comes after them), never a
+private name of another module, and a ``_private`` module only from inside its
+own package. ``tests/test_layering.py`` enforces this list.
+
+  1. formats, _bits
+  2. qarray, packing
+  3. prepared, sharding
+  4. scales [elements, fixed, search]
+  5. reference [blocks, quantize, dot]
+  6. kernels [common, matmul_common, quantize_pack, dequantize, w4a16_matmul, mx_matmul]
+  7. backend
+  8. quantize, matmul, layouts
+  9. stats, params, qat [config, rounding, fake, dot]
+ 10. flax, nnx
+ 11. checkpoints [_safetensors, layout, files, convert], report
+ 12. cli, __main__
+
+What each holds: formats and bit helpers (1); the QArray data type and
+packing (2); the kernels' weight layout and sharding helpers (3); the scale
+rules (4); the pure-jnp reference every kernel equals (5); the Pallas kernels
+(6); the one place that picks an implementation (7); the public numerics API
+(8); QAT, PTQ and diagnostics (9); Flax layers (10); files and reports (11);
+the command line (12).
 """
 
 from fp4jax import layouts

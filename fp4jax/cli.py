@@ -29,7 +29,13 @@ def _add_report(sub):
   p.add_argument("--rules", metavar="NAMES", default=None,
                  help="'all' or comma-separated scale rules (default: floor, ceil, nearest, mse; "
                       "'all' adds even and 4over6)")
-  p.set_defaults(func=lambda args: __import__("fp4jax.report", fromlist=["main"]).main(args))
+  p.set_defaults(func=_report)
+
+
+def _report(args) -> int:
+  from fp4jax import report  # lazy: the other commands need none of it
+
+  return report.main(args)
 
 
 def _add_convert(sub):

@@ -10,7 +10,8 @@ import numpy as np
 
 from fp4jax.formats import Format
 
-__all__ = ["QArray", "validate_qarray", "normalize_axis", "check_global_scale_shape", "xla_only_reason"]
+__all__ = ["QArray", "validate_qarray", "normalize_axis", "check_global_scale_shape", "xla_only_reason",
+           "set_dequantize"]
 
 
 def normalize_axis(axis: int, ndim: int, shape: Any = None) -> int:
@@ -125,9 +126,7 @@ class QArray:
 
   def dequantize(self, dtype=jnp.float32):
     """Same as ``fp4jax.dequantize(self, dtype)``."""
-    from fp4jax.quantize import dequantize  # quantize imports this module.
-
-    return dequantize(self, dtype=dtype)
+    return _DEQUANTIZE[0](self, dtype=dtype)
 
   def __repr__(self) -> str:
     blocks = "" if self.block_shape is None else f", block_shape={self.block_shape}"
@@ -135,6 +134,17 @@ class QArray:
         f"QArray(fmt={self.fmt!r}, shape={self.shape}, axis={self.axis}{blocks}, "
         f"scales={getattr(self.scales, 'shape', None)})"
     )
+
+
+# ``fp4jax.quantize`` installs its ``dequantize`` here when it is imported
+# (``import fp4jax`` always imports it): QArray, a layer below the numerics,
+# must not import them.
+_DEQUANTIZE = [None]
+
+
+def set_dequantize(fn) -> None:
+  """Installs the function behind :meth:`QArray.dequantize` (called by ``fp4jax.quantize``)."""
+  _DEQUANTIZE[0] = fn
 
 
 def check_global_scale_shape(gshape, shape, block_axes, what: str = "global_scale") -> None:
@@ -171,7 +181,8 @@ def xla_only_reason(q: QArray) -> str | None:
   if q.fmt.elem_storage != "native":
     return f"{q.fmt!r} stores its elements as {q.fmt.elem_storage!r} (XLA path only)"
   if q.global_scale is not None and jnp.ndim(q.global_scale) > 0:
-    return f"a per-group global scale of shape {jnp.shape(q.global_scale)} runs on the XLA path only"
+    return (f"a per-group global scale (one per row / leading index) of shape {jnp.shape(q.global_scale)} "
+            "runs on the XLA path only")
   return None
 
 

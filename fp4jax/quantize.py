@@ -1,31 +1,24 @@
-"""Reference quantize / dequantize in plain jnp (the XLA path).
+"""The public quantize / dequantize: validate once, choose the implementation once, run it.
 
-These functions are the numerics contract: every kernel in
-``fp4jax.kernels`` must reproduce them bit for bit.
+The numerics live in :mod:`fp4jax.reference` (the XLA path) and
+:mod:`fp4jax.kernels` (Pallas); :mod:`fp4jax.backend` picks between them.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp4jax import _bits
+from fp4jax import _bits, backend as backends, qarray
 from fp4jax.formats import Format, get_format
 from fp4jax.qarray import QArray, check_global_scale_shape, normalize_axis, validate_qarray
-from fp4jax.scales import (ALL_SCALE_RULES, SCALE_RULES, BlockContext, check_rule, decode_blocks,
-                           encode_elements, global_encode_numerator)
+from fp4jax.reference import MAX_GLOBAL_ENCODE, dequantize_reference, global_factors, group_amax_bits, quantize_reference
+from fp4jax.scales import check_rule, global_encode_numerator
 
 __all__ = ["quantize", "dequantize", "global_scale_from_amax", "global_amax"]
 
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-_BACKENDS = ("auto", "xla", "pallas")
-
-# NVFP4's encode factor elem_max*scale_max/amax is capped so that its
-# reciprocal (the stored decode factor) stays a normal float32.
-_MAX_GLOBAL_ENCODE = float(2.0**126)
 
 
 def _check_input(x, fmt: Format, axis: int, pad: bool):
@@ -46,56 +39,6 @@ def _check_input(x, fmt: Format, axis: int, pad: bool):
   return axis
 
 
-def _to_blocks(x, axis: int, block_size: int):
-  """(..., n, ...) with n along ``axis`` -> (rest..., n // B, B)."""
-  x = jnp.moveaxis(x, axis, -1)
-  return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
-
-
-def _from_blocks(blocks, axis: int):
-  x = blocks.reshape(*blocks.shape[:-2], -1)
-  return jnp.moveaxis(x, -1, axis)
-
-
-def _to_tiles(x, b: int):
-  """(..., M, N) -> (..., M // b, N // b, b * b): tile (i, j) flattened row-major."""
-  *lead, m, n = x.shape
-  t = x.reshape(*lead, m // b, b, n // b, b)
-  return jnp.swapaxes(t, -3, -2).reshape(*lead, m // b, n // b, b * b)
-
-
-def _from_tiles(tiles, b: int):
-  *lead, mb, nb, _ = tiles.shape
-  t = jnp.swapaxes(tiles.reshape(*lead, mb, nb, b, b), -3, -2)
-  return t.reshape(*lead, mb * b, nb * b)
-
-
-def _blocked_global(g, axis: int, tile):
-  """A global factor in the values' layout (scalar or per group) -> broadcastable against the block scales."""
-  if g is None or jnp.ndim(g) == 0 or tile is not None:
-    return g  # 2-D blocks keep the leading axes in place; (..., 1, 1) lines up with the tiles
-  return jnp.moveaxis(g, axis, -1)
-
-
-def _global_factors(amax, fmt: Format, numerator: float | None = None):
-  """(encode, decode) float32 tensor factors from the tensor's finite amax.
-
-  The encode factor ``elem_max * scale_max / amax`` (6 * 448 / amax for NVFP4;
-  ``numerator / amax`` when given, see :func:`fp4jax.scales.global_encode_numerator`)
-  is what block scales are computed with; the stored decode factor is its
-  float32 reciprocal, as in FlashInfer and NVIDIA's recipe. A zero (or
-  non-finite) amax gives 1 for both; the encode factor is capped at 2**126 so
-  that its reciprocal stays a normal float32. Elementwise for an array amax.
-  """
-  amax = jnp.asarray(amax, jnp.float32)
-  ok = jnp.isfinite(amax) & (amax > 0)
-  numerator = fmt.global_encode_numerator if numerator is None else numerator
-  encode = numerator / jnp.where(ok, amax, 1.0)
-  encode = jnp.where(ok, jnp.minimum(encode, _MAX_GLOBAL_ENCODE), 1.0).astype(jnp.float32)
-  # The barrier keeps XLA from simplifying 1 / (c / amax) into amax / c.
-  return encode, (1.0 / jax.lax.optimization_barrier(encode)).astype(jnp.float32)
-
-
 def global_scale_from_amax(amax, fmt: Format, *, scale_rule: str | None = None):
   """NVFP4's tensor decode factor, about ``amax / (elem_max * scale_max)``, float32.
 
@@ -109,7 +52,7 @@ def global_scale_from_amax(amax, fmt: Format, *, scale_rule: str | None = None):
   """
   fmt = get_format(fmt)
   rule = fmt.default_scale_rule if scale_rule is None else scale_rule
-  return _global_factors(amax, fmt, global_encode_numerator(fmt, rule))[1]
+  return global_factors(amax, fmt, global_encode_numerator(fmt, rule))[1]
 
 
 def _keep_axes(granularity, ndim: int, block_axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -143,13 +86,6 @@ def _keep_axes(granularity, ndim: int, block_axes: tuple[int, ...]) -> tuple[int
   return tuple(sorted(keep))
 
 
-def _group_amax_bits(abs_bits, keep: tuple[int, ...]):
-  """Max of finite ``|x|`` bits over every axis not in ``keep`` (kept with length 1)."""
-  finite_bits = jnp.where(abs_bits < _bits.F32_INF_BITS, abs_bits, 0)
-  reduce = tuple(a for a in range(abs_bits.ndim) if a not in keep)
-  return jnp.max(finite_bits, axis=reduce, keepdims=True)
-
-
 def global_amax(x, granularity="tensor", *, axis: int = -1, block_shape=None):
   """The amax NVFP4's global scale is computed from, at a granularity.
 
@@ -174,7 +110,7 @@ def global_amax(x, granularity="tensor", *, axis: int = -1, block_shape=None):
   block_axes = (-2, -1) if block_shape is not None else (normalize_axis(axis, x.ndim, x.shape),)
   keep = _keep_axes(granularity, x.ndim, block_axes)
   abs_bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(_bits.F32_ABS_MASK)
-  out = _bits.from_f32_bits(_group_amax_bits(abs_bits, keep))
+  out = _bits.from_f32_bits(group_amax_bits(abs_bits, keep))
   return out.reshape(()) if not keep else out
 
 
@@ -200,71 +136,10 @@ def _check_global_scale(global_scale, fmt: Format, shape=None, block_axes=()):
     return g
   # Both the decode factor and its reciprocal (the encode factor) must be
   # normal float32 numbers, or whole tensors would flush to zero.
-  if not np.all((v >= 2.0**-126) & (v <= _MAX_GLOBAL_ENCODE)):
-    bad = v[~((v >= 2.0**-126) & (v <= _MAX_GLOBAL_ENCODE))].flat[0]
+  if not np.all((v >= 2.0**-126) & (v <= MAX_GLOBAL_ENCODE)):
+    bad = v[~((v >= 2.0**-126) & (v <= MAX_GLOBAL_ENCODE))].flat[0]
     raise ValueError(f"global_scale (a decode factor) must lie in [2**-126, 2**126], got {bad}")
   return g
-
-
-@functools.partial(jax.jit, static_argnames=("fmt", "axis", "scale_rule", "pad", "tile", "keep"))
-def _quantize_xla(x, global_scale, hessian, *, fmt: Format, axis: int, scale_rule: str, pad: bool,
-                  tile: int | None = None, keep: tuple[int, ...] = ()):
-  x = x.astype(jnp.float32)
-  n = x.shape[axis]
-  if pad and n % fmt.block_size:
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, -n % fmt.block_size)
-    x = jnp.pad(x, widths)
-  x = _bits.flush_subnormals(x)
-  blocks = _to_blocks(x, axis, fmt.block_size) if tile is None else _to_tiles(x, tile)
-
-  abs_bits = _bits.f32_bits(blocks) & jnp.uint32(_bits.F32_ABS_MASK)
-  # Non-negative floats order like their bit patterns; Inf and NaN sort last.
-  amax_bits = jnp.max(abs_bits, axis=-1)
-  nonfinite = amax_bits >= _bits.F32_INF_BITS
-  finite_blocks = jnp.where(nonfinite[..., None], 0.0, blocks)
-  amax = _bits.from_f32_bits(jnp.where(nonfinite, 0, amax_bits))
-
-  global_encode = None
-  if fmt.has_global_scale:
-    numerator = global_encode_numerator(fmt, scale_rule)
-    if global_scale is None and not keep:
-      # The tensor amax skips non-finite elements only: the finite elements of
-      # a NaN block still count, so no other block depends on where NaNs are.
-      finite_bits = jnp.where(abs_bits < _bits.F32_INF_BITS, abs_bits, 0)
-      tensor_amax = _bits.from_f32_bits(jnp.max(jnp.max(finite_bits, axis=-1)))
-      global_encode, global_scale = _global_factors(tensor_amax, fmt, numerator)
-    elif global_scale is None:
-      x_bits = _bits.f32_bits(x) & jnp.uint32(_bits.F32_ABS_MASK)
-      group_amax = _bits.from_f32_bits(_group_amax_bits(x_bits, keep))
-      global_encode, global_scale = _global_factors(group_amax, fmt, numerator)
-    else:
-      global_scale = jnp.asarray(global_scale, jnp.float32)
-      global_encode = 1.0 / global_scale
-
-  g_dec = _blocked_global(global_scale, axis, tile)
-  ctx = BlockContext(fmt=fmt, amax=amax, global_encode=_blocked_global(global_encode, axis, tile),
-                     global_decode=g_dec, hessian=hessian, tile=tile)
-  scales = ALL_SCALE_RULES[scale_rule](finite_blocks, ctx)
-  nan_scale = jnp.full(scales.shape, fmt.scale_nan_byte, jnp.uint8)
-  scales = jnp.where(nonfinite, jax.lax.bitcast_convert_type(nan_scale, fmt.scale_dtype), scales)
-  values = encode_elements(finite_blocks, scales, fmt, g_dec)
-  if tile is not None:
-    return QArray(_from_tiles(values, tile), scales, global_scale, fmt, -1, (tile, tile))
-  return QArray(_from_blocks(values, axis), jnp.moveaxis(scales, -1, axis), global_scale, fmt, axis)
-
-
-def _xla_only_reason(fmt: Format, scale_rule: str, block_shape, global_scale, keep) -> str | None:
-  """Why no kernel takes this case (the kernels implement the original layout and rules), or None."""
-  if block_shape is not None:
-    return f"2-D blocks (block_shape={block_shape})"
-  if scale_rule not in SCALE_RULES:
-    return f"scale_rule {scale_rule!r}"
-  if fmt.elem_storage != "native":
-    return f"{fmt!r} elements ({fmt.elem_storage!r} storage)"
-  if keep or (global_scale is not None and jnp.ndim(global_scale) != 0):
-    return "a global scale per row / leading index"
-  return None
 
 
 def quantize(
@@ -357,8 +232,7 @@ def quantize(
     axis = _check_input(x, fmt, axis, pad)
   scale_rule = fmt.default_scale_rule if scale_rule is None else scale_rule
   check_rule(fmt, scale_rule)
-  if backend not in _BACKENDS:
-    raise ValueError(f"unknown backend {backend!r}; expected one of {_BACKENDS}")
+  backends.check_backend(backend)
   block_axes = (axis,) if tile is None else (-2, -1)
   if isinstance(granularity, str) and granularity == "tensor":
     keep = ()
@@ -387,19 +261,19 @@ def quantize(
       raise ValueError(f"hessian must be floating, got dtype {hessian.dtype}")
     hessian = jnp.asarray(hessian, jnp.float32)
 
+  obstacle = None
   if backend != "xla":
-    why = _xla_only_reason(fmt, scale_rule, block_shape, global_scale, keep)
-    if why is None:
-      from fp4jax import kernels  # lazy: the core does not depend on Pallas
+    obstacle = backends.quantize_obstacle(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
+                                          hessian=hessian, pad=pad, block_shape=block_shape, keep=keep)
+  plan = backends.choose("quantize", backend, obstacle,
+                         verified=backends.gpu_verified("quantize", fmt, scale_rule, x.dtype))
+  if plan.impl == "kernel":
+    from fp4jax.kernels import quantize_pack  # lazy: Pallas loads only when a kernel runs
 
-      q = kernels.maybe_quantize(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
-                                 hessian=hessian, pad=pad, backend=backend)
-      if q is not None:
-        return q
-    elif backend == "pallas":
-      raise ValueError(f"backend='pallas': no Pallas quantize kernel for this case: {why}")
-  return _quantize_xla(x, global_scale, hessian, fmt=fmt, axis=axis, scale_rule=scale_rule, pad=pad,
-                       tile=tile, keep=keep)
+    return quantize_pack.quantize_qarray(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
+                                         interpret=plan.interpret)
+  return quantize_reference(x, global_scale, hessian, fmt=fmt, axis=axis, scale_rule=scale_rule, pad=pad,
+                            tile=tile, keep=keep)
 
 
 def _check_block_shape(block_shape, x, fmt: Format, axis, pad: bool) -> int:
@@ -428,27 +302,6 @@ def _check_block_shape(block_shape, x, fmt: Format, axis, pad: bool) -> int:
   return b
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _dequantize_xla(q: QArray, dtype):
-  fmt = q.fmt
-  axis = q.axis
-  tile = None if q.block_shape is None else q.block_shape[0]
-  if tile is None:
-    blocks = _to_blocks(q.values, axis, fmt.block_size)
-    scales = jnp.moveaxis(q.scales, axis, -1)
-  else:
-    blocks, scales = _to_tiles(q.values, tile), q.scales
-  out = decode_blocks(blocks, scales, fmt, _blocked_global(q.global_scale, axis, tile))
-  # Saturate, then cast: a finite QArray never dequantizes to Inf, even where
-  # rounding up at the top of the range (the "ceil" and "mse" rules near
-  # float32's or float16's maximum) lands past the output dtype's largest value.
-  # A select, not a clip: it keeps -0 and NaN as they are on every backend.
-  big = jnp.float32(jnp.finfo(dtype).max)
-  out = jnp.where(jnp.abs(out) > big, jnp.copysign(big, out), out)
-  out = _from_blocks(out, axis) if tile is None else _from_tiles(out, tile)
-  return out.astype(dtype)
-
-
 def dequantize(q: QArray, dtype=jnp.float32, *, backend: str = "auto"):
   """Returns ``q.values * q.scales * q.global_scale`` as ``dtype``, shape ``q.shape``.
 
@@ -469,17 +322,16 @@ def dequantize(q: QArray, dtype=jnp.float32, *, backend: str = "auto"):
   dtype = np.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dequantize: dtype must be floating, got {dtype}")
-  if backend not in _BACKENDS:
-    raise ValueError(f"unknown backend {backend!r}; expected one of {_BACKENDS}")
+  backends.check_backend(backend)
   validate_qarray(q)
-  if backend != "xla":
-    why = _xla_only_reason(q.fmt, q.fmt.default_scale_rule, q.block_shape, q.global_scale, ())
-    if why is None:
-      from fp4jax import kernels
+  obstacle = None if backend == "xla" else backends.dequantize_obstacle(q, dtype)
+  plan = backends.choose("dequantize", backend, obstacle, verified=backends.gpu_verified("dequantize", q.fmt))
+  if plan.impl == "kernel":
+    from fp4jax.kernels import dequantize as dequantize_kernel
 
-      out = kernels.maybe_dequantize(q, dtype=dtype, backend=backend)
-      if out is not None:
-        return out
-    elif backend == "pallas":
-      raise ValueError(f"backend='pallas': no Pallas dequantize kernel for this case: {why}")
-  return _dequantize_xla(q, dtype=dtype)
+    return dequantize_kernel.dequantize_qarray(q, dtype, interpret=plan.interpret)
+  return dequantize_reference(q, dtype=dtype)
+
+
+# QArray.dequantize calls this; the data type does not import the numerics above it.
+qarray.set_dequantize(dequantize)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import fp4jax as fj
-from fp4jax import qat
+from fp4jax.qat import dot as qat
 from fp4jax.flax import QDense, QEinsum
 from fp4jax.nnx import QEinsum as NQEinsum
 from fp4jax.nnx import QLinear

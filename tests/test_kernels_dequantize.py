@@ -15,7 +15,7 @@ from fp4jax.kernels import dequantize as dqk
 from fp4jax.kernels import quantize_pack as qk
 from fp4jax.packing import unpack_fp4
 from fp4jax.qarray import QArray
-from fp4jax.quantize import _dequantize_xla
+from fp4jax.reference import dequantize_reference
 
 FORMATS = [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3, fj.MXFP8_E5M2]
 OUT = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -53,7 +53,7 @@ def test_kernel_matches_reference_every_code_and_scale(fmt):
   for shape, axis in (((16, 8 * b), -1), ((4 * b, 6), 0), ((2, 2 * b, 4), 1)):
     q = _random_qarray(rng, fmt, shape, axis)
     for dtype in OUT:
-      _same(dqk.dequantize(q, dtype, interpret=True), _dequantize_xla(q, dtype=np.dtype(dtype)))
+      _same(dqk.dequantize(q, dtype, interpret=True), dequantize_reference(q, dtype=np.dtype(dtype)))
 
 
 @pytest.mark.parametrize("fmt", [fj.MXFP4, fj.MXFP8_E4M3], ids=lambda f: f.name)
@@ -95,7 +95,7 @@ def test_partial_tiles_are_masked_and_every_element_written():
     for dtype in (jnp.float32, jnp.bfloat16):
       out = dqk.dequantize(q, dtype, config=cfg, interpret=True)
       assert not np.isnan(np.asarray(out, np.float32)).any()
-      _same(out, _dequantize_xla(q, dtype=np.dtype(dtype)))
+      _same(out, dequantize_reference(q, dtype=np.dtype(dtype)))
 
 
 def test_backend_dispatch():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fp4jax as fj
-from fp4jax.kernels import _matmul_common as common
+from fp4jax.kernels import matmul_common as common
 from fp4jax.kernels import mx_matmul as mk
 from fp4jax.kernels import w4a16_matmul as wk
 from fp4jax.matmul import byte_matrix, prepare_weight

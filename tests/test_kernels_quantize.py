@@ -18,11 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fp4jax as fj
-from fp4jax import kernels
-from fp4jax.kernels import _common as C
+from fp4jax import backend, kernels
+from fp4jax.kernels import common as C
 from fp4jax.kernels import quantize_pack as qk
 from fp4jax.packing import pack_fp4
-from fp4jax.quantize import _quantize_xla
+from fp4jax.reference import quantize_reference
 
 RULES = {"mxfp4": ("floor", "ceil", "mse"), "nvfp4": ("nearest", "floor", "ceil", "mse"),
          "mxfp8_e4m3": ("floor", "ceil", "mse"), "mxfp8_e5m2": ("floor", "ceil", "mse")}
@@ -58,7 +58,7 @@ def _data(rng, shape, dtype, specials=True):
 
 
 def _reference(x, fmt, axis, rule, global_scale=None):
-  return _quantize_xla(x, global_scale, None, fmt=fmt, axis=axis % x.ndim - x.ndim, scale_rule=rule, pad=False)
+  return quantize_reference(x, global_scale, None, fmt=fmt, axis=axis % x.ndim - x.ndim, scale_rule=rule, pad=False)
 
 
 def _loss64(blocks, scale_bytes, fmt, gdec):
@@ -258,10 +258,10 @@ def test_bad_inputs_raise_value_errors_naming_the_problem():
 
 
 def test_auto_takes_only_gpu_verified_cases():
-  assert kernels.gpu_verified("quantize", fj.MXFP4, "floor", jnp.float32)
-  assert kernels.gpu_verified("quantize", fj.MXFP8_E4M3, "ceil", jnp.bfloat16)
-  assert kernels.gpu_verified("quantize", fj.NVFP4, "nearest", jnp.bfloat16)
-  assert not kernels.gpu_verified("quantize", fj.NVFP4, "nearest", jnp.float32)
-  assert not kernels.gpu_verified("quantize", fj.MXFP4, "mse", jnp.bfloat16)
-  assert not kernels.gpu_verified("quantize", fj.NVFP4, "floor", jnp.bfloat16)
-  assert not kernels.gpu_verified("dequantize", fj.MXFP4)
+  assert backend.gpu_verified("quantize", fj.MXFP4, "floor", jnp.float32)
+  assert backend.gpu_verified("quantize", fj.MXFP8_E4M3, "ceil", jnp.bfloat16)
+  assert backend.gpu_verified("quantize", fj.NVFP4, "nearest", jnp.bfloat16)
+  assert not backend.gpu_verified("quantize", fj.NVFP4, "nearest", jnp.float32)
+  assert not backend.gpu_verified("quantize", fj.MXFP4, "mse", jnp.bfloat16)
+  assert not backend.gpu_verified("quantize", fj.NVFP4, "floor", jnp.bfloat16)
+  assert not backend.gpu_verified("dequantize", fj.MXFP4)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import fp4jax as fj
 from fp4jax import matmul as mm
-from fp4jax.kernels import _matmul_common as common
+from fp4jax import kernels
 from fp4jax.matmul import PreparedWeight, prepare_weight
 
 FORMATS = [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3, fj.MXFP8_E5M2]
@@ -163,7 +163,7 @@ def test_two_pass_path_matches_reference(kind):
          else quantized((7, 96), fmt, -1, seed=5))
   w = quantized((96, 24), fmt, 0)
   dims = (((1,), (0,)), ((), ()))
-  out = mm._run_two_pass(kind, lhs, w, dims, jnp.float32)
+  out = mm.run_two_pass(kind, lhs, w, dims, jnp.float32)
   ref = fj.scaled_dot_general(lhs, w, dims, backend="xla")
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
@@ -181,10 +181,10 @@ def test_gradients_through_the_kernel_use_the_reference_vjp():
 # ---- dispatch -------------------------------------------------------------------------------
 def _record_strategies(monkeypatch, gpu):
   seen = []
-  monkeypatch.setattr(common, "on_gpu", lambda: gpu)
-  monkeypatch.setattr(mm, "_run_kernel", lambda kind, *a, **k: seen.append(("kernel", kind)) or
+  monkeypatch.setattr(kernels, "on_gpu", lambda: gpu)
+  monkeypatch.setattr(mm, "run_kernel", lambda kind, *a, **k: seen.append(("kernel", kind)) or
                       jnp.zeros((a[0].shape[0], a[1].n if isinstance(a[1], PreparedWeight) else a[1].shape[1])))
-  monkeypatch.setattr(mm, "_run_two_pass", lambda kind, *a, **k: seen.append(("two_pass", kind)) or
+  monkeypatch.setattr(mm, "run_two_pass", lambda kind, *a, **k: seen.append(("two_pass", kind)) or
                       jnp.zeros((a[0].shape[0], a[1].n if isinstance(a[1], PreparedWeight) else a[1].shape[1])))
   return seen
 
@@ -197,12 +197,14 @@ def test_auto_on_cpu_runs_the_reference(monkeypatch):
 
 
 def test_auto_on_gpu_picks_kernel_or_two_pass_by_rows(monkeypatch):
-  seen = _record_strategies(monkeypatch, gpu=True)
+  # Quantize first: with on_gpu patched, quantize itself would pick its GPU kernel.
   w = prepare_weight(quantized((64, 16), fj.MXFP4, 0))
+  a = quantized((2, 64), fj.MXFP4, -1)
+  seen = _record_strategies(monkeypatch, gpu=True)
   small = mm.KERNEL_MAX_ROWS["w4a16"]
   fj.scaled_matmul(jnp.ones((small, 64), jnp.bfloat16), w)
   fj.scaled_matmul(jnp.ones((small + 1, 64), jnp.bfloat16), w)
-  fj.scaled_matmul(quantized((2, 64), fj.MXFP4, -1), w)
+  fj.scaled_matmul(a, w)
   fj.scaled_matmul(jnp.ones((4, 64), jnp.float32), w)  # f32 activations: reference
   fj.scaled_matmul(jnp.ones((small + 1, 64), jnp.bfloat16), w, backend="pallas")
   assert seen == [("kernel", "w4a16"), ("two_pass", "w4a16"), ("kernel", "mx"), ("kernel", "w4a16")]

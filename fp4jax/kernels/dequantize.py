@@ -5,7 +5,7 @@ the scale bytes once, writes ``dtype`` once. Elements are decoded from their
 bits, scaled as ``fp4jax.scales.decode_blocks`` does (E8M0: two power-of-two
 factors; E4M3: the scale, then the global decode factor), float32 subnormal
 results flushed, saturated to ``dtype``'s range and cast: bit-identical to
-``fp4jax.quantize._dequantize_xla`` (NaN payloads aside).
+``fp4jax.reference.dequantize_reference`` (NaN payloads aside).
 
 Layouts as in :mod:`fp4jax.kernels.quantize_pack`: ``(A, K)`` rows or
 ``(A, K, C)`` columns, 4-bit codes packed along the block axis or, for
@@ -23,12 +23,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from fp4jax.formats import Format, get_format
-from fp4jax.kernels import _common as C
+from fp4jax.kernels import common as C
+from fp4jax.packing import unpack_fp4
 from fp4jax.qarray import QArray, normalize_axis, validate_qarray, xla_only_reason
+from fp4jax.reference import dequantize_reference
 
-__all__ = ["Config", "dequantize_packed", "dequantize", "dequantize_packed_reference", "supported"]
+__all__ = ["Config", "dequantize_packed", "dequantize", "dequantize_qarray", "dequantize_packed_reference",
+           "supported"]
 
-#: Tile sizes and launch parameters (see :class:`fp4jax.kernels._common.TileConfig`).
+#: Tile sizes and launch parameters (see :class:`fp4jax.kernels.common.TileConfig`).
 Config = C.TileConfig
 
 _OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -232,6 +235,11 @@ def dequantize(q: QArray, dtype=jnp.float32, *, config: Config | None = None, in
   if why := xla_only_reason(q):
     raise ValueError(f"kernels.dequantize: {why}")
   _check(q.shape, q.fmt, q.axis, dtype, packed_last=True)
+  return dequantize_qarray(q, dtype, config=config, interpret=interpret)
+
+
+def dequantize_qarray(q: QArray, dtype, *, config: Config | None = None, interpret: bool = False):
+  """:func:`dequantize` of a QArray the caller has checked (valid, ``supported`` is None)."""
   return _dequantize_core(qarray_codes(q), lax.bitcast_convert_type(q.scales, jnp.uint8), q.global_scale,
                           shape=tuple(q.shape), fmt=q.fmt, axis=q.axis % q.ndim, packed_last=True,
                           dtype=np.dtype(dtype), config=config, interpret=interpret)
@@ -239,12 +247,9 @@ def dequantize(q: QArray, dtype=jnp.float32, *, config: Config | None = None, in
 
 def dequantize_packed_reference(codes, scales, global_scale=None, *, fmt, axis: int = -1, dtype=jnp.bfloat16):
   """:func:`dequantize_packed` through ``unpack_fp4`` and the jnp reference."""
-  from fp4jax.packing import unpack_fp4
-  from fp4jax.quantize import _dequantize_xla
-
   fmt = get_format(fmt)
   axis = normalize_axis(axis, codes.ndim, codes.shape)
   values = unpack_fp4(codes, axis=axis) if fmt.elem_bits == 4 else lax.bitcast_convert_type(codes, fmt.elem_dtype)
   q = QArray(values, lax.bitcast_convert_type(scales, fmt.scale_dtype),
              None if global_scale is None else jnp.asarray(global_scale, jnp.float32), fmt, axis)
-  return _dequantize_xla(q, dtype=np.dtype(dtype))
+  return dequantize_reference(q, dtype=np.dtype(dtype))

@@ -3,13 +3,13 @@
 ``out (M, N) = dequantize(a) (M, K) @ dequantize(b).T`` for two operands held
 as byte matrices (:func:`fp4jax.matmul.byte_matrix`): ``a_data (M, K*bits/8)``
 with ``a_scales (M, K/32)``, and ``b_data (N, K*bits/8)`` with ``b_scales
-(N, K/32)`` (a :class:`fp4jax.matmul.PreparedWeight` of the weight).
+(N, K/32)`` (a :class:`fp4jax.prepared.PreparedWeight` of the weight).
 
 This is Blackwell's block-scaled MMA emulated on Hopper. Two ways to feed the
 tensor cores (``Config.mma``):
 
 * ``"fp8"``: per 32-wide ``K`` block, one fp8 product of the element codes
-  (E2M1 codes become E4M3 exactly, see :mod:`._matmul_common`), then
+  (E2M1 codes become E4M3 exactly, see :mod:`.matmul_common`), then
   ``acc += p * sa[:, None] * sb[None, :]`` in float32. Exact products, one
   rounding per block. MX formats (power-of-two scales, block 32) with E2M1 or
   E4M3 elements on both sides, or E5M2 on both sides.
@@ -33,7 +33,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from fp4jax.formats import Format
-from fp4jax.kernels import _matmul_common as common
+from fp4jax.kernels import matmul_common as common
+from fp4jax.prepared import PreparedWeight
+from fp4jax.reference import scaled_dot_general_reference
 
 __all__ = ["Config", "mx_matmul", "mx_matmul_reference", "default_config", "fp8_mma_supported"]
 
@@ -225,8 +227,6 @@ def mx_matmul(a_data, a_scales, a_global, b_data, b_scales, b_global, *, a_fmt: 
 def mx_matmul_reference(a_data, a_scales, a_global, b_data, b_scales, b_global, *, a_fmt: Format,
                         b_fmt: Format, out_dtype=jnp.bfloat16):
   """The XLA reference on the same byte matrices: dequantize both, float32 dot, cast."""
-  from fp4jax.matmul import PreparedWeight, scaled_dot_general_reference
-
   a = PreparedWeight(a_data, a_scales, a_global, a_fmt, 1)
   b = PreparedWeight(b_data, b_scales, b_global, b_fmt, 1)
   return scaled_dot_general_reference(a, b, (((1,), (1,)), ((), ())), out_dtype)

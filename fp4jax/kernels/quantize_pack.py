@@ -2,9 +2,9 @@
 
 One pass over the input per program tile: load, flush float32 subnormals,
 block absolute maxima, the scale rule, the element codes (bit arithmetic, see
-:mod:`fp4jax.kernels._common`), the NaN scale for non-finite blocks, packing
+:mod:`fp4jax.kernels.common`), the NaN scale for non-finite blocks, packing
 two E2M1 codes a byte, and the stores. The results match
-``fp4jax.quantize._quantize_xla`` bit for bit.
+``fp4jax.reference.quantize_reference`` bit for bit.
 
 NVFP4 without a given ``global_scale`` takes two passes over the input: the
 block scales are ``amax_block / 6 * 448 / amax_tensor`` rounded to E4M3, so no
@@ -23,7 +23,6 @@ of the ``(A, K)`` matrix, blocks contiguous. ``C > 1`` ("column", e.g. a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -31,13 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from fp4jax import _bits
 from fp4jax.formats import Format, get_format
-from fp4jax.kernels import _common as C
+from fp4jax.kernels import common as C
+from fp4jax.packing import pack_fp4
 from fp4jax.qarray import QArray, normalize_axis
-from fp4jax.quantize import _global_factors, _quantize_xla
+from fp4jax.reference import global_factors, quantize_reference
 from fp4jax.scales import SCALE_RULES, search_window
 
 __all__ = [
@@ -45,6 +44,7 @@ __all__ = [
     "default_config",
     "quantize_packed",
     "quantize",
+    "quantize_qarray",
     "tensor_amax",
     "quantize_packed_reference",
     "supported",
@@ -53,7 +53,7 @@ __all__ = [
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-#: Tile sizes and launch parameters (see :class:`fp4jax.kernels._common.TileConfig`).
+#: Tile sizes and launch parameters (see :class:`fp4jax.kernels.common.TileConfig`).
 Config = C.TileConfig
 default_config = C.default_tiles
 
@@ -235,7 +235,7 @@ def _quantize_core(x, global_scale, *, fmt: Format, axis: int, scale_rule: str, 
   if fmt.has_global_scale:
     if global_scale is None:
       amax = C.i32_to_f32(tensor_amax_bits(x3, tiling, cfg, interpret=interpret))
-      genc, global_scale = _global_factors(amax, fmt)
+      genc, global_scale = global_factors(amax, fmt)
     else:
       global_scale = jnp.asarray(global_scale, jnp.float32)
       genc = 1.0 / global_scale
@@ -352,6 +352,13 @@ def quantize(x, fmt, *, axis: int = -1, scale_rule: str | None = None, global_sc
   ``float4_e2m1fn`` of shape ``S`` (a bitcast and a reshape).
   """
   x, fmt, axis, scale_rule = _canonical(x, fmt, axis, scale_rule, pack_last=True)
+  return quantize_qarray(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale, config=config,
+                         interpret=interpret)
+
+
+def quantize_qarray(x, fmt: Format, *, axis: int, scale_rule: str, global_scale=None,
+                    config: Config | None = None, interpret: bool = False) -> QArray:
+  """:func:`quantize` of arguments the caller has checked (``supported`` is None, ``axis`` negative)."""
   codes, scales, gs = _quantize_core(x, global_scale, fmt=fmt, axis=axis, scale_rule=scale_rule,
                                      pack_last=True, config=config, interpret=interpret)
   values = lax.bitcast_convert_type(codes, fmt.elem_dtype).reshape(x.shape)
@@ -373,11 +380,9 @@ def tensor_amax(x, fmt, *, axis: int = -1, config: Config | None = None, interpr
 
 def quantize_packed_reference(x, fmt, *, axis: int = -1, scale_rule: str | None = None, global_scale=None):
   """:func:`quantize_packed` through the jnp reference and ``pack_fp4``."""
-  from fp4jax.packing import pack_fp4
-
   fmt = get_format(fmt)
   axis = normalize_axis(axis, x.ndim, x.shape)
   rule = fmt.default_scale_rule if scale_rule is None else scale_rule
-  q = _quantize_xla(x, global_scale, None, fmt=fmt, axis=axis, scale_rule=rule, pad=False)
+  q = quantize_reference(x, global_scale, None, fmt=fmt, axis=axis, scale_rule=rule, pad=False)
   codes = pack_fp4(q.values, axis=axis) if fmt.elem_bits == 4 else q.values
   return codes, q.scales, q.global_scale

@@ -16,7 +16,6 @@ so a ``(rows, chunk)`` tile is ``rows`` runs of contiguous bytes.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -162,7 +161,3 @@ def pick_block(n: int, cap: int, minimum: int) -> int | None:
       return b
     b //= 2
   return None
-
-
-def on_gpu() -> bool:
-  return jax.default_backend() == "gpu"

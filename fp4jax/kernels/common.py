@@ -257,7 +257,7 @@ def _unstack_all(v, n: int):
   return [x for pair in zip(ev, od) for x in pair]
 
 
-def _asm_f32(asm: str, *args):
+def asm_f32(asm: str, *args):
   [out] = plgpu.elementwise_inline_asm(
       asm, args=list(args), constraints="=f" + ",f" * len(args), pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)])
@@ -271,8 +271,8 @@ def recip(x, interpret: bool):
     return 1.0 / x
   x = x.astype(jnp.float32)
   if ins.startswith("rcp"):
-    return _asm_f32(f"{ins} $0, $1;", x)
-  return _asm_f32(f"{ins} $0, $1, $2;", jnp.ones_like(x), x)
+    return asm_f32(f"{ins} $0, $1;", x)
+  return asm_f32(f"{ins} $0, $1, $2;", jnp.ones_like(x), x)
 
 
 def flush_f32(x):
@@ -289,7 +289,7 @@ def mul_ftz(x, f, interpret: bool):
   if interpret:
     return i32_to_f32(flushed_bits(x)) * f
   x, f = jnp.broadcast_arrays(x.astype(jnp.float32), jnp.asarray(f, jnp.float32))
-  return _asm_f32("mul.rn.ftz.f32 $0, $1, $2;", x, f)
+  return asm_f32("mul.rn.ftz.f32 $0, $1, $2;", x, f)
 
 
 def mul_rn(a, b, interpret: bool):
@@ -297,7 +297,7 @@ def mul_rn(a, b, interpret: bool):
   if interpret:
     return a * b
   a, b = jnp.broadcast_arrays(a.astype(jnp.float32), b.astype(jnp.float32))
-  return _asm_f32("mul.rn.f32 $0, $1, $2;", a, b)
+  return asm_f32("mul.rn.f32 $0, $1, $2;", a, b)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -1,0 +1,184 @@
+"""Which implementation runs a public call: the one place fp4jax decides.
+
+``fp4jax.quantize``, ``fp4jax.dequantize`` and ``fp4jax.scaled_dot_general``
+validate their arguments, ask this module once for a :class:`Plan`, and call
+the implementation the plan names. The plan is made from three things:
+
+* ``backend=``: ``"xla"`` (the reference), ``"pallas"`` (a kernel, or a
+  ValueError saying why none can run), ``"auto"`` (a kernel where one exists
+  for the case and its bits were confirmed on a GPU, else the reference);
+* the case: why no kernel takes it (an "obstacle", ``None`` when one does),
+  computed by the ``*_obstacle`` functions here from the kernels' own
+  ``supported`` checks;
+* the machine: a GPU, or :func:`fp4jax.kernels.interpret_mode` for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fp4jax import kernels
+from fp4jax.formats import Format
+from fp4jax.prepared import PreparedWeight
+from fp4jax.qarray import QArray, xla_only_reason
+from fp4jax.scales import SCALE_RULES
+
+__all__ = ["BACKENDS", "Plan", "check_backend", "choose", "gpu_verified", "quantize_obstacle",
+           "dequantize_obstacle", "dot_kernel", "KERNEL_MAX_ROWS"]
+
+BACKENDS = ("auto", "xla", "pallas")
+
+#: Under ``backend="auto"`` on a GPU, the most ``lhs`` rows (product of its free
+#: axes) for which a matmul kernel runs; above, the two-pass path. From the
+#: crossover measured in benchmarks/results/matmul.md.
+KERNEL_MAX_ROWS = {"w4a16": 256, "mx": 64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How one call runs.
+
+  Attributes:
+    impl: ``"kernel"`` (a Pallas kernel), ``"two_pass"`` (matmuls: exact
+      bfloat16 dequantize, then XLA's GEMM) or ``"xla"`` (the reference).
+    kernel: the kernel's name when ``impl`` is not ``"xla"`` (``"quantize"``,
+      ``"dequantize"``, ``"w4a16"``, ``"mx"``), else ``""``.
+    interpret: run the kernel in Pallas interpret mode.
+    reason: why the reference runs, when it does (for errors and tests).
+  """
+
+  impl: str
+  kernel: str = ""
+  interpret: bool = False
+  reason: str = ""
+
+
+def check_backend(backend: str) -> None:
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def gpu_verified(op: str, fmt: Format | None = None, scale_rule: str | None = None, dtype=None) -> bool:
+  """Whether ``backend="auto"`` takes the kernel on a GPU for this case.
+
+  Only cases whose bits matched XLA's on the GPU in benchmarks/quantize.py
+  (benchmarks/results/quantize.md): MX formats with "floor" / "ceil", and
+  NVFP4 "nearest" on 16-bit inputs. Excluded, still reachable with
+  ``backend="pallas"``: "mse" (on the GPU XLA's choice between candidates
+  differed systematically from the CPU reference's, and so from the kernel's),
+  NVFP4 "floor" / "ceil" (XLA's GPU result equals its "nearest" rule, an
+  apparent elision of the float32 -> E4M3 -> float32 round trip in the
+  reference), NVFP4 on float32 inputs (79 of 2**28 codes differed, XLA's
+  approximate reciprocal being fused differently), and dequantize (its
+  signed-zero fix has not run on a GPU yet).
+  """
+  if op == "dequantize":
+    return False
+  if scale_rule not in ("floor", "ceil", "nearest"):
+    return False
+  if fmt.has_global_scale:
+    return scale_rule == "nearest" and np.dtype(dtype).itemsize == 2
+  return True
+
+
+def choose(op: str, backend: str, obstacle: str | None, *, verified: bool = True,
+           interpret_without_gpu: bool = False, fallback: str = "xla") -> Plan:
+  """The plan for kernel ``op`` given ``backend=`` and why no kernel takes the case.
+
+  Args:
+    op: the kernel's name, for the plan and the error messages.
+    backend: ``"auto"``, ``"xla"`` or ``"pallas"`` (already checked).
+    obstacle: why no kernel takes this case, or None.
+    verified: whether ``"auto"`` may take the kernel (bits confirmed on a GPU).
+    interpret_without_gpu: ``"pallas"`` without a GPU interprets the kernel
+      instead of raising (the matmuls; quantize and dequantize ask for
+      :func:`fp4jax.kernels.interpret_mode`).
+    fallback: the plan's ``impl`` when ``"auto"`` does not take the kernel.
+
+  Raises:
+    ValueError: ``backend="pallas"`` and no kernel can run, naming why.
+  """
+  interpret = kernels.interpreting()
+  gpu = kernels.on_gpu()
+  if backend == "xla":
+    return Plan("xla", reason="backend='xla'")
+  if backend == "auto":
+    if obstacle is None and verified and gpu:
+      return Plan("kernel", op, interpret=interpret)
+    reason = obstacle or ("not yet verified on a GPU" if not verified else "no GPU")
+    return Plan(fallback, op if fallback != "xla" else "", reason=reason)
+  if obstacle is not None:
+    raise ValueError(f"backend='pallas': no Pallas {op} kernel for this case: {obstacle}")
+  if not gpu and not (interpret or interpret_without_gpu):
+    raise ValueError(
+        f"backend='pallas' runs the {op} kernel on a GPU; the default backend is "
+        f"{jax.default_backend()!r} (use fp4jax.kernels.interpret_mode() to interpret it)")
+  return Plan("kernel", op, interpret=interpret or not gpu)
+
+
+def quantize_obstacle(x, fmt: Format, *, axis: int, scale_rule: str, global_scale, hessian, pad: bool,
+                      block_shape, keep) -> str | None:
+  """Why no quantize kernel takes these (validated) arguments, or None."""
+  from fp4jax.kernels import quantize_pack  # lazy: Pallas loads only when a kernel may run
+
+  if block_shape is not None:
+    return f"2-D blocks (block_shape={block_shape}) run on the XLA path only"
+  if scale_rule not in SCALE_RULES:
+    return f"scale_rule {scale_rule!r} runs on the XLA path only"
+  if keep or (global_scale is not None and jnp.ndim(global_scale) != 0):
+    return "a global scale per row / leading index runs on the XLA path only"
+  if hessian is not None:
+    return "hessian= (Hessian-weighted 'mse') runs on the XLA path only"
+  if pad and x.shape[axis] % fmt.block_size:
+    return f"pad=True with length {x.shape[axis]} along axis {axis} (not a multiple of {fmt.block_size})"
+  return quantize_pack.supported(x.shape, x.dtype, fmt, axis, scale_rule, pack_last=True)
+
+
+def dequantize_obstacle(q: QArray, dtype) -> str | None:
+  """Why no dequantize kernel takes ``q`` (validated) to ``dtype``, or None."""
+  from fp4jax.kernels import dequantize
+
+  why = xla_only_reason(q) or dequantize.supported(q.shape, q.fmt, q.axis, np.dtype(dtype), packed_last=True)
+  if why is None and q.axis != -1 and kernels.on_gpu() and not kernels.interpreting():
+    # The last GPU run found mismatches along a non-last axis whose cause is
+    # not known (benchmarks/results/quantize.md): refuse rather than risk
+    # wrong numbers until a GPU run shows it bit-exact.
+    why = f"dequantize along axis {q.axis} (not the last) is not yet verified on the GPU"
+  return why
+
+
+def _block_axis(x) -> int:
+  if isinstance(x, PreparedWeight):
+    return x.k_axis
+  return x.axis % x.ndim
+
+
+def dot_kernel(lhs, rhs, dims, out_dtype) -> tuple[str | None, str]:
+  """Which matmul kernel takes validated operands: ``("w4a16" | "mx", "")`` or ``(None, why not)``."""
+  (lc, rc), (lb, rb) = dims
+  if lb or len(lc) != 1:
+    return None, "the kernels take one contracting axis and no batch axes"
+  if not isinstance(rhs, (QArray, PreparedWeight)) or len(rhs.shape) != 2:
+    return None, "the kernels need a 2-D QArray or PreparedWeight rhs"
+  for operand in (lhs, rhs):
+    if isinstance(operand, QArray) and (why := xla_only_reason(operand)):
+      return None, why
+  if _block_axis(rhs) != rc[0]:
+    return None, f"rhs is blocked along axis {_block_axis(rhs)}, not its contracting axis {rc[0]}"
+  if isinstance(lhs, PreparedWeight):
+    return None, "a PreparedWeight can only be the rhs"
+  if not jnp.issubdtype(out_dtype, jnp.floating):
+    return None, f"preferred_element_type {out_dtype} is not floating"
+  if isinstance(lhs, QArray):
+    if _block_axis(lhs) != lc[0]:
+      return None, f"lhs is blocked along axis {_block_axis(lhs)}, not its contracting axis {lc[0]}"
+    if lhs.fmt.block_size != rhs.fmt.block_size:
+      return None, f"block sizes differ: {lhs.fmt!r} vs {rhs.fmt!r}"
+    return "mx", ""
+  if jnp.dtype(lhs.dtype) != jnp.bfloat16:
+    return None, f"the w4a16 kernel takes bfloat16 activations, got {jnp.dtype(lhs.dtype)}"
+  return "w4a16", ""

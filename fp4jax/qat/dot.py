@@ -1,0 +1,273 @@
+"""``quantized_dot_general`` and ``quantized_einsum``: quantized forward and backward GEMMs."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fp4jax.matmul import scaled_dot_general
+from fp4jax.qarray import QArray, normalize_axis
+from fp4jax.qat.config import OperandConfig, QatConfig
+from fp4jax.qat.fake import fake_quantize_operand
+from fp4jax.qat.rounding import random_hadamard
+from fp4jax.quantize import quantize
+from fp4jax.reference import pad_axis
+
+__all__ = ["quantized_dot_general", "quantized_einsum", "einsum_dimension_numbers"]
+
+
+def _canonical_dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int, lshape, rshape):
+  try:
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(int(d) for d in t) for t in (lc, rc, lb, rb))
+  except (TypeError, ValueError):
+    raise ValueError(f"dimension_numbers must be ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)), "
+                     f"got {dimension_numbers!r}") from None
+  lc, lb = (tuple(normalize_axis(d, lhs_ndim, lshape) % lhs_ndim for d in t) for t in (lc, lb))
+  rc, rb = (tuple(normalize_axis(d, rhs_ndim, rshape) % rhs_ndim for d in t) for t in (rc, rb))
+  if len(lc) != len(rc) or len(lb) != len(rb):
+    raise ValueError(f"dimension_numbers {dimension_numbers!r}: lhs and rhs need as many contracting "
+                     "and batch dimensions")
+  for a, b in zip(lc + lb, rc + rb):
+    if lshape[a] != rshape[b]:
+      raise ValueError(f"quantized_dot_general: lhs shape {tuple(lshape)} axis {a} and rhs shape "
+                       f"{tuple(rshape)} axis {b} are paired but have different sizes")
+  return (lc, rc), (lb, rb)
+
+
+def _free(ndim: int, *used) -> tuple[int, ...]:
+  taken = set().union(*used)
+  return tuple(d for d in range(ndim) if d not in taken)
+
+
+def _as_key(key, seed: int):
+  """A typed key, a raw uint32[2] key or an integer counter -> a typed key."""
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"key must be a single jax.random key, got shape {key.shape}")
+    return key
+  if key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
+    # Counter-based: the same (seed, counter) always draws the same numbers.
+    return jax.random.fold_in(jax.random.key(seed), key)
+  if key.dtype == jnp.uint32 and key.shape == (2,):
+    return jax.random.wrap_key_data(key)
+  raise ValueError(f"key must be a jax.random key, a uint32[2] raw key or an integer counter, "
+                   f"got dtype {key.dtype} shape {key.shape}")
+
+
+def _stream(key, i: int):
+  return None if key is None else jax.random.fold_in(key, i)
+
+
+def _backward_operand(x, axis: int, op: OperandConfig, cfg: QatConfig, key, dtype, multiple: int):
+  """Pads ``axis`` to ``multiple``, applies the Hadamard transform, fake-quantizes along it."""
+  x = pad_axis(x, axis, multiple)
+  if cfg.hadamard:
+    x = random_hadamard(x, cfg.hadamard, axis=axis, seed=cfg.seed)
+  return fake_quantize_operand(x, op, axis, dtype, key)
+
+
+def _block_multiple(cfg: QatConfig, *ops: OperandConfig) -> int:
+  sizes = [op.fmt.block_size for op in ops if op.fmt is not None]
+  if cfg.hadamard:
+    sizes.append(cfg.hadamard)
+  return math.lcm(*sizes) if sizes else 1
+
+
+def _backward_gemm(g, other, g_axes, other_axes, op_other, cfg, keys, dtype, transpose):
+  """Quantizes ``g`` and ``other`` along one of their paired contracting axes, then transposes.
+
+  ``transpose(g_q, other_q)`` is the linear transpose of the forward product in
+  the missing operand. The blocks run along the axis this GEMM sums over; the
+  forward blocks ran along another axis and cannot be reused (the scales
+  would vary inside the sum).
+  """
+  if not g_axes:  # an outer product: no contraction, nothing to block
+    return transpose(g.astype(dtype), other.astype(dtype))
+  ga, oa = g_axes[-1], other_axes[-1]
+  m = _block_multiple(cfg, cfg.grad, op_other)
+  gq = _backward_operand(g, ga, cfg.grad, cfg, keys[0], dtype, m)
+  oq = _backward_operand(other, oa, op_other, cfg, keys[1], dtype, m)
+  return transpose(gq, oq)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _qdot(lhs, rhs, key, dims, cfg, precision, out_dtype):
+  return _qdot_fwd(lhs, rhs, key, dims, cfg, precision, out_dtype)[0]
+
+
+def _forward_operands(lhs, rhs, dims, cfg, dtype):
+  (lc, rc), _ = dims
+  if not lc:
+    return lhs.astype(dtype), rhs.astype(dtype)
+  return fake_quantize_operand(lhs, cfg.lhs, lc[-1], dtype), fake_quantize_operand(rhs, cfg.rhs, rc[-1], dtype)
+
+
+def _qdot_fwd(lhs, rhs, key, dims, cfg, precision, out_dtype):
+  dtype = cfg.compute_dtype or jnp.result_type(lhs, rhs)
+  lq, rq = _forward_operands(lhs, rhs, dims, cfg, dtype)
+  out = lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype)
+  # The plain STE needs the forward-quantized operands; quantized backward
+  # GEMMs need the high-precision ones, to re-block them along another axis.
+  res = (lq, rq) if cfg.grad.fmt is None else (lhs, rhs)
+  # Empty arrays carry the primal dtypes, which the cotangents must match.
+  return out, (*res, key, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
+
+
+def _qdot_bwd(dims, cfg, precision, out_dtype, res, g):
+  a, b, key, lhs_tag, rhs_tag = res
+  (lc, rc), (lb, rb) = dims
+  dtype = cfg.compute_dtype or jnp.result_type(a, b)
+
+  def dot(x, y):
+    return lax.dot_general(x, y, dims, precision=precision, preferred_element_type=dtype)
+
+  def t_lhs(gq, rq):
+    spec = jax.ShapeDtypeStruct(a.shape, dtype)
+    return jax.linear_transpose(lambda x: dot(x, rq), spec)(gq)[0]
+
+  def t_rhs(gq, lq):
+    spec = jax.ShapeDtypeStruct(b.shape, dtype)
+    return jax.linear_transpose(lambda y: dot(lq, y), spec)(gq)[0]
+
+  g = g.astype(dtype)
+  if cfg.grad.fmt is None:
+    # Straight-through: the gradient of the unquantized op at the quantized inputs.
+    return t_lhs(g, b.astype(dtype)).astype(lhs_tag.dtype), t_rhs(g, a.astype(dtype)).astype(rhs_tag.dtype), None
+
+  lfree, rfree = _free(a.ndim, lc, lb), _free(b.ndim, rc, rb)
+  nb = len(lb)
+  # dlhs = g . rhs sums over rhs's free axes; drhs = lhs . g over lhs's.
+  g_rfree = tuple(nb + len(lfree) + j for j in range(len(rfree)))
+  g_lfree = tuple(nb + i for i in range(len(lfree)))
+  keys = [_stream(key, i) for i in range(4)]
+  dlhs = _backward_gemm(g, b, g_rfree, rfree, cfg.rhs, cfg, keys[0:2], dtype, t_lhs)
+  drhs = _backward_gemm(g, a, g_lfree, lfree, cfg.lhs, cfg, keys[2:4], dtype, t_rhs)
+  return dlhs.astype(lhs_tag.dtype), drhs.astype(rhs_tag.dtype), None
+
+
+_qdot.defvjp(_qdot_fwd, _qdot_bwd)
+
+
+def _check_float(x, name: str):
+  if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"quantized_dot_general: {name} must be a floating array, got dtype "
+                     f"{getattr(x, 'dtype', type(x))}")
+
+
+def _inference_dot(lhs, rhs, dims, cfg: QatConfig | None, out_dtype):
+  """PTQ inference: stored QArray operand(s), the other quantized per ``cfg``, block-scaled matmul."""
+  (lc, rc), _ = dims
+  for x, c, name in ((lhs, lc, "lhs"), (rhs, rc, "rhs")):
+    if isinstance(x, QArray) and x.axis % x.ndim not in c:
+      raise ValueError(f"quantized_dot_general: {name} QArray of shape {x.shape} is blocked along axis "
+                       f"{x.axis}, not along a contracting axis {c}")
+  if not isinstance(lhs, QArray) and cfg is not None and cfg.lhs.fmt is not None:
+    lhs = quantize(lhs, cfg.lhs.fmt, axis=lc[-1], scale_rule=cfg.lhs.rule)
+  if not isinstance(rhs, QArray) and cfg is not None and cfg.rhs.fmt is not None:
+    rhs = quantize(rhs, cfg.rhs.fmt, axis=rc[-1], scale_rule=cfg.rhs.rule)
+  return scaled_dot_general(lhs, rhs, dims, preferred_element_type=out_dtype)
+
+
+def quantized_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                          *, config: QatConfig | None = None, key=None, out_sharding=None):
+  """``lax.dot_general`` with block-scaled quantization in the forward and backward GEMMs.
+
+  Args:
+    lhs, rhs: floating arrays (or, for inference, :class:`QArray` operands
+      blocked along a contracting axis).
+    dimension_numbers: ``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))``
+      as in ``lax.dot_general``.
+    precision, preferred_element_type: as in ``lax.dot_general``; the output
+      dtype is ``preferred_element_type`` or the promoted input dtype.
+    config: a :class:`QatConfig`; ``None`` is a plain ``lax.dot_general``.
+    key: for stochastic rounding: a ``jax.random`` key, or an integer counter
+      (e.g. the step) combined with ``config.seed``.
+    out_sharding: accepted for ``flax`` compatibility; must be None.
+
+  Returns:
+    ``lax.dot_general``'s output shape: batch, lhs free, then rhs free axes.
+
+  Forward: ``dot_general(fq(lhs), fq(rhs))`` where ``fq`` quantizes along the
+  last contracting axis (zero-padded to whole blocks) and dequantizes.
+  Backward, for ``g`` the output cotangent: ``dlhs`` is the transpose product
+  of ``fq'(g)`` and ``fq'(rhs)``, both blocked along one of the axes that
+  product sums over (an rhs free axis), ``drhs`` likewise over an lhs free
+  axis; ``fq'`` uses ``config.grad`` for ``g`` and the operand's own config for
+  ``lhs``/``rhs``, with their ``rounding`` and the optional Hadamard transform.
+  With ``config.grad.fmt=None`` the backward pass is the straight-through
+  gradient ``vjp(dot_general)(fq(lhs), fq(rhs))``.
+  """
+  if out_sharding is not None:
+    raise ValueError("quantized_dot_general does not support out_sharding")
+  if config is not None and not isinstance(config, QatConfig):
+    raise ValueError(f"config must be a fp4jax.qat.QatConfig or None, got {type(config).__name__}")
+  for x, name in ((lhs, "lhs"), (rhs, "rhs")):
+    if not isinstance(x, QArray):
+      _check_float(x, name)
+  dims = _canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim, lhs.shape, rhs.shape)
+  precision = lax.Precision(precision) if isinstance(precision, str) else precision
+  if isinstance(lhs, QArray) or isinstance(rhs, QArray):
+    out_dtype = np.dtype(preferred_element_type or jnp.float32)
+    return _inference_dot(lhs, rhs, dims, config, out_dtype)
+  out_dtype = np.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
+  if config is None:
+    return lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=out_dtype)
+  if config.needs_key and key is None:
+    raise ValueError("this QatConfig rounds stochastically in the backward pass: pass key= "
+                     "(a jax.random key or an integer step counter)")
+  key = _as_key(key, config.seed) if config.needs_key else None
+  return _qdot(lhs, rhs, key, dims, config, precision, out_dtype)
+
+
+def einsum_dimension_numbers(equation: str, lhs_ndim: int, rhs_ndim: int):
+  """Parses a two-operand einsum into ``dot_general`` dimension numbers.
+
+  Args:
+    equation: explicit ``"lhs,rhs->out"``; ``...`` may appear in ``lhs`` and
+      ``out`` (leading lhs axes), not in ``rhs``. Every index appears in at least
+      two of the three terms (no traces, no summing within one operand).
+
+  Returns:
+    ``(dimension_numbers, perm, out_terms, rhs_terms)``:
+    ``jnp.transpose(dot_general(lhs, rhs, dimension_numbers), perm)`` is the
+    einsum; ``out_terms`` is the output term with ``...`` expanded and
+    ``rhs_terms`` the kernel's (for bias shapes).
+  """
+  eq = equation.replace(" ", "")
+  if "->" not in eq or eq.count(",") != 1:
+    raise ValueError(f"einsum equation {equation!r} must be explicit with two operands: 'ab,bc->ac'")
+  ins, out = eq.split("->")
+  lt, rt = ins.split(",")
+  if "..." in rt:
+    raise ValueError(f"einsum equation {equation!r}: '...' is only supported in the input and output")
+  if "..." in lt:
+    n_ell = lhs_ndim - (len(lt) - 3)
+    used = set(eq)
+    fill = "".join([c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used][:n_ell])
+    lt, out = lt.replace("...", fill), out.replace("...", fill)
+  if len(lt) != lhs_ndim or len(rt) != rhs_ndim:
+    raise ValueError(f"einsum equation {equation!r} does not match operand ranks {lhs_ndim} and {rhs_ndim}")
+  for c in set(lt + rt + out):
+    if (c in lt) + (c in rt) + (c in out) < 2 or lt.count(c) > 1 or rt.count(c) > 1:
+      raise ValueError(f"einsum equation {equation!r}: index {c!r} must appear once in two of the terms")
+  contract = [c for c in lt if c in rt and c not in out]
+  batch = [c for c in lt if c in rt and c in out]
+  dims = ((tuple(lt.index(c) for c in contract), tuple(rt.index(c) for c in contract)),
+          (tuple(lt.index(c) for c in batch), tuple(rt.index(c) for c in batch)))
+  produced = batch + [c for c in lt if c not in rt] + [c for c in rt if c not in lt]
+  return dims, tuple(produced.index(c) for c in out), out, rt
+
+
+def quantized_einsum(equation: str, lhs, rhs, *, config: QatConfig | None = None, key=None,
+                     precision=None, preferred_element_type=None):
+  """A two-operand einsum through :func:`quantized_dot_general` (``rhs`` may be a QArray)."""
+  dims, perm, _, _ = einsum_dimension_numbers(equation, lhs.ndim, rhs.ndim)
+  y = quantized_dot_general(lhs, rhs, dims, precision, preferred_element_type, config=config, key=key)
+  return jnp.transpose(y, perm)

@@ -1,0 +1,101 @@
+"""Fake quantization: ``dequantize(quantize(x))`` with a straight-through gradient."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fp4jax import _bits
+from fp4jax.formats import Format, get_format
+from fp4jax.qarray import normalize_axis
+from fp4jax.qat.config import STES, OperandConfig
+from fp4jax.qat.rounding import stochastic_quantize
+from fp4jax.quantize import dequantize, quantize
+from fp4jax.reference import from_blocks, to_blocks
+from fp4jax.scales import SCALE_RULES, element_units
+
+__all__ = ["fake_quant", "fake_quantize_operand"]
+
+
+def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None):
+  """dequantize(quantize(x)) along ``axis`` (zero-padded to whole blocks), as ``dtype``."""
+  if op.fmt is None:
+    return x.astype(dtype)
+  xin = x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
+  # The XLA path, on every backend: XLA fuses quantize and dequantize into one
+  # pass over x, where a separate quantize kernel would write the QArray out.
+  if key is not None and op.stochastic:
+    q = stochastic_quantize(xin, op.fmt, key, axis=axis, scale_rule=op.rule, pad=True)
+  else:
+    q = quantize(xin, op.fmt, axis=axis, scale_rule=op.rule, pad=True, backend="xla")
+  out = dequantize(q, jnp.float32, backend="xla")
+  n = x.shape[axis]
+  if out.shape[axis] != n:
+    out = lax.slice_in_dim(out, 0, n, axis=axis)
+  return out.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _fake_quant(x, fmt, axis, scale_rule, ste):
+  return _fake_quant_fwd(x, fmt, axis, scale_rule, ste)[0]
+
+
+def _fake_quant_fwd(x, fmt, axis, scale_rule, ste):
+  q = quantize(x, fmt, axis=axis, scale_rule=scale_rule, backend="xla")
+  out = dequantize(q, x.dtype, backend="xla")
+  if ste == "identity":
+    return out, None
+  blocks = to_blocks(_bits.flush_subnormals(x.astype(jnp.float32)), q.axis, fmt.block_size)
+  y = element_units(blocks, jnp.moveaxis(q.scales, q.axis, -1), fmt, q.global_scale)
+  return out, from_blocks(jnp.abs(y) <= fmt.elem_max, q.axis)
+
+
+def _fake_quant_bwd(fmt, axis, scale_rule, ste, inside, g):
+  # Straight-through estimator: d fake_quant(x) / dx := I. The clipped variant
+  # is I where |x| <= elem_max * scale and 0 where the element saturated.
+  del fmt, axis, scale_rule
+  if ste == "identity":
+    return (g,)
+  return (jnp.where(inside, g, jnp.zeros_like(g)),)
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x, fmt: Format | str, *, axis: int = -1, scale_rule: str | None = None,
+               ste: str = "identity"):
+  """``dequantize(quantize(x, fmt, axis=axis), x.dtype)`` with a straight-through gradient.
+
+  Always the XLA reference path (bit-identical to the kernels), which XLA fuses
+  into a single pass over ``x``.
+
+  Args:
+    x: float32, bfloat16 or float16 array of shape ``S``; ``S[axis]`` a
+      multiple of ``fmt.block_size``.
+    fmt: a :class:`fp4jax.Format` or its name.
+    axis: the blocked axis.
+    scale_rule: as in :func:`fp4jax.quantize` (default ``fmt.default_scale_rule``).
+    ste: ``"identity"``: the gradient passes through unchanged;
+      ``"clipped"``: zero where the element saturated (``|x| > elem_max * s``).
+
+  Returns:
+    Array of shape ``S`` and dtype ``x.dtype``. Works under ``jit``, ``vmap``,
+    ``grad``, ``remat`` and ``scan``; ``fmt``/``axis``/``scale_rule``/``ste``
+    are static.
+  """
+  fmt = get_format(fmt)
+  if ste not in STES:
+    raise ValueError(f"unknown ste {ste!r}; expected one of {STES}")
+  if scale_rule is not None and scale_rule not in SCALE_RULES:
+    raise ValueError(f"unknown scale_rule {scale_rule!r}; expected one of {sorted(SCALE_RULES)}")
+  if not hasattr(x, "dtype") or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(f"fake_quant expects float32, bfloat16 or float16 input, got dtype "
+                     f"{getattr(x, 'dtype', type(x))}")
+  axis = normalize_axis(axis, x.ndim, x.shape)
+  if x.shape[axis] % fmt.block_size:
+    raise ValueError(f"fake_quant: shape {tuple(x.shape)} has length {x.shape[axis]} along axis {axis}, "
+                     f"not a multiple of {fmt!r}'s block size {fmt.block_size}")
+  return _fake_quant(x, fmt, axis, scale_rule or fmt.default_scale_rule, ste)

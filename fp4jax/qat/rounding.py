@@ -1,0 +1,116 @@
+"""Stochastic rounding onto the element grid, and the random Hadamard transform."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fp4jax import _bits
+from fp4jax.formats import Format
+from fp4jax.qarray import QArray, normalize_axis
+from fp4jax.quantize import quantize
+from fp4jax.reference import from_blocks, pad_axis, to_blocks
+from fp4jax.scales import element_units, encode_units
+
+__all__ = ["stochastic_quantize", "random_hadamard", "hadamard_matrix"]
+
+
+def _stochastic_round(y, fmt: Format, key):
+  """Rounds float32 ``y`` (``|y| <= elem_max``) to one of its two grid neighbours.
+
+  With ``t = |y| / ulp(y)`` (exact: ulp is a power of two), the result is
+  ``floor(t) * ulp`` or ``(floor(t) + 1) * ulp``, the upper one with probability
+  ``frac(t)``, so ``E[result] = y``. ``frac(t)`` has at most ``23 - nmant``
+  fractional bits in a normal binade, and a uniform float32 in [0, 1) is a
+  multiple of ``2**-23``, so ``P(u < frac) == frac`` exactly there; in the
+  subnormal binade it is ``frac`` rounded up to a multiple of ``2**-23``.
+  """
+  a = jnp.abs(y)
+  emin = int(fmt.elem_finfo.minexp)  # smallest normal exponent of the elements
+  e = jnp.maximum(_bits.floor_log2(_bits.f32_bits(a)), emin)
+  ulp_exp = e - fmt.elem_nmant
+  t = _bits.scale_by_pow2(a, -ulp_exp)
+  lo = jnp.floor(t)
+  u = jax.random.uniform(key, y.shape, jnp.float32)
+  r = lo + (u < t - lo).astype(jnp.float32)
+  return jnp.copysign(_bits.scale_by_pow2(r, ulp_exp), y)
+
+
+def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule: str | None = None,
+                        global_scale=None, pad: bool = False) -> QArray:
+  """:func:`fp4jax.quantize` with stochastic instead of nearest element rounding.
+
+  Args:
+    x: float32, bfloat16 or float16 array of shape ``S``.
+    fmt: the format (or its name).
+    key: a ``jax.random`` key; each element draws one uniform number.
+    axis, scale_rule, global_scale, pad: as in :func:`fp4jax.quantize`; block
+      scales (and NVFP4's global scale) are exactly the ones it picks.
+
+  Returns:
+    A QArray like ``quantize``'s (``values`` shape ``S``, ``scales`` with
+    ``S[axis] // block_size``), whose every element is one of the two grid
+    neighbours of ``x / scale``: unbiased, ``E[dequantize(q)] == x``, wherever
+    no element saturates at ``elem_max`` (always true for ``scale_rule="ceil"``).
+  """
+  nearest = quantize(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale, pad=pad,
+                     backend="xla")
+  fmt, ax = nearest.fmt, nearest.axis
+  xf = _bits.flush_subnormals(x.astype(jnp.float32))
+  if pad:
+    xf = pad_axis(xf, ax % xf.ndim, fmt.block_size)
+  blocks = to_blocks(xf, ax, fmt.block_size)
+  scales = jnp.moveaxis(nearest.scales, ax, -1)
+  y = jnp.clip(element_units(blocks, scales, fmt, nearest.global_scale), -fmt.elem_max, fmt.elem_max)
+  sr = encode_units(_stochastic_round(y, fmt, key), fmt)  # on the grid: encoding is exact
+  # Non-finite blocks carry the NaN scale; keep quantize's (zero) values there.
+  bad = jax.lax.bitcast_convert_type(scales, jnp.uint8) == fmt.scale_nan_byte
+  values = jnp.where(bad[..., None], to_blocks(nearest.values, ax, fmt.block_size), sr)
+  return QArray(from_blocks(values, ax), nearest.scales, nearest.global_scale, fmt, ax)
+
+
+@functools.cache
+def _sylvester(n: int) -> np.ndarray:
+  h = np.ones((1, 1))
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return h
+
+
+def hadamard_matrix(n: int, seed: int | None = 0) -> np.ndarray:
+  """The orthonormal ``(n, n)`` float64 matrix ``H_n diag(s) / sqrt(n)``.
+
+  ``H_n`` is Sylvester's Hadamard matrix, ``s`` random signs from ``seed``
+  (``None``: all +1). ``Q @ Q.T == I``.
+  """
+  if n < 2 or n & (n - 1):
+    raise ValueError(f"hadamard size must be a power of two >= 2, got {n}")
+  signs = np.ones(n) if seed is None else np.random.default_rng(seed).choice([-1.0, 1.0], n)
+  return _sylvester(n) * signs[None, :] / math.sqrt(n)
+
+
+def random_hadamard(x, n: int, *, axis: int = -1, seed: int | None = 0):
+  """Applies ``hadamard_matrix(n, seed)`` to every run of ``n`` elements along ``axis``.
+
+  Args:
+    x: floating array; ``x.shape[axis]`` must be a multiple of ``n``.
+
+  Returns:
+    float32, shape of ``x``: block ``b`` along ``axis`` becomes ``Q @ x_b``.
+    Applied to both operands along a contracting axis it leaves their product
+    unchanged (``Q.T @ Q = I``).
+  """
+  ax = normalize_axis(axis, x.ndim, x.shape)
+  if x.shape[ax] % n:
+    raise ValueError(f"random_hadamard: shape {tuple(x.shape)} has length {x.shape[ax]} along axis "
+                     f"{axis}, not a multiple of the transform size {n}")
+  q = jnp.asarray(hadamard_matrix(n, seed), jnp.float32)
+  blocks = to_blocks(x.astype(jnp.float32), ax, n)
+  # HIGHEST: a TF32/bf16 transform would add its own rounding before quantization.
+  out = jnp.einsum("...j,ij->...i", blocks, q, precision=lax.Precision.HIGHEST)
+  return from_blocks(out, ax)
