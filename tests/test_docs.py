@@ -69,7 +69,7 @@ def test_python_block_runs(page, line, src, tmp_path, monkeypatch):
   try:
     exec(code, {"__name__": "__docs__"})
   except Exception as e:  # noqa: BLE001 -- any failure is the page's, reported with its place
-    pytest.fail(f"{_rel(page)}: the python block at line {line} raised {type(e).__name__}: {e}")
+    pytest.fail(f"{_rel(page)}: the python block starting at line {line} raised {type(e).__name__}: {e}")
 
 
 def test_readme_is_short_and_keeps_its_commands():
