@@ -20,6 +20,7 @@ from fp4jax.qat import OperandConfig, QatConfig
 
 W4A4 = QatConfig(lhs=OperandConfig(fj.MXFP4), rhs=OperandConfig(fj.MXFP4))
 W4A4_SR = QatConfig.uniform(fj.MXFP4)
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def np_mxfp4(x, axis):
@@ -40,12 +41,14 @@ def data(seed, shape):
 def test_qdense_is_a_drop_in_dense():
   x = data(0, (4, 64))
   ref = nn.Dense(32)
-  p = ref.init(jax.random.key(1), x)
+  # Both jitted: on a GPU an eager and a jitted initializer may round differently.
+  p = jax.jit(ref.init)(jax.random.key(1), x)
   qp = jax.jit(QDense(32, config=W4A4).init)(jax.random.key(1), x)
   chex.assert_trees_all_equal(p, qp)  # same names, shapes, dtypes and initial values
   np.testing.assert_array_equal(QDense(32).apply(p, x), ref.apply(p, x))
   k, b = np.asarray(p["params"]["kernel"], np.float64), np.asarray(p["params"]["bias"], np.float64)
-  got = jax.jit(QDense(32, config=W4A4).apply)(p, x)
+  # float32 products compared with float64 need float32 precision (a GPU's default is lower).
+  got = jax.jit(QDense(32, config=W4A4, precision=HIGHEST).apply)(p, x)
   chex.assert_shape(got, (4, 32))
   np.testing.assert_allclose(got, np_mxfp4(x, 1) @ np_mxfp4(k, 0) + b, rtol=1e-5, atol=1e-5)
   # An injected dot_general wins over the config, as in nn.Dense.
@@ -105,16 +108,17 @@ def test_linen_ptq_runs_from_stored_qarrays(monkeypatch):
 def test_linen_qeinsum_matches_einsum_params_and_numerics():
   x = data(4, (2, 8, 64))
   ref = nn.Einsum((64, 4, 8), "btd,dhk->bthk")
-  p = ref.init(jax.random.key(1), x)
+  p = jax.jit(ref.init)(jax.random.key(1), x)
   chex.assert_trees_all_equal(p, jax.jit(QEinsum((64, 4, 8), "btd,dhk->bthk", config=W4A4).init)(jax.random.key(1), x))
-  np.testing.assert_allclose(QEinsum((64, 4, 8), "btd,dhk->bthk").apply(p, x), ref.apply(p, x),
+  np.testing.assert_allclose(QEinsum((64, 4, 8), "btd,dhk->bthk", precision=HIGHEST).apply(p, x),
+                             nn.Einsum((64, 4, 8), "btd,dhk->bthk", precision=HIGHEST).apply(p, x),
                              rtol=1e-5, atol=1e-5)
-  got = jax.jit(QEinsum((64, 4, 8), "btd,dhk->bthk", config=W4A4).apply)(p, x)
+  got = jax.jit(QEinsum((64, 4, 8), "btd,dhk->bthk", config=W4A4, precision=HIGHEST).apply)(p, x)
   k = np.asarray(p["params"]["kernel"], np.float64)
   want = np.einsum("btd,dhk->bthk", np_mxfp4(x, 2), np_mxfp4(k, 0)) + np.asarray(p["params"]["bias"])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   qp = quantize_params(p, fj.MXFP4)
-  np.testing.assert_allclose(jax.jit(QEinsum((64, 4, 8), "btd,dhk->bthk", config=W4A4).apply)(qp, x), got,
+  np.testing.assert_allclose(jax.jit(QEinsum((64, 4, 8), "btd,dhk->bthk", config=W4A4, precision=HIGHEST).apply)(qp, x), got,
                              rtol=1e-5, atol=1e-5)
 
 
