@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import fp4jax as fj
-from fp4jax import kernels
+from fp4jax import kernels, sharding
 from fp4jax.prepared import byte_matrix, with_layout
 from fp4jax.qarray import rows_obstacle
 
@@ -181,9 +182,56 @@ def test_validate_rows_global_scale():
 
 # ---- everything that takes a QArray takes "rows" ------------------------------------------------
 @pytest.mark.parametrize("fmt", [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3], ids=lambda f: f.name)
-def test_dequantize_kernel_takes_rows(fmt):
+def test_dequantize_kernel_and_stats_take_rows(fmt):
   x = jax.random.normal(jax.random.key(4), (96, 24), jnp.float32)
   w = fj.quantize(x, fmt, axis=0)
   r = w.with_layout("rows")
   with kernels.interpret_mode():
     np.testing.assert_array_equal(fj.dequantize(r, backend="pallas"), fj.dequantize(w, backend="pallas"))
+  assert fj.stats(x, r) == fj.stats(x, w)
+
+
+def test_qarray_sharding_of_rows_shards_output_channels():
+  mesh = jax.make_mesh((1,), ("d",))
+  for k_axis in (0, 1):
+    w = quantized((64, 16) if k_axis == 0 else (16, 64), fj.NVFP4, k_axis)
+    spec = P(None, "d") if k_axis == 0 else P("d", None)  # N sharded, K whole
+    s = sharding.qarray_sharding(w.with_layout("rows"), NamedSharding(mesh, spec))
+    assert s.layout == "rows" and s.values.spec == P("d", None) and s.scales.spec == P("d", None)
+    assert s.global_scale.is_fully_replicated
+  k_sharded = sharding.qarray_sharding(quantized((64, 16), fj.MXFP4, 0).with_layout("rows"),
+                                       NamedSharding(mesh, P("d")))  # a short spec: K sharded
+  assert k_sharded.values.spec == P(None, "d")
+  placed = sharding.shard_qarray(w.with_layout("rows"), NamedSharding(mesh, P("d", None)))
+  assert placed.layout == "rows" and placed.values.sharding.spec == P("d", None)
+  np.testing.assert_array_equal(fj.dequantize(placed), fj.dequantize(w))
+
+
+def test_gpt_oss_layout_of_rows_is_its_bytes():
+  w = quantized((40, 96), fj.MXFP4, 1)  # (N, K) blocked along K, GPT-OSS's orientation
+  blocks, scales = fj.layouts.to_gpt_oss(w.with_layout("rows"))
+  want = fj.layouts.to_gpt_oss(w)
+  np.testing.assert_array_equal(blocks, want[0])
+  np.testing.assert_array_equal(scales, want[1])
+
+
+@pytest.mark.parametrize("ckpt_layout", ["gpt_oss", "fp4jax"])
+def test_checkpoint_save_writes_the_logical_layout_and_load_can_give_rows(tmp_path, ckpt_layout):
+  from fp4jax import checkpoints
+
+  tensors = {"a": quantized((40, 96), fj.MXFP4, 1), "b": quantized((64, 24), fj.NVFP4, 0),
+             "e": quantized((2, 64, 8), fj.MXFP8_E4M3, 1), "bias": np.arange(5, dtype=np.float32)}
+  rows = {k: v.with_layout("rows") if k in "ab" else v for k, v in tensors.items()}
+  checkpoints.save(tmp_path / "plain.safetensors", tensors, layout=ckpt_layout)
+  checkpoints.save(tmp_path / "rows.safetensors", rows, layout=ckpt_layout)
+  # The file does not depend on how the weights were held.
+  assert (tmp_path / "plain.safetensors").read_bytes() == (tmp_path / "rows.safetensors").read_bytes()
+  plain = checkpoints.load(tmp_path / "rows.safetensors")
+  assert all(plain[k].layout is None for k in "abe")
+  assert_bit_identical(plain["b"], tensors["b"])
+  back = checkpoints.load(tmp_path / "rows.safetensors", qarray_layout="rows")
+  assert back["a"].layout == back["b"].layout == "rows" and back["e"].layout is None  # 3-D stays plain
+  for k in "ab":
+    assert_bit_identical(back[k], rows[k])
+  with pytest.raises(ValueError, match="unknown QArray layout"):
+    checkpoints.load(tmp_path / "rows.safetensors", qarray_layout="cols")
