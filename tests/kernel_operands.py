@@ -107,10 +107,11 @@ def _operands(args: str) -> list[str]:
 def hlo_param_users(text: str, shapes) -> dict[str, list[str]]:
   """For each entry parameter whose shape is in ``shapes`` (e.g. ``"u8[384,256]"``), what reads it.
 
-  Reads through ``call`` (XLA may wrap kernels in command-buffer
-  computations): the callee's matching parameter's readers count. Anything
-  else is reported as ``"<opcode> <name>"``, a custom call as
-  ``"custom-call <target>"``.
+  Reads through ``call`` and ``async-start`` (XLA may wrap a kernel in a
+  command-buffer or async computation): the callee's matching parameter's
+  readers count, and through ``bitcast`` (a free reinterpretation of the
+  buffer, unlike a ``bitcast-convert`` or a fusion). Anything else is reported
+  as ``"<opcode> <name>"``, a custom call as ``"custom-call <target>"``.
   """
   comps, entry = parse_hlo(text)
 
@@ -123,11 +124,13 @@ def hlo_param_users(text: str, shapes) -> dict[str, list[str]]:
       operands = _operands(args)
       if name not in operands:
         continue
-      if op == "call":
+      if op in ("call", "async-start"):  # the callee reads it: follow into it
         callee = re.search(r"(?:to_apply|calls)=%?([\w.\-]+)", attrs).group(1)
         for pos, o in enumerate(operands):
           if o == name:
             found += readers(callee, params(callee)[pos])
+      elif op == "bitcast":  # the same buffer under another shape: no kernel, no copy
+        found += readers(comp, iname)
       elif op == "custom-call":
         target = re.search(r'custom_call_target="([^"]*)"', attrs)
         found.append(f"custom-call {target.group(1) if target else '?'}")
