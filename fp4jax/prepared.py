@@ -97,7 +97,7 @@ def with_layout(q: QArray, layout: str | None) -> QArray:
   if layout is None:
     return _rows_to_plain(q)
   if why := rows_obstacle(q):
-    raise ValueError(f"QArray {q!r} cannot be stored as 'rows': {why}")
+    raise ValueError(f"cannot store {q!r} as 'rows': {why}")
   data, scales = byte_matrix(q)
   return QArray(data, scales, q.global_scale, q.fmt, q.axis, None, "rows")
 
