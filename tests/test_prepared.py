@@ -202,6 +202,8 @@ def test_qarray_sharding_of_rows_shards_output_channels():
   k_sharded = sharding.qarray_sharding(quantized((64, 16), fj.MXFP4, 0).with_layout("rows"),
                                        NamedSharding(mesh, P("d")))  # a short spec: K sharded
   assert k_sharded.values.spec == P(None, "d")
+  target = sharding.abstract_with_sharding(w.with_layout("rows"), NamedSharding(mesh, P("d", None)))
+  assert target.layout == "rows" and target.values.sharding.spec == P("d", None)  # an orbax restore target
   placed = sharding.shard_qarray(w.with_layout("rows"), NamedSharding(mesh, P("d", None)))
   assert placed.layout == "rows" and placed.values.sharding.spec == P("d", None)
   np.testing.assert_array_equal(fj.dequantize(placed), fj.dequantize(w))
