@@ -38,7 +38,6 @@ import fp4jax as fj
 from fp4jax.kernels import mx_matmul as mk
 from fp4jax.kernels import w4a16_matmul as wk
 from fp4jax import matmul as mm
-from fp4jax.matmul import prepare_weight
 
 ROTATE_BYTES = 160e6  # > 3x the H100's 50 MB L2
 MS = (1, 8, 16, 64, 256, 1024, 4096, 8192)
@@ -118,11 +117,11 @@ def ref_matmul(a, b):
 def w4a16_case(m, k, n, fmt, *, configs=None, baselines=True, interpret=False, check=True):
   """Times our kernel (and the baselines) at one shape; returns a dict of results."""
   qs = make_weights(k, n, fmt, n_sets(k * n * fmt.bits_per_element / 8))
-  pws = [prepare_weight(q) for q in qs]
+  pws = [q.with_layout("rows") for q in qs]
   xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16)
         for i in range(n_calls(m * k * 2, len(qs)))]
   res = {"m": m, "k": k, "n": n, "fmt": fmt.name, "sets": len(qs), "calls": len(xs),
-         "weight_bytes": int(pws[0].data.nbytes + pws[0].scales.nbytes)}
+         "weight_bytes": int(pws[0].values.nbytes + pws[0].scales.nbytes)}
   ref = ref_matmul(xs[0], qs[0]).astype(jnp.bfloat16).astype(jnp.float32) if check else None
   dims = (((1,), (1,)), ((), ()))
   methods = dict(configs or {"kernel": None})
@@ -147,14 +146,14 @@ def w4a16_case(m, k, n, fmt, *, configs=None, baselines=True, interpret=False, c
     wb = [q.dequantize(jnp.bfloat16) for q in qs[: n_sets(k * n * 2)]]
     outs["xla_bf16"] = bench(lambda x, w: jnp.dot(x, w), make_calls(xs, wb))
     del wb
-    deq = lambda x, p: jnp.dot(x, p.to_qarray().dequantize(jnp.bfloat16))
+    deq = lambda x, p: jnp.dot(x, p.dequantize(jnp.bfloat16))
     outs["xla_deq_dot"] = bench(deq, make_calls(xs, pws))
   res["t"] = outs
   return res
 
 
 def _w4a16_direct(x, p, *, fmt, cfg, interpret):
-  return wk.w4a16_matmul(x, p.data, p.scales, p.global_scale, fmt=fmt, out_dtype=jnp.bfloat16,
+  return wk.w4a16_matmul(x, p.values, p.scales, p.global_scale, fmt=fmt, out_dtype=jnp.bfloat16,
                          config=cfg, interpret=interpret)
 
 
@@ -162,7 +161,7 @@ def _w4a16_direct(x, p, *, fmt, cfg, interpret):
 def mx_case(m, k, n, fmt, *, configs=None, baselines=True, interpret=False, check=True):
   w_sets = n_sets(k * n * fmt.bits_per_element / 8)
   bs = make_weights(k, n, fmt, w_sets)
-  pws = [prepare_weight(b) for b in bs]
+  pws = [b.with_layout("rows") for b in bs]
   count = n_calls(m * k, w_sets)
   a_f = [jax.random.normal(jax.random.key(11 + i), (m, k), jnp.float32) for i in range(count)]
   aqs = [fj.quantize(a, fmt, axis=-1) for a in a_f]
@@ -192,7 +191,7 @@ def mx_case(m, k, n, fmt, *, configs=None, baselines=True, interpret=False, chec
     wb = [b.dequantize(jnp.bfloat16) for b in bs[: n_sets(k * n * 2)]]
     outs["xla_bf16"] = bench(lambda x, w: jnp.dot(x, w), make_calls(xb, wb))
     del xb, wb
-    deq = lambda a, p: jnp.dot(a.dequantize(jnp.bfloat16), p.to_qarray().dequantize(jnp.bfloat16))
+    deq = lambda a, p: jnp.dot(a.dequantize(jnp.bfloat16), p.dequantize(jnp.bfloat16))
     outs["xla_deq_dot"] = bench(deq, make_calls(aqs, pws))
     try:
       def nn_scaled(a, b):
@@ -207,7 +206,7 @@ def mx_case(m, k, n, fmt, *, configs=None, baselines=True, interpret=False, chec
 
 def _mx_direct(a, p, *, cfg, interpret, out_buffer=None):
   ad, asc = mm.byte_matrix(a)
-  return mk.mx_matmul(ad, asc, a.global_scale, p.data, p.scales, p.global_scale, a_fmt=a.fmt, b_fmt=p.fmt,
+  return mk.mx_matmul(ad, asc, a.global_scale, p.values, p.scales, p.global_scale, a_fmt=a.fmt, b_fmt=p.fmt,
                       out_dtype=jnp.bfloat16, config=cfg, interpret=interpret, out_buffer=out_buffer)
 
 
@@ -259,17 +258,17 @@ def check():
     for m, k, n in ((1, 96, 48), (300, 640, 272), (17, 4160, 200)):
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
       w = make_weights(k, n, fmt, 1)[0]
-      ref, p = ref_matmul(x, w), prepare_weight(w)
+      ref, p = ref_matmul(x, w), w.with_layout("rows")
       rec(f"w4a16 kernel {fmt.name} M={m} K={k} N={n}",
           fj.scaled_matmul(x, p, preferred_element_type=jnp.float32, backend="pallas"), ref)
       rec(f"w4a16 two-pass {fmt.name} M={m} K={k} N={n}",
           mm.run_two_pass("w4a16", x, p, dims, jnp.float32), ref)
   x = jax.random.normal(jax.random.key(5), (17, 4160), jnp.bfloat16)
   w = make_weights(4160, 200, fj.MXFP4, 1)[0]
-  ref, p = ref_matmul(x, w), prepare_weight(w)
+  ref, p = ref_matmul(x, w), w.with_layout("rows")
   for cfg in (wk.Config(16, 32, 64, 1, False, 4, 3), wk.Config(32, 64, 64, 5, True, 4, 3)):
     shape = (17, 200) if cfg.split_k == 1 else (cfg.split_k, 17, 200)
-    out = wk.w4a16_matmul(x, p.data, p.scales, None, fmt=fj.MXFP4, out_dtype=jnp.float32, config=cfg,
+    out = wk.w4a16_matmul(x, p.values, p.scales, None, fmt=fj.MXFP4, out_dtype=jnp.float32, config=cfg,
                           out_buffer=jnp.full(shape, jnp.nan, jnp.float32))
     rec(f"w4a16 poisoned {cfg}", out, ref)
   pairs = ((fj.MXFP4, fj.MXFP4), (fj.MXFP8_E4M3, fj.MXFP8_E4M3), (fj.MXFP8_E4M3, fj.MXFP4),
@@ -278,7 +277,7 @@ def check():
     m, k, n = 130, 640, 272
     a = fj.quantize(jax.random.normal(jax.random.key(m), (m, k)), af, axis=-1)
     w = make_weights(k, n, bf, 1)[0]
-    ref, p = ref_matmul(a, w), prepare_weight(w)
+    ref, p = ref_matmul(a, w), w.with_layout("rows")
     rec(f"mx kernel {af.name} x {bf.name}",
         fj.scaled_matmul(a, p, preferred_element_type=jnp.float32, backend="pallas"), ref)
     rec(f"mx two-pass {af.name} x {bf.name}", mm.run_two_pass("mx", a, p, dims, jnp.float32), ref)
@@ -390,7 +389,7 @@ def markdown(result):
       "dispatches of >= 32 distinct calls (activations distinct per call, weights rotating over > 160 MB",
       "so they come from HBM, not the 50 MB L2). Columns:",
       "",
-      "* `kernel`: `fj.scaled_matmul(x, prepare_weight(w), backend=\"pallas\")`, the Pallas-Triton kernel",
+      "* `kernel`: `fj.scaled_matmul(x, w.with_layout(\"rows\"), backend=\"pallas\")`, the Pallas-Triton kernel",
       "  with its default config;",
       "* `two-pass`: dequantize to bf16 (exact) in one XLA fusion, then a bf16 GEMM (`lax.dot_general`,",
       "  f32 accumulation);",
@@ -420,7 +419,7 @@ def markdown(result):
         f"{_err(r, 'kernel')} |")
   lines += [
       "",
-      "## MX x MX: QArray activations x prepared weights (same format on both sides)",
+      "## MX x MX: QArray activations x `\"rows\"` weights (same format on both sides)",
       "",
       "`kernel` uses bf16 MMAs on exactly dequantized tiles (the faster path measured); `fp8-MMA` is",
       "the per-32-block fp8 product path (`mx_matmul.Config(mma=\"fp8\")`, 128x128x128 tiles).",

@@ -24,7 +24,8 @@ own package. ``tests/test_layering.py`` enforces this list.
  12. cli, __main__
 
 What each holds: formats and bit helpers (1); the QArray data type and
-packing (2); the kernels' weight layout and sharding helpers (3); the scale
+packing (2); the kernels' weight layout (QArray storage conversions) and
+sharding helpers (3); the scale
 rules (4); the pure-jnp reference every kernel equals (5); the Pallas kernels
 (6); the one place that picks an implementation (7); the public numerics API
 (8); QAT, PTQ and diagnostics (9); Flax layers (10); files and reports (11);
@@ -46,9 +47,10 @@ from fp4jax.formats import (
     Format,
     get_format,
 )
-from fp4jax.matmul import PreparedWeight, prepare_weight, scaled_dot_general, scaled_matmul
+from fp4jax.matmul import prepare_weight, scaled_dot_general, scaled_matmul
 from fp4jax.packing import dequantize_packed, pack_fp4, unpack_fp4
 from fp4jax.params import quantize_params
+from fp4jax.prepared import PREPARED_WEIGHT_GONE, with_layout
 from fp4jax.qarray import QArray, validate_qarray
 from fp4jax.qat import (
     OperandConfig,
@@ -64,3 +66,9 @@ from fp4jax.scales import ALL_SCALE_RULES, SCALE_RULES, block_hessians
 from fp4jax.stats import AmaxHistory, Stats, stats
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  if name == "PreparedWeight":  # removed; say what replaces it rather than a bare AttributeError
+    raise AttributeError(PREPARED_WEIGHT_GONE)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,6 @@ import numpy as np
 
 from fp4jax import kernels
 from fp4jax.formats import Format
-from fp4jax.prepared import PreparedWeight
 from fp4jax.qarray import QArray, xla_only_reason
 from fp4jax.scales import SCALE_RULES
 
@@ -152,8 +151,6 @@ def dequantize_obstacle(q: QArray, dtype) -> str | None:
 
 
 def _block_axis(x) -> int:
-  if isinstance(x, PreparedWeight):
-    return x.k_axis
   return x.axis % x.ndim
 
 
@@ -162,15 +159,13 @@ def dot_kernel(lhs, rhs, dims, out_dtype) -> tuple[str | None, str]:
   (lc, rc), (lb, rb) = dims
   if lb or len(lc) != 1:
     return None, "the kernels take one contracting axis and no batch axes"
-  if not isinstance(rhs, (QArray, PreparedWeight)) or len(rhs.shape) != 2:
-    return None, "the kernels need a 2-D QArray or PreparedWeight rhs"
+  if not isinstance(rhs, QArray) or len(rhs.shape) != 2:
+    return None, "the kernels need a 2-D QArray rhs"
   for operand in (lhs, rhs):
     if isinstance(operand, QArray) and (why := xla_only_reason(operand)):
       return None, why
   if _block_axis(rhs) != rc[0]:
     return None, f"rhs is blocked along axis {_block_axis(rhs)}, not its contracting axis {rc[0]}"
-  if isinstance(lhs, PreparedWeight):
-    return None, "a PreparedWeight can only be the rhs"
   if not jnp.issubdtype(out_dtype, jnp.floating):
     return None, f"preferred_element_type {out_dtype} is not floating"
   if isinstance(lhs, QArray):

@@ -5,7 +5,9 @@ initialisers and defaults (subclasses, so checkpoints load unchanged) plus one
 ``config`` (:class:`fp4jax.qat.QatConfig`). With ``config=None`` they compute
 exactly what flax's layers do. A ``kernel`` stored as a :class:`QArray`
 (see :func:`fp4jax.params.quantize_params`) runs inference through the
-block-scaled matmul without re-quantizing it.
+block-scaled matmul without re-quantizing it; stored as ``layout="rows"``
+(``quantize_params``' default for 2-D kernels) it goes into the matmul kernel
+under ``jax.jit`` with no per-call op over it.
 
 Stochastic rounding in the backward pass draws from the ``"quant"`` rng
 collection: ``model.apply(params, x, rngs={"quant": key})``.

@@ -16,7 +16,8 @@ import numpy as np
 from jax import lax
 
 from fp4jax.formats import MXFP4
-from fp4jax.packing import pack_fp4, unpack_fp4
+from fp4jax.packing import unpack_fp4
+from fp4jax.prepared import byte_matrix
 from fp4jax.qarray import QArray, validate_qarray
 
 __all__ = [
@@ -84,7 +85,8 @@ def to_gpt_oss(q: QArray) -> tuple:
   """Inverse of :func:`from_gpt_oss`: an MXFP4 QArray along its last axis -> ``(blocks, scales)``.
 
   Args:
-    q: ``QArray`` with ``fmt=MXFP4`` and ``axis=-1``, values ``(..., G * 32)``.
+    q: ``QArray`` with ``fmt=MXFP4`` and ``axis=-1``, of shape ``(..., G * 32)``
+      (either storage layout).
 
   Returns:
     ``blocks`` uint8 ``(..., G, 16)`` (low nibble = even element) and
@@ -100,9 +102,10 @@ def to_gpt_oss(q: QArray) -> tuple:
         f"to_gpt_oss: GPT-OSS blocks run along the last axis; the QArray of shape {q.shape} "
         f"is blocked along axis {q.axis}"
     )
-  packed = pack_fp4(q.values, axis=-1)
-  blocks = packed.reshape(*q.shape[:-1], q.shape[-1] // MXFP4.block_size, _GPT_OSS_BLOCK_BYTES)
-  return blocks, lax.bitcast_convert_type(q.scales, jnp.uint8)
+  data, scales = byte_matrix(q)  # packed along the last axis (a "rows" QArray's own leaves)
+  lead = q.shape[:-1]
+  blocks = data.reshape(*lead, q.shape[-1] // MXFP4.block_size, _GPT_OSS_BLOCK_BYTES)
+  return blocks, scales.reshape(*lead, q.shape[-1] // MXFP4.block_size)
 
 
 # ---- cuBLAS / CUTLASS block-scale swizzles -------------------------------------

@@ -23,11 +23,12 @@ along the contracting axis, one contracting axis, no batch axes):
 rows of ``lhs`` and the two-pass path above it; ``backend="pallas"`` always
 runs the kernel (interpret mode without a GPU).
 
-A weight that is used many times can be laid out once for the kernels with
-:func:`prepare_weight` (:mod:`fp4jax.prepared`); the resulting
-:class:`PreparedWeight` is a pytree that every function here accepts wherever
-a QArray weight is accepted. Which path runs is decided once per call by
-:mod:`fp4jax.backend`.
+The kernels read a weight as byte rows (:func:`byte_matrix`): one row of bytes
+per output channel, contiguous along ``K``. A QArray stored that way
+(``layout="rows"``: ``q.with_layout("rows")``, ``quantize(..., layout="rows")``,
+``quantize_params``) goes into the kernel as it is; a plain one is transposed
+and packed on every call, inside the jitted function. Which path runs is
+decided once per call by :mod:`fp4jax.backend`.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from jax import lax
 from fp4jax import backend as backends
 from fp4jax.backend import KERNEL_MAX_ROWS
 from fp4jax.kernels import matmul_common as common
-from fp4jax.prepared import PreparedWeight, byte_matrix, prepare_weight
+from fp4jax.prepared import PREPARED_WEIGHT_GONE, byte_matrix, prepare_weight
 from fp4jax.qarray import QArray, validate_qarray
 from fp4jax.reference import scaled_dot_general_reference
 
@@ -47,7 +48,6 @@ __all__ = [
     "scaled_dot_general",
     "scaled_matmul",
     "scaled_dot_general_reference",
-    "PreparedWeight",
     "prepare_weight",
     "byte_matrix",
     "run_two_pass",
@@ -57,17 +57,21 @@ __all__ = [
 
 
 # ---- validation --------------------------------------------------------------
+def __getattr__(name):
+  if name == "PreparedWeight":
+    raise AttributeError(PREPARED_WEIGHT_GONE)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _check_operand(x, name: str):
-  if isinstance(x, PreparedWeight):
-    return x.shape
   if isinstance(x, QArray):
     validate_qarray(x)
     return x.shape
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"scaled_dot_general: {name} must be a floating array, a QArray or a "
-                     f"PreparedWeight, got dtype {x.dtype} with shape {tuple(x.shape)}")
+    raise ValueError(f"scaled_dot_general: {name} must be a floating array or a QArray, "
+                     f"got dtype {x.dtype} with shape {tuple(x.shape)}")
   return tuple(x.shape)
 
 
@@ -111,8 +115,8 @@ def _lhs_rows(lhs, dims) -> int:
 
 
 def _rows_bf16(x):
-  """A QArray / PreparedWeight as exact bfloat16 rows ``(R, K)`` and its global scale."""
-  data, scales = (x.data, x.scales) if isinstance(x, PreparedWeight) else byte_matrix(x)
+  """A QArray as exact bfloat16 rows ``(R, K)`` and its global scale."""
+  data, scales = byte_matrix(x)
   return common.dequantize_tile(data, scales, x.fmt, jnp.bfloat16), x.global_scale
 
 
@@ -138,9 +142,13 @@ def run_two_pass(kind, lhs, rhs, dims, out_dtype):
 
 
 def run_kernel(kind, lhs, rhs, dims, out_dtype, interpret):
-  """The ``"w4a16"`` or ``"mx"`` Pallas kernel on the operands' byte matrices."""
+  """The ``"w4a16"`` or ``"mx"`` Pallas kernel on the operands' byte matrices.
+
+  A ``"rows"`` QArray's leaves are those matrices: they reach the kernel as
+  they are, with no op over the weight outside it.
+  """
   (lc, _), _ = dims
-  w_data, w_scales = (rhs.data, rhs.scales) if isinstance(rhs, PreparedWeight) else byte_matrix(rhs)
+  w_data, w_scales = byte_matrix(rhs)
   w_fmt, w_gs = rhs.fmt, rhs.global_scale
   n = w_data.shape[0]
   if kind == "w4a16":
@@ -188,9 +196,9 @@ def scaled_dot_general(lhs, rhs, dimension_numbers, *, preferred_element_type=jn
   """``lax.dot_general`` where either operand may be block-scaled.
 
   Args:
-    lhs, rhs: floating arrays, :class:`~fp4jax.QArray`\\ s, or (``rhs`` only) a
-      :class:`PreparedWeight`. A QArray is normally blocked along a contracting
-      axis; the XLA path accepts any block axis.
+    lhs, rhs: floating arrays or :class:`~fp4jax.QArray`\\ s (either storage
+      layout). A QArray is normally blocked along a contracting axis; the XLA
+      path accepts any block axis.
     dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch,
       rhs_batch))`` as for ``lax.dot_general``.
     preferred_element_type: output dtype (the accumulation is float32).
@@ -210,7 +218,8 @@ def scaled_dot_general(lhs, rhs, dimension_numbers, *, preferred_element_type=jn
                     precision=HIGHEST, preferred_element_type=f32).astype(preferred_element_type)
 
   and equal to it to float32 rounding on every backend. The kernels take:
-  a bfloat16 ``lhs`` with a 2-D QArray/PreparedWeight ``rhs`` (any format), or
+  a bfloat16 ``lhs`` with a 2-D QArray ``rhs`` (any format; stored as
+  ``layout="rows"`` it reaches the kernel without a per-call relayout), or
   a QArray ``lhs`` with such an ``rhs`` of the same block size, one contracting
   axis, no batch axes, QArrays blocked along the contracting axis.
   """
@@ -239,7 +248,7 @@ def _dot(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
 
 
 def _describe(x) -> str:
-  if isinstance(x, (QArray, PreparedWeight)):
+  if isinstance(x, QArray):
     return repr(x)
   return f"{jnp.dtype(x.dtype)}{list(x.shape)}"
 
@@ -250,8 +259,8 @@ def scaled_matmul(a, b, *, preferred_element_type=jnp.bfloat16, backend: str = "
   Args:
     a: ``(..., M, K)`` floating array or QArray (blocked along the last axis
       for the kernels).
-    b: ``(K, N)`` floating array, QArray blocked along axis 0, or a
-      :class:`PreparedWeight` of such a weight.
+    b: ``(K, N)`` floating array or QArray blocked along axis 0 (either
+      storage layout; ``"rows"`` is the kernels' own).
     preferred_element_type: output dtype.
     backend: see :func:`scaled_dot_general`.
 

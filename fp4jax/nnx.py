@@ -6,7 +6,8 @@ unchanged), plus ``config`` (:class:`fp4jax.qat.QatConfig`). With
 ``config=None`` they compute what flax's layers compute. After
 ``nnx.update(model, fp4jax.params.quantize_params(nnx.state(model, nnx.Param), fmt))``
 the kernels are QArrays and the layers run inference through the block-scaled
-matmul without re-quantizing them.
+matmul without re-quantizing them (2-D ones stored as the kernels' byte rows,
+``layout="rows"``, so no per-call op runs over them).
 
 Stochastic rounding draws from ``rngs["quant"]`` (``rngs["default"]`` when
 absent), forked at construction like ``nnx.Dropout`` does.

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from fp4jax.formats import Format, get_format
-from fp4jax.qarray import QArray
+from fp4jax.qarray import STORAGE_LAYOUTS, QArray, rows_obstacle
 from fp4jax.quantize import quantize
 
 __all__ = ["quantize_params", "param_path"]
@@ -44,6 +44,7 @@ def quantize_params(
     scale_rule: str | None = None,
     axis: int | Callable[[str, Any], int] = 0,
     predicate: Callable[[str, Any], bool] | None = None,
+    layout: str | None = "auto",
 ):
   """Replaces the kernels of a trained parameter tree by :class:`QArray` s.
 
@@ -58,15 +59,31 @@ def quantize_params(
     predicate: ``predicate(path, leaf) -> bool`` selects the leaves to quantize;
       ``path`` is ``"layer/kernel"`` (see :func:`param_path`). Default: leaves
       named ``kernel`` with at least two axes.
+    layout: how each QArray stores its leaves (see :class:`QArray`):
+      ``"auto"`` (default) stores every one that the matmul kernels' byte-row
+      layout can hold (a 2-D kernel in a format of ``fp4jax.FORMATS``) as
+      ``"rows"`` and the others (3-D Einsum / expert kernels, MXFP6, MXINT8)
+      in the logical layout; ``"rows"`` insists (ValueError naming a leaf it
+      cannot hold); ``None`` keeps the logical layout everywhere.
 
   Returns:
-    The same tree with each selected leaf a QArray (shape unchanged), the rest
-    untouched. ``QDense``/``QLinear``/``QEinsum`` run inference from these
-    stored QArrays through :func:`fp4jax.scaled_dot_general` without
-    re-quantizing them. For nnx, ``nnx.update(model, quantize_params(...))``.
+    The same tree with each selected leaf a QArray (logical shape unchanged),
+    the rest untouched. ``QDense``/``QLinear``/``QEinsum`` run inference from
+    these stored QArrays through :func:`fp4jax.scaled_dot_general` without
+    re-quantizing them, and a ``"rows"`` kernel reaches the matmul kernel
+    with no per-call op over it. ``fp4jax.dequantize``, ``fp4jax.stats``,
+    checkpoints and orbax take either layout. For nnx,
+    ``nnx.update(model, quantize_params(...))``.
+
+  Why ``"auto"``: the point of a 4-bit weight is a fast matmul, and with the
+  logical layout every jitted call transposes and re-packs the weight before
+  the kernel (on a GPU that costs more than the kernel itself at decode
+  sizes). The byte rows are chosen once, here, where the weight is made.
   """
   fmt = get_format(fmt)
   predicate = _is_kernel if predicate is None else predicate
+  if layout != "auto" and layout not in STORAGE_LAYOUTS:
+    raise ValueError(f"quantize_params: unknown layout {layout!r}; expected 'auto' or one of {STORAGE_LAYOUTS}")
 
   def one(path, leaf):
     name = param_path(path)
@@ -74,7 +91,10 @@ def quantize_params(
       return leaf
     ax = axis(name, leaf) if callable(axis) else axis
     try:
-      return quantize(leaf, fmt, axis=ax, scale_rule=scale_rule)
+      q = quantize(leaf, fmt, axis=ax, scale_rule=scale_rule)
+      if layout == "auto":
+        return q.with_layout("rows") if rows_obstacle(q) is None else q
+      return q.with_layout(layout)
     except ValueError as e:
       raise ValueError(f"quantize_params: parameter {name!r} (shape {np.shape(leaf)}, dtype "
                        f"{getattr(leaf, 'dtype', None)}): {e}") from None

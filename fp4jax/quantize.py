@@ -12,7 +12,8 @@ import numpy as np
 
 from fp4jax import _bits, backend as backends, qarray
 from fp4jax.formats import Format, get_format
-from fp4jax.qarray import QArray, check_global_scale_shape, normalize_axis, validate_qarray
+from fp4jax.prepared import with_layout
+from fp4jax.qarray import STORAGE_LAYOUTS, QArray, check_global_scale_shape, normalize_axis, validate_qarray
 from fp4jax.reference import MAX_GLOBAL_ENCODE, dequantize_reference, global_factors, group_amax_bits, quantize_reference
 from fp4jax.scales import check_rule, global_encode_numerator
 
@@ -154,6 +155,7 @@ def quantize(
     backend: str = "auto",
     block_shape: tuple[int, int] | None = None,
     granularity="tensor",
+    layout: str | None = None,
 ) -> QArray:
   """Quantizes ``x`` to a block-scaled format along ``axis``.
 
@@ -194,6 +196,11 @@ def quantize(
       the block axis, 1-D blocks), ``"leading"`` (one per index of axis 0,
       e.g. per expert of an ``(E, K, N)`` weight) or a tuple of the axes to
       keep. Each is computed from that group's amax (:func:`global_amax`).
+    layout: how the QArray stores its leaves: ``None`` (the logical array,
+      as described below) or ``"rows"``, the matmul kernels' byte rows, for a
+      2-D weight blocked along its contracting axis (see :class:`QArray`).
+      The same numbers either way; ``"rows"`` saves a relayout on every
+      matmul call.
 
   Returns:
     A :class:`QArray` with ``values`` of shape ``S`` in ``fmt.elem_dtype``,
@@ -223,6 +230,8 @@ def quantize(
     values = round_to_e2m1(clip(b / s[..., None], -6, 6))
   """
   fmt = get_format(fmt)
+  if layout not in STORAGE_LAYOUTS:
+    raise ValueError(f"unknown QArray layout {layout!r}; expected one of {STORAGE_LAYOUTS}")
   x = jnp.asarray(x) if not hasattr(x, "dtype") else x
   tile = None
   if block_shape is not None:
@@ -270,10 +279,12 @@ def quantize(
   if plan.impl == "kernel":
     from fp4jax.kernels import quantize_pack  # lazy: Pallas loads only when a kernel runs
 
-    return quantize_pack.quantize_qarray(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
-                                         interpret=plan.interpret)
-  return quantize_reference(x, global_scale, hessian, fmt=fmt, axis=axis, scale_rule=scale_rule, pad=pad,
-                            tile=tile, keep=keep)
+    q = quantize_pack.quantize_qarray(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
+                                      interpret=plan.interpret)
+  else:
+    q = quantize_reference(x, global_scale, hessian, fmt=fmt, axis=axis, scale_rule=scale_rule, pad=pad,
+                           tile=tile, keep=keep)
+  return q if layout is None else with_layout(q, layout)
 
 
 def _check_block_shape(block_shape, x, fmt: Format, axis, pad: bool) -> int:
@@ -307,7 +318,7 @@ def dequantize(q: QArray, dtype=jnp.float32, *, backend: str = "auto"):
 
   Args:
     q: a :class:`QArray` (any format, any rank and block axis, 1-D or 2-D
-      blocks, scalar or per-group global scale).
+      blocks, scalar or per-group global scale, either storage layout).
     dtype: a floating output dtype.
     backend: ``"xla"``, ``"pallas"`` or ``"auto"``, as for :func:`quantize`.
 
@@ -323,7 +334,7 @@ def dequantize(q: QArray, dtype=jnp.float32, *, backend: str = "auto"):
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dequantize: dtype must be floating, got {dtype}")
   backends.check_backend(backend)
-  validate_qarray(q)
+  q = with_layout(validate_qarray(q), None)  # the kernels and the reference read the logical array
   obstacle = None if backend == "xla" else backends.dequantize_obstacle(q, dtype)
   plan = backends.choose("dequantize", backend, obstacle, verified=backends.gpu_verified("dequantize", q.fmt))
   if plan.impl == "kernel":

@@ -51,11 +51,15 @@ def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
   """Shardings for each leaf of ``q``: a QArray-shaped pytree for ``device_put``, ``jit`` or orbax.
 
   ``values`` and ``scales`` get ``sharding`` (the scales have the values' rank,
-  so one ``PartitionSpec`` fits both); ``global_scale`` is replicated.
+  so one ``PartitionSpec`` fits both); ``global_scale`` is replicated. A
+  ``"rows"`` QArray's leaves are ``(N, K...)`` whatever its logical
+  orientation, so they get the logical spec with its ``N`` and ``K`` entries
+  in that order: sharding a ``(K, N)`` weight along ``N`` shards its byte rows.
 
   Args:
     q: a QArray, or its abstract form (``jax.eval_shape``), of shape ``S``.
-    sharding: a ``NamedSharding`` for an array of shape ``S``.
+    sharding: a ``NamedSharding`` for an array of shape ``S`` (the logical
+      shape, for either storage layout).
 
   Raises:
     ValueError: if a shard would split a block (see :func:`check_block_sharding`).
@@ -70,7 +74,11 @@ def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
     raise ValueError(f"qarray_sharding: a per-group global scale of shape {tuple(q.global_scale.shape)} "
                      "has no sharding rule yet; use a tensor-wide global scale")
   replicated = None if q.global_scale is None else NamedSharding(sharding.mesh, PartitionSpec())
-  return QArray(sharding, sharding, replicated, q.fmt, q.axis, q.block_shape)
+  leaves = sharding
+  if q.layout == "rows":
+    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+    leaves = NamedSharding(sharding.mesh, PartitionSpec(*(spec[::-1] if q.axis == -2 else spec)))
+  return QArray(leaves, leaves, replicated, q.fmt, q.axis, q.block_shape, q.layout)
 
 
 def shard_qarray(q: QArray, sharding: NamedSharding) -> QArray:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fp4jax.formats import Format, get_format
+from fp4jax.prepared import with_layout
 from fp4jax.qarray import QArray, validate_qarray
 from fp4jax.quantize import dequantize, global_amax, global_scale_from_amax
 
@@ -91,7 +92,7 @@ def stats(x, q: QArray) -> Stats:
     x: the original array, any float dtype, shape ``q.shape`` (for a QArray
       quantized with ``pad=True``, the padded shape).
     q: a :class:`fp4jax.QArray` (any format, 1-D or 2-D blocks, any global
-      scale granularity).
+      scale granularity, either storage layout).
 
   Returns:
     A :class:`Stats` of Python floats and ints.
@@ -102,7 +103,7 @@ def stats(x, q: QArray) -> Stats:
   """
   if not isinstance(q, QArray):
     raise ValueError(f"stats expects a fp4jax.QArray as q, got {type(q).__name__}")
-  validate_qarray(q)
+  q = with_layout(validate_qarray(q), None)  # the per-block sums below read the logical array
   x = np.asarray(jax.device_get(x))
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"stats: x must be floating, got dtype {x.dtype}")

@@ -11,12 +11,14 @@ import pytest
 from flax import nnx
 
 import fp4jax as fj
+from fp4jax import kernels
 from fp4jax.qat import dot as qat
 from fp4jax.flax import QDense, QEinsum
 from fp4jax.nnx import QEinsum as NQEinsum
 from fp4jax.nnx import QLinear
 from fp4jax.params import quantize_params
 from fp4jax.qat import OperandConfig, QatConfig
+from kernel_operands import hlo_param_users, jaxpr_weight_path
 
 W4A4 = QatConfig(lhs=OperandConfig(fj.MXFP4), rhs=OperandConfig(fj.MXFP4))
 W4A4_SR = QatConfig.uniform(fj.MXFP4)
@@ -90,10 +92,12 @@ def test_linen_ptq_runs_from_stored_qarrays(monkeypatch):
   assert sum(isinstance(leaf, fj.QArray) for leaf in leaves) == 2
   for layer in ("layers_0", "layers_2"):
     q = qparams["params"][layer]["kernel"]
-    assert q.axis == -2 and q.values.dtype == jnp.float4_e2m1fn
+    assert q.axis == -2 and q.shape == params["params"][layer]["kernel"].shape
+    assert q.layout == "rows" and q.values.dtype == jnp.uint8  # the kernels' byte rows, by default
     np.testing.assert_array_equal(qparams["params"][layer]["bias"], params["params"][layer]["bias"])
-  # Same numbers as QAT's forward with those weights...
+  # Same numbers as QAT's forward with those weights, in either storage layout...
   np.testing.assert_allclose(model.apply(qparams, x), model.apply(params, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(model.apply(qparams, x), model.apply(quantize_params(params, fj.MXFP4, layout=None), x))
   # ...and only the activations are quantized per call: once per layer.
   calls = []
   orig = qat.quantize
@@ -177,3 +181,74 @@ def test_quantize_params_predicate_axis_and_errors():
   assert q["emb"]["embedding"].axis == -1 and q["head"]["kernel"].axis == -2
   with pytest.raises(ValueError, match=r"'enc/kernel' \(shape \(64, 30\)"):
     quantize_params({"enc": {"kernel": jnp.ones((64, 30))}}, fj.MXFP4, axis=1)
+
+
+def test_quantize_params_layout():
+  params = {"dense": {"kernel": data(11, (64, 32))}, "experts": {"kernel": data(12, (2, 64, 32))}}
+  in_axis = lambda path, leaf: leaf.ndim - 2  # (..., in, out) kernels
+  auto = quantize_params(params, fj.NVFP4, axis=in_axis)
+  assert auto["dense"]["kernel"].layout == "rows" and auto["experts"]["kernel"].layout is None
+  plain = quantize_params(params, fj.NVFP4, axis=in_axis, layout=None)
+  assert {q.layout for q in jax.tree.leaves(plain, is_leaf=lambda l: isinstance(l, fj.QArray))} == {None}
+  chex.assert_trees_all_equal(auto["dense"]["kernel"], plain["dense"]["kernel"].with_layout("rows"))
+  assert quantize_params(params, "mxint8", axis=in_axis)["dense"]["kernel"].layout is None  # codes: the XLA path's
+  with pytest.raises(ValueError, match=r"'experts/kernel' \(shape \(2, 64, 32\).*cannot store .* as 'rows'"):
+    quantize_params(params, fj.MXFP4, axis=in_axis, layout="rows")
+  with pytest.raises(ValueError, match="unknown layout 'cols'"):
+    quantize_params(params, fj.MXFP4, layout="cols")
+  # A 2-D Einsum kernel (contracted over its first axis) is stored as rows too, with the same numbers.
+  x = data(13, (3, 64))
+  einsum = QEinsum((64, 32), "bd,df->bf", use_bias=False)
+  p = jax.jit(einsum.init)(jax.random.key(0), x)
+  rows, logical = quantize_params(p, fj.MXFP4), quantize_params(p, fj.MXFP4, layout=None)
+  assert rows["params"]["kernel"].layout == "rows"
+  np.testing.assert_array_equal(einsum.apply(rows, x), einsum.apply(logical, x))
+
+
+# ---- the weight reaches the kernel with no op over it -------------------------------------------
+LAYOUT_FORMATS = [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3]
+
+
+@pytest.mark.parametrize("fmt", LAYOUT_FORMATS, ids=lambda f: f.name)
+def test_qdense_and_qlinear_pass_the_stored_weight_straight_to_the_kernel(monkeypatch, fmt):
+  """Under jit, ``backend="auto"`` as on a GPU (kernel interpreted): the weight's leaves reach ``pallas_call``."""
+  x = data(14, (4, 64)).astype(jnp.bfloat16)
+  model = QDense(48, dtype=jnp.bfloat16)
+  params = jax.jit(model.init)(jax.random.key(0), x)
+  qparams = quantize_params(params, fmt)
+  want = model.apply(qparams, x)  # the CPU's "auto": the XLA reference
+  layer = QLinear(64, 48, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  nnx.update(layer, quantize_params(nnx.state(layer, nnx.Param), fmt))
+  graphdef, state = nnx.split(layer)
+  monkeypatch.setattr(kernels, "on_gpu", lambda: True)
+  with kernels.interpret_mode():
+    seen, others = jaxpr_weight_path(jax.jit(model.apply), (qparams, x), qparams["params"]["kernel"])
+    assert others == [] and sorted(seen) == ["scales", "values"]
+    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(qparams, x), np.float32), np.asarray(want, np.float32),
+                               rtol=2**-7, atol=1e-6)
+    call = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    seen, others = jaxpr_weight_path(call, (state, x), layer.kernel.get_value())
+    assert others == [] and sorted(seen) == ["scales", "values"]
+    # The check can fail: a weight in the logical layout is relaid on every call.
+    plain = quantize_params(params, fmt, layout=None)
+    seen, others = jaxpr_weight_path(jax.jit(model.apply), (plain, x), plain["params"]["kernel"])
+    assert others
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the kernel's custom call is in the optimized HLO on a GPU only; on the CPU, "
+                           "test_qdense_and_qlinear_pass_the_stored_weight_straight_to_the_kernel checks the jaxpr")
+@pytest.mark.parametrize("fmt", LAYOUT_FORMATS, ids=lambda f: f.name)
+def test_qdense_hlo_feeds_the_weight_buffers_to_the_kernel_custom_call(fmt):
+  """The compiled jitted ``QDense.apply``: each of the weight's buffers is read by the kernel's custom call only."""
+  k, n = 512, 384
+  x = jax.random.normal(jax.random.key(0), (4, k), jnp.bfloat16)
+  model = QDense(n, dtype=jnp.bfloat16)
+  qparams = quantize_params(jax.jit(model.init)(jax.random.key(1), x), fmt)
+  hlo = jax.jit(model.apply).lower(qparams, x).compile().as_text()
+  shapes = {f"u8[{n},{k * fmt.elem_bits // 8}]", f"u8[{n},{k // fmt.block_size}]"}
+  users = hlo_param_users(hlo, shapes)
+  assert len(users) == 2, f"no entry parameters of shapes {shapes} in the HLO:\n{hlo}"
+  for name, readers in users.items():
+    assert readers and all(r.startswith("custom-call") for r in readers), (
+        f"weight parameter {name} is read by {readers}, not only by the kernel:\n{hlo}")

@@ -16,7 +16,7 @@ import fp4jax as fj
 from fp4jax.kernels import matmul_common as common
 from fp4jax.kernels import mx_matmul as mk
 from fp4jax.kernels import w4a16_matmul as wk
-from fp4jax.matmul import byte_matrix, prepare_weight
+from fp4jax.matmul import byte_matrix
 
 F32, BF16 = np.dtype(np.float32), np.dtype(jnp.bfloat16)
 
@@ -97,8 +97,8 @@ W4A16_CASES = [
 def test_w4a16_default_config_matches_float64(fmt, m, k, n, out_dtype):
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
   w = quantized((k, n), fmt, 0, seed=k + n)
-  p = prepare_weight(w)
-  out = wk.w4a16_matmul(x, p.data, p.scales, p.global_scale, fmt=fmt, out_dtype=out_dtype,
+  p = w.with_layout("rows")
+  out = wk.w4a16_matmul(x, p.values, p.scales, p.global_scale, fmt=fmt, out_dtype=out_dtype,
                         interpret=True, out_buffer=poisoned((m, n), out_dtype))
   assert out.dtype == out_dtype
   x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
@@ -114,10 +114,10 @@ def test_w4a16_configs(cfg, fmt):
   m, k, n = 19, 320, 80
   x = jax.random.normal(jax.random.key(3), (m, k), jnp.bfloat16)
   w = quantized((k, n), fmt, 0, seed=4)
-  p = prepare_weight(w)
+  p = w.with_layout("rows")
   shape = (m, n) if cfg.split_k == 1 else (cfg.split_k, m, n)
   dtype = BF16 if cfg.split_k == 1 else F32
-  out = wk.w4a16_matmul(x, p.data, p.scales, p.global_scale, fmt=fmt, out_dtype=jnp.bfloat16,
+  out = wk.w4a16_matmul(x, p.values, p.scales, p.global_scale, fmt=fmt, out_dtype=jnp.bfloat16,
                         config=cfg, interpret=True, out_buffer=poisoned(shape, dtype))
   x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
   assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), BF16)
@@ -130,8 +130,8 @@ def test_w4a16_nan_scale_poisons_its_columns_only():
   s = np.asarray(w.scales).view(np.uint8).copy()
   s[1, 7] = 0xFF  # E8M0 NaN: block 1 of column 7
   w = fj.QArray(w.values, jnp.asarray(s).view(jnp.float8_e8m0fnu), None, w.fmt, w.axis)
-  p = prepare_weight(w)
-  out = np.asarray(wk.w4a16_matmul(x, p.data, p.scales, None, fmt=fj.MXFP4, out_dtype=jnp.float32,
+  p = w.with_layout("rows")
+  out = np.asarray(wk.w4a16_matmul(x, p.values, p.scales, None, fmt=fj.MXFP4, out_dtype=jnp.float32,
                                    interpret=True))
   assert np.all(np.isnan(out[:, 7]))
   assert np.all(np.isfinite(np.delete(out, 7, axis=1)))
@@ -146,8 +146,8 @@ def test_w4a16_extreme_scales_are_exact():
   exps = np.array([[7] * n, [240] * n], np.uint8)  # 2**-120 and 2**113
   w = fj.QArray(values, jnp.asarray(exps).view(jnp.float8_e8m0fnu), None, fj.MXFP4, -2)
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-  p = prepare_weight(w)
-  out = wk.w4a16_matmul(x, p.data, p.scales, None, fmt=fj.MXFP4, out_dtype=jnp.float32, interpret=True)
+  p = w.with_layout("rows")
+  out = wk.w4a16_matmul(x, p.values, p.scales, None, fmt=fj.MXFP4, out_dtype=jnp.float32, interpret=True)
   x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
   assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), F32)
 
@@ -160,11 +160,11 @@ def test_w4a16_extreme_scales_are_exact():
     (dict(global_scale=jnp.float32(1.0)), "global scale"),
 ])
 def test_w4a16_rejects_bad_input(bad, match):
-  w = prepare_weight(quantized((64, 32), fj.MXFP4, 0, seed=0))
+  w = quantized((64, 32), fj.MXFP4, 0, seed=0).with_layout("rows")
   args = dict(x=jnp.zeros((2, 64), jnp.bfloat16), global_scale=None, config=None)
   args.update(bad)
   with pytest.raises(ValueError, match=match):
-    wk.w4a16_matmul(args["x"], w.data, w.scales, args["global_scale"], fmt=fj.MXFP4,
+    wk.w4a16_matmul(args["x"], w.values, w.scales, args["global_scale"], fmt=fj.MXFP4,
                     config=args["config"], interpret=True)
 
 
@@ -187,10 +187,10 @@ def test_mx_matches_float64(a_fmt, b_fmt, m, k, n, out_dtype, mma):
   a = quantized((m, k), a_fmt, -1, seed=m)
   b = quantized((k, n), b_fmt, 0, seed=n)
   ad, asc = byte_matrix(a)
-  p = prepare_weight(b)
+  p = b.with_layout("rows")
   cfg = mk.default_config(m, k, n, a_fmt, b_fmt)
   cfg = mk.Config(block_m=cfg.block_m, block_n=32, block_k=cfg.block_k, mma=mma)
-  out = mk.mx_matmul(ad, asc, a.global_scale, p.data, p.scales, p.global_scale, a_fmt=a_fmt, b_fmt=b_fmt,
+  out = mk.mx_matmul(ad, asc, a.global_scale, p.values, p.scales, p.global_scale, a_fmt=a_fmt, b_fmt=b_fmt,
                      out_dtype=out_dtype, config=cfg, interpret=True, out_buffer=poisoned((m, n), out_dtype))
   a64, b64 = dequant64(a), dequant64(b)
   assert_matches(out, a64 @ b64, np.abs(a64) @ np.abs(b64), out_dtype)
@@ -201,9 +201,9 @@ def test_mx_default_config_prefill_tile():
   a = quantized((m, k), fj.MXFP8_E4M3, -1, seed=1)
   b = quantized((k, n), fj.MXFP8_E4M3, 0, seed=2)
   ad, asc = byte_matrix(a)
-  p = prepare_weight(b)
+  p = b.with_layout("rows")
   assert mk.default_config(m, k, n, a.fmt, b.fmt).block_m == 128
-  out = mk.mx_matmul(ad, asc, None, p.data, p.scales, None, a_fmt=a.fmt, b_fmt=b.fmt, out_dtype=jnp.float32,
+  out = mk.mx_matmul(ad, asc, None, p.values, p.scales, None, a_fmt=a.fmt, b_fmt=b.fmt, out_dtype=jnp.float32,
                      interpret=True, out_buffer=poisoned((m, n), F32))
   a64, b64 = dequant64(a), dequant64(b)
   assert_matches(out, a64 @ b64, np.abs(a64) @ np.abs(b64), F32)
@@ -213,16 +213,16 @@ def test_mx_rejects_bad_input():
   a = quantized((4, 64), fj.NVFP4, -1, seed=0)
   b = quantized((64, 32), fj.NVFP4, 0, seed=1)
   ad, asc = byte_matrix(a)
-  p = prepare_weight(b)
-  call = functools.partial(mk.mx_matmul, ad, asc, a.global_scale, p.data, p.scales, p.global_scale,
+  p = b.with_layout("rows")
+  call = functools.partial(mk.mx_matmul, ad, asc, a.global_scale, p.values, p.scales, p.global_scale,
                            a_fmt=a.fmt, b_fmt=b.fmt, interpret=True)
   with pytest.raises(ValueError, match="fp8 path"):
     call(config=mk.Config(16, 16, 32, "fp8"))
   with pytest.raises(ValueError, match="mma"):
     call(config=mk.Config(16, 16, 32, "int8"))
   with pytest.raises(ValueError, match="block sizes differ"):
-    mk.mx_matmul(ad, asc, a.global_scale, p.data, p.scales, None, a_fmt=a.fmt, b_fmt=fj.MXFP4,
+    mk.mx_matmul(ad, asc, a.global_scale, p.values, p.scales, None, a_fmt=a.fmt, b_fmt=fj.MXFP4,
                  interpret=True)
   with pytest.raises(ValueError, match="do not agree"):
-    mk.mx_matmul(ad[:, :-1], asc, a.global_scale, p.data, p.scales, p.global_scale, a_fmt=a.fmt,
+    mk.mx_matmul(ad[:, :-1], asc, a.global_scale, p.values, p.scales, p.global_scale, a_fmt=a.fmt,
                  b_fmt=b.fmt, interpret=True)

@@ -1,4 +1,4 @@
-"""fp4jax.scaled_matmul / scaled_dot_general: API, validation, dispatch, pre-layout."""
+"""fp4jax.scaled_matmul / scaled_dot_general: API, validation, dispatch, the "rows" weight layout."""
 
 import chex
 import jax
@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import fp4jax as fj
 from fp4jax import matmul as mm
 from fp4jax import kernels
-from fp4jax.matmul import PreparedWeight, prepare_weight
+from fp4jax.matmul import prepare_weight
+from kernel_operands import jaxpr_weight_path
 
 FORMATS = [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3, fj.MXFP8_E5M2]
 
@@ -41,66 +42,55 @@ def raw(a):
   return np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint8))
 
 
-# ---- pre-layout -----------------------------------------------------------------------------
+# ---- the kernels' weight layout ("rows") in the matmul ------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("k_axis", [0, 1])
-def test_prepare_weight_round_trip(fmt, k_axis):
-  shape = (96, 40) if k_axis == 0 else (40, 96)
-  w = quantized(shape, fmt, k_axis)
-  p = prepare_weight(w)
-  chex.assert_shape(p.data, (40, 96 * fmt.elem_bits // 8))
-  chex.assert_shape(p.scales, (40, 96 // fmt.block_size))
-  assert p.data.dtype == jnp.uint8 and p.shape == shape
-  back = p.to_qarray()
-  assert back.fmt == w.fmt and back.axis == w.axis
-  np.testing.assert_array_equal(raw(back.values), raw(w.values))
-  np.testing.assert_array_equal(raw(back.scales), raw(w.scales))
-  if fmt.has_global_scale:
-    assert np.asarray(back.global_scale) == np.asarray(w.global_scale)
+def test_rows_weight_gives_the_same_product_on_every_backend(fmt, k_axis):
+  k, n = 96, 40
+  w = quantized((k, n) if k_axis == 0 else (n, k), fmt, k_axis)
+  r = w.with_layout("rows")
+  x = jax.random.normal(jax.random.key(1), (3, k), jnp.bfloat16)
+  dims = (((1,), (k_axis,)), ((), ()))
+  ref = fj.scaled_dot_general(x, w, dims, backend="xla")
+  np.testing.assert_array_equal(fj.scaled_dot_general(x, r, dims, backend="xla"), ref)
+  np.testing.assert_array_equal(fj.scaled_dot_general(x, r, dims, backend="auto"), ref)
+  out = fj.scaled_dot_general(x, r, dims, backend="pallas")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out, fj.scaled_dot_general(x, w, dims, backend="pallas"))
+  np.testing.assert_array_equal(mm.run_two_pass("w4a16", x, r, dims, jnp.float32),
+                                mm.run_two_pass("w4a16", x, w, dims, jnp.float32))
 
 
-def test_prepare_weight_layout_is_n_major_packed_along_k():
-  """Row n of ``data`` holds column n of the weight, low nibble = even k (pack_fp4's rule)."""
-  w = quantized((64, 8), fj.MXFP4, 0)
-  p = prepare_weight(w)
-  codes = raw(w.values)
-  want = codes[0::2, :].T | (codes[1::2, :].T << 4)
-  np.testing.assert_array_equal(np.asarray(p.data), want)
-
-
-@settings(max_examples=6, deadline=None)
-@given(n=st.integers(1, 5), kb=st.integers(1, 4), k_axis=st.sampled_from([0, 1]),
-       fmt=st.sampled_from(FORMATS))
-def test_prepare_weight_round_trip_any_shape(n, kb, k_axis, fmt):
-  k = kb * fmt.block_size
-  shape = (k, n) if k_axis == 0 else (n, k)
-  w = quantized(shape, fmt, k_axis, seed=n * 7 + kb)
-  back = prepare_weight(w).to_qarray()
-  np.testing.assert_array_equal(dequant64(back), dequant64(w))
-
-
-def test_prepared_weight_is_a_pytree_and_jit_stable():
-  w = prepare_weight(quantized((64, 16), fj.NVFP4, 0))
-  leaves, tree = jax.tree_util.tree_flatten(w)
-  assert len(leaves) == 3
-  again = jax.tree_util.tree_unflatten(tree, leaves)
-  assert isinstance(again, PreparedWeight) and again.fmt == w.fmt and again.k_axis == w.k_axis
-  x = jnp.ones((2, 64), jnp.float32)
-
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def f(x, w):
-    return fj.scaled_matmul(x, w, preferred_element_type=jnp.float32, backend="xla")
-
-  f(x, w)
-  f(x + 1, prepare_weight(quantized((64, 16), fj.NVFP4, 0, seed=3)))
-
-
-def test_prepare_weight_rejects_bad_input():
-  with pytest.raises(ValueError, match="QArray"):
+def test_prepared_weight_is_gone_and_prepare_weight_is_a_deprecated_alias():
+  w = quantized((64, 16), fj.NVFP4, 0)
+  with pytest.warns(DeprecationWarning, match="with_layout"):
+    p = prepare_weight(w)
+  assert isinstance(p, fj.QArray) and p.layout == "rows" and p.shape == w.shape
+  chex.assert_trees_all_equal(p, w.with_layout("rows"))
+  for module in (fj, mm):
+    with pytest.raises(AttributeError, match=r"with_layout\('rows'\)"):
+      module.PreparedWeight
+  with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="QArray"):
     prepare_weight(jnp.ones((32, 4)))
-  with pytest.raises(ValueError, match="2-D"):
+  with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="2-D"):
     prepare_weight(quantized((2, 32, 4), fj.MXFP4, 1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_rows_weight_reaches_the_kernel_with_no_op_over_it(fmt):
+  """The jaxpr of a jitted ``scaled_matmul`` passes a "rows" weight's leaves straight to ``pallas_call``."""
+  w = quantized((64, 48), fmt, 0)
+  x = jnp.ones((2, 64), jnp.bfloat16)
+  f = jax.jit(lambda x, w: fj.scaled_matmul(x, w, backend="pallas"))
+  r = w.with_layout("rows")
+  seen, others = jaxpr_weight_path(f, (x, r), r)
+  assert others == [] and sorted(seen) == ["scales", "values"]
+  a = quantized((2, 64), fmt, -1, seed=1)  # the MX kernel: a block-scaled lhs
+  seen, others = jaxpr_weight_path(f, (a, r), r)
+  assert others == [] and sorted(seen) == ["scales", "values"]
+  # The check can fail: a plain weight is transposed and packed on every call.
+  seen, others = jaxpr_weight_path(f, (x, w), w)
+  assert others and "transpose" in " ".join(others)
 
 
 # ---- the XLA reference against float64 ----------------------------------------------------
@@ -109,12 +99,12 @@ def test_xla_backend_matches_float64(fmt):
   x = jax.random.normal(jax.random.key(1), (2, 3, 64), jnp.bfloat16)
   w = quantized((64, 24), fmt, 0)
   x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
-  for b in (w, prepare_weight(w)):
+  for b in (w, w.with_layout("rows")):
     out = fj.scaled_matmul(x, b, preferred_element_type=jnp.float32, backend="xla")
     close64(out, x64 @ w64, np.abs(x64) @ np.abs(w64), 64)
   a = quantized((5, 64), fmt, -1, seed=2)
   a64 = dequant64(a)
-  out = fj.scaled_matmul(a, prepare_weight(w), preferred_element_type=jnp.float32, backend="xla")
+  out = fj.scaled_matmul(a, w.with_layout("rows"), preferred_element_type=jnp.float32, backend="xla")
   close64(out, a64 @ w64, np.abs(a64) @ np.abs(w64), 64)
 
 
@@ -135,14 +125,14 @@ def test_pallas_backend_w4a16_through_the_api(fmt):
   x = jax.random.normal(jax.random.key(1), (2, 3, 96), jnp.bfloat16)
   w = quantized((96, 40), fmt, 0)
   ref = fj.scaled_matmul(x, w, preferred_element_type=jnp.float32, backend="xla")
-  for b in (w, prepare_weight(w)):
+  for b in (w, w.with_layout("rows")):
     out = fj.scaled_matmul(x, b, preferred_element_type=jnp.float32, backend="pallas")
     chex.assert_shape(out, (2, 3, 40))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
   # lhs contracting axis first, rhs as (N, K)
   wt = quantized((40, 96), fmt, 1)
   xt = jnp.moveaxis(x, -1, 0)
-  out = fj.scaled_dot_general(xt, prepare_weight(wt), (((0,), (1,)), ((), ())), backend="pallas")
+  out = fj.scaled_dot_general(xt, wt.with_layout("rows"), (((0,), (1,)), ((), ())), backend="pallas")
   ref = fj.scaled_dot_general(xt, wt, (((0,), (1,)), ((), ())), backend="xla")
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
@@ -150,7 +140,7 @@ def test_pallas_backend_w4a16_through_the_api(fmt):
 def test_pallas_backend_mx_through_the_api():
   a = quantized((2, 3, 64), fj.MXFP8_E4M3, -1, seed=1)
   w = quantized((64, 40), fj.MXFP4, 0)
-  out = fj.scaled_matmul(a, prepare_weight(w), preferred_element_type=jnp.bfloat16, backend="pallas")
+  out = fj.scaled_matmul(a, w.with_layout("rows"), preferred_element_type=jnp.bfloat16, backend="pallas")
   ref = fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16, backend="xla")
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=2**-7, atol=1e-6)
@@ -183,9 +173,9 @@ def _record_strategies(monkeypatch, gpu):
   seen = []
   monkeypatch.setattr(kernels, "on_gpu", lambda: gpu)
   monkeypatch.setattr(mm, "run_kernel", lambda kind, *a, **k: seen.append(("kernel", kind)) or
-                      jnp.zeros((a[0].shape[0], a[1].n if isinstance(a[1], PreparedWeight) else a[1].shape[1])))
+                      jnp.zeros((a[0].shape[0], a[1].shape[1])))
   monkeypatch.setattr(mm, "run_two_pass", lambda kind, *a, **k: seen.append(("two_pass", kind)) or
-                      jnp.zeros((a[0].shape[0], a[1].n if isinstance(a[1], PreparedWeight) else a[1].shape[1])))
+                      jnp.zeros((a[0].shape[0], a[1].shape[1])))
   return seen
 
 
@@ -198,7 +188,7 @@ def test_auto_on_cpu_runs_the_reference(monkeypatch):
 
 def test_auto_on_gpu_picks_kernel_or_two_pass_by_rows(monkeypatch):
   # Quantize first: with on_gpu patched, quantize itself would pick its GPU kernel.
-  w = prepare_weight(quantized((64, 16), fj.MXFP4, 0))
+  w = quantized((64, 16), fj.MXFP4, 0).with_layout("rows")
   a = quantized((2, 64), fj.MXFP4, -1)
   seen = _record_strategies(monkeypatch, gpu=True)
   small = mm.KERNEL_MAX_ROWS["w4a16"]

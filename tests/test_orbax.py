@@ -63,3 +63,15 @@ def test_single_qarray_round_trips(tmp_path, checkpointer):
   checkpointer.save(tmp_path / "q", q)
   checkpointer.wait_until_finished()
   assert_trees_bit_identical(q, checkpointer.restore(tmp_path / "q", jax.eval_shape(lambda: q)))
+
+
+def test_rows_qarrays_round_trip(tmp_path, checkpointer):
+  """A "rows" QArray is a pytree of uint8 arrays (and NVFP4's float32 scalar): the same QArray comes back."""
+  tree = {name: fj.quantize(jax.random.normal(jax.random.key(i), (64, 40)), fmt, axis=0, layout="rows")
+          for i, (name, fmt) in enumerate((("mx", fj.MXFP4), ("nv", fj.NVFP4), ("f8", fj.MXFP8_E5M2)))}
+  checkpointer.save(tmp_path / "rows", tree)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "rows", jax.eval_shape(lambda: tree))
+  assert_trees_bit_identical(tree, restored)
+  assert {q.layout for q in restored.values()} == {"rows"} and restored["nv"].shape == (64, 40)
+  np.testing.assert_array_equal(restored["nv"].dequantize(), tree["nv"].with_layout(None).dequantize())

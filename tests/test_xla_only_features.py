@@ -35,7 +35,7 @@ def test_matmul_code_formats_fall_back(name):
   with kernels.interpret_mode(), pytest.raises(ValueError, match="XLA path only"):
     fj.scaled_matmul(a, q, backend="pallas")
   with pytest.raises(ValueError, match="XLA path only"):
-    fj.prepare_weight(q)
+    q.with_layout("rows")
   # The reference itself equals a float64 product of the dequantized weight.
   want = np.asarray(a, np.float64) @ np.asarray(fj.dequantize(q), np.float64)
   np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-5, atol=1e-5)

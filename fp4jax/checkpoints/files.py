@@ -12,7 +12,8 @@ import numpy as np
 from fp4jax.checkpoints._safetensors import Reader, Writer
 from fp4jax.checkpoints.layout import (LAYOUTS, METADATA_KEY, decode_entry, encode_qarray, metadata_json,
                                        part_names, read_entries, resolve_layout)
-from fp4jax.qarray import QArray, validate_qarray
+from fp4jax.prepared import with_layout
+from fp4jax.qarray import STORAGE_LAYOUTS, QArray, rows_obstacle, validate_qarray
 
 __all__ = ["CheckpointFile", "iter_load", "load", "save"]
 
@@ -55,14 +56,20 @@ class CheckpointFile:
     self.close()
 
 
-def iter_load(path, names: Iterable[str] | None = None) -> Iterator[tuple[str, QArray | np.ndarray]]:
+def iter_load(path, names: Iterable[str] | None = None, *,
+              qarray_layout: str | None = None) -> Iterator[tuple[str, QArray | np.ndarray]]:
   """Yields ``(name, tensor)`` one logical tensor at a time, in file order.
 
   QArrays come back with jax arrays as leaves (``values`` in the element dtype,
   ``scales`` in the scale dtype: the stored bytes reinterpreted, not
   converted); plain tensors as numpy arrays of their stored dtype. ``names``
-  restricts the output to those logical names.
+  restricts the output to those logical names. ``qarray_layout="rows"``
+  stores every QArray that the kernels' ``"rows"`` layout can hold (2-D, see
+  :class:`fp4jax.QArray`) that way, the others as they are; the default
+  ``None`` gives the logical storage.
   """
+  if qarray_layout not in STORAGE_LAYOUTS:
+    raise ValueError(f"unknown QArray layout {qarray_layout!r}; expected one of {STORAGE_LAYOUTS}")
   with CheckpointFile(path) as f:
     wanted = [e.name for e in f.entries]
     if names is not None:
@@ -72,17 +79,21 @@ def iter_load(path, names: Iterable[str] | None = None) -> Iterator[tuple[str, Q
         raise ValueError(f"{f.path}: no tensors named {sorted(missing)}")
       wanted = [n for n in wanted if n in names]
     for name in wanted:
-      yield name, f.load(name)
+      t = f.load(name)
+      if qarray_layout is not None and isinstance(t, QArray) and rows_obstacle(t) is None:
+        t = with_layout(t, qarray_layout)
+      yield name, t
 
 
-def load(path, names: Iterable[str] | None = None) -> dict[str, QArray | np.ndarray]:
+def load(path, names: Iterable[str] | None = None, *,
+         qarray_layout: str | None = None) -> dict[str, QArray | np.ndarray]:
   """Loads a safetensors file into ``{name: QArray or numpy array}``; see :func:`iter_load`.
 
   Example: a GPT-OSS file with ``mlp1_weight_blocks`` uint8 ``(E, N, G, 16)``
   and ``mlp1_weight_scales`` uint8 ``(E, N, G)`` gives ``{"mlp1_weight":
   QArray(MXFP4, shape (E, N, G * 32), axis -1)}``.
   """
-  return dict(iter_load(path, names))
+  return dict(iter_load(path, names, qarray_layout=qarray_layout))
 
 
 def save(path, tensors: Mapping[str, QArray | Any], *, layout: str = "gpt_oss",
@@ -94,6 +105,8 @@ def save(path, tensors: Mapping[str, QArray | Any], *, layout: str = "gpt_oss",
       renamed over ``path`` once complete, so a failure leaves no partial file.
     tensors: flat ``{name: QArray or array}`` (for a nested param tree, flatten
       it first, e.g. ``flax.traverse_util.flatten_dict(tree, sep=".")``).
+      QArrays of either storage layout are written in the logical one, so
+      the file does not depend on how the weights were held.
     layout: how MXFP4 QArrays blocked along the last axis are stored:
       ``"gpt_oss"`` (``name_blocks``/``name_scales``), ``"deepseek"`` (packed
       ``name`` + ``.scale``) or ``"fp4jax"``. Other QArrays always use
@@ -107,7 +120,7 @@ def save(path, tensors: Mapping[str, QArray | Any], *, layout: str = "gpt_oss",
     if not isinstance(name, str):
       raise ValueError(f"tensor names must be strings, got {name!r}")
     if isinstance(t, QArray):
-      validate_qarray(t)
+      t = with_layout(validate_qarray(t), None)
       if t.block_shape is not None or (t.global_scale is not None and np.ndim(t.global_scale) > 0):
         # The header metadata records format, axis and shape only: refuse now
         # rather than write a file that load() would reject.

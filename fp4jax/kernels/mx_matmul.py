@@ -3,7 +3,7 @@
 ``out (M, N) = dequantize(a) (M, K) @ dequantize(b).T`` for two operands held
 as byte matrices (:func:`fp4jax.matmul.byte_matrix`): ``a_data (M, K*bits/8)``
 with ``a_scales (M, K/32)``, and ``b_data (N, K*bits/8)`` with ``b_scales
-(N, K/32)`` (a :class:`fp4jax.prepared.PreparedWeight` of the weight).
+(N, K/32)`` (the leaves of the weight stored as a ``layout="rows"`` QArray).
 
 This is Blackwell's block-scaled MMA emulated on Hopper. Two ways to feed the
 tensor cores (``Config.mma``):
@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 
 from fp4jax.formats import Format
 from fp4jax.kernels import matmul_common as common
-from fp4jax.prepared import PreparedWeight
+from fp4jax.qarray import QArray
 from fp4jax.reference import scaled_dot_general_reference
 
 __all__ = ["Config", "mx_matmul", "mx_matmul_reference", "default_config", "fp8_mma_supported"]
@@ -227,6 +227,6 @@ def mx_matmul(a_data, a_scales, a_global, b_data, b_scales, b_global, *, a_fmt: 
 def mx_matmul_reference(a_data, a_scales, a_global, b_data, b_scales, b_global, *, a_fmt: Format,
                         b_fmt: Format, out_dtype=jnp.bfloat16):
   """The XLA reference on the same byte matrices: dequantize both, float32 dot, cast."""
-  a = PreparedWeight(a_data, a_scales, a_global, a_fmt, 1)
-  b = PreparedWeight(b_data, b_scales, b_global, b_fmt, 1)
+  a = QArray(a_data, a_scales, a_global, a_fmt, -1, layout="rows")
+  b = QArray(b_data, b_scales, b_global, b_fmt, -1, layout="rows")
   return scaled_dot_general_reference(a, b, (((1,), (1,)), ((), ())), out_dtype)

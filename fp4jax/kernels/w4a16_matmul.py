@@ -1,9 +1,9 @@
 """Weight-only block-scaled matmul (W4A16): bfloat16 ``x`` times a 4-bit weight.
 
 ``out (M, N) = x (M, K) @ dequantize(w) (K, N)``, with the weight held as the
-byte matrices of :func:`fp4jax.matmul.byte_matrix` (a
-:class:`fp4jax.prepared.PreparedWeight`): ``data (N, K/2)`` uint8, ``scales
-(N, K/block)`` uint8. Each program owns a ``(block_m, block_n)`` output tile
+byte matrices of :func:`fp4jax.matmul.byte_matrix` (the leaves of a QArray
+stored as ``layout="rows"``): ``data (N, K/2)`` uint8, ``scales (N, K/block)``
+uint8. Each program owns a ``(block_m, block_n)`` output tile
 (and a ``1/split_k`` share of ``K``) and walks ``K`` in ``block_k`` chunks:
 load the chunk's bytes (``block_n`` contiguous runs), decode the E2M1 codes to
 E4M3 with shifts and masks, upcast, multiply by the block scales (exact in
@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 
 from fp4jax.formats import Format
 from fp4jax.kernels import matmul_common as common
-from fp4jax.prepared import PreparedWeight
+from fp4jax.qarray import QArray
 from fp4jax.reference import scaled_dot_general_reference
 
 __all__ = ["Config", "w4a16_matmul", "w4a16_matmul_reference", "default_config"]
@@ -212,5 +212,5 @@ def _triton_params(cfg):
 
 def w4a16_matmul_reference(x, w_data, w_scales, global_scale=None, *, fmt: Format, out_dtype=jnp.bfloat16):
   """The XLA reference on the same byte matrices: dequantize, float32 dot, cast."""
-  w = PreparedWeight(w_data, w_scales, global_scale, fmt, 1)
+  w = QArray(w_data, w_scales, global_scale, fmt, -1, layout="rows")
   return scaled_dot_general_reference(x, w, (((1,), (1,)), ((), ())), out_dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from fp4jax.prepared import as_qarray
+from fp4jax.prepared import with_layout
 from fp4jax.qarray import QArray
 from fp4jax.reference.quantize import dequantize_reference
 
@@ -18,10 +18,9 @@ __all__ = ["dequantize_operand", "scaled_dot_general_reference"]
 
 
 def dequantize_operand(x, name: str):
-  """A QArray / PreparedWeight dequantized, or a floating array, as float32."""
-  x = as_qarray(x)
+  """A QArray (either layout) dequantized, or a floating array, as float32."""
   if isinstance(x, QArray):
-    return dequantize_reference(x, jnp.float32)
+    return dequantize_reference(with_layout(x, None), jnp.float32)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"scaled_dot_general: {name} must be floating or a QArray, got dtype {x.dtype}")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from fp4jax import _bits
 from fp4jax.formats import Format
+from fp4jax.prepared import with_layout
 from fp4jax.qarray import QArray
 from fp4jax.reference.blocks import blocked_global, from_blocks, from_tiles, pad_axis, to_blocks, to_tiles
 from fp4jax.scales import ALL_SCALE_RULES, BlockContext, decode_blocks, encode_elements, global_encode_numerator
@@ -103,7 +104,8 @@ def quantize_reference(x, global_scale, hessian, *, fmt: Format, axis: int, scal
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize_reference(q: QArray, dtype):
-  """``fp4jax.dequantize`` of a valid QArray to a floating ``dtype``."""
+  """``fp4jax.dequantize`` of a valid QArray (either layout) to a floating ``dtype``."""
+  q = with_layout(q, None)
   fmt = q.fmt
   axis = q.axis
   tile = None if q.block_shape is None else q.block_shape[0]
