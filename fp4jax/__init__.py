@@ -50,7 +50,7 @@ from fp4jax.formats import (
 from fp4jax.matmul import prepare_weight, scaled_dot_general, scaled_matmul
 from fp4jax.packing import dequantize_packed, pack_fp4, unpack_fp4
 from fp4jax.params import quantize_params
-from fp4jax.prepared import PREPARED_WEIGHT_GONE, with_layout
+from fp4jax.prepared import with_layout
 from fp4jax.qarray import QArray, validate_qarray
 from fp4jax.qat import (
     OperandConfig,
@@ -70,5 +70,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
   if name == "PreparedWeight":  # removed; say what replaces it rather than a bare AttributeError
+    from fp4jax.prepared import PREPARED_WEIGHT_GONE
+
     raise AttributeError(PREPARED_WEIGHT_GONE)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,11 +3,13 @@
 Usage (GPU): ``PYTHONPATH=. python benchmarks/w4a16_decode.py --out DIR [--sweep] [--budget-s S]``
 
 * ``--sweep``: a config sweep of :mod:`fp4jax.kernels.w4a16_gemv` at 1 x 8192 x 8192 MXFP4.
+* ``--flat``: a sweep of the flat GEMV variant at 8192 x 8192, M = 1 and 4.
 * the table: for each shape ``(K, N)`` of issue 11 and ``M`` in 1, 16, times
   (median, inputs rotated beyond L2, one process) of: XLA's bf16 dot, the MMA
-  kernel (``w4a16_matmul``), the GEMV kernel with its default config, and
-  ``fj.scaled_matmul(x, w)`` on a plain QArray (what a user calls, with the
-  per-call relayout), each checked against the float32 reference.
+  kernel (``w4a16_matmul``) on a ``"rows"`` weight, ``fj.scaled_matmul(x, w)``
+  on a plain QArray (the per-call relayout), and the jitted layers users call:
+  ``nn.Dense.apply`` (bf16) and ``QDense.apply`` with ``quantize_params``
+  weights, each kernel checked against the float32 reference.
 
 Writes ``DIR/w4a16_decode.json`` and ``DIR/w4a16_decode.md``.
 """
@@ -36,20 +38,20 @@ KNS = ((8192, 8192), (4096, 4096), (4096, 14336), (14336, 4096))
 
 
 def _gemv(cfg):
-  return lambda x, p: G.w4a16_gemv(x, p.data, p.scales, p.global_scale, fmt=p.fmt, config=cfg)
+  return lambda x, p: G.w4a16_gemv(x, p.values, p.scales, p.global_scale, fmt=p.fmt, config=cfg)
 
 
 def _mma(x, p):
-  return wk.w4a16_matmul(x, p.data, p.scales, p.global_scale, fmt=p.fmt)
+  return wk.w4a16_matmul(x, p.values, p.scales, p.global_scale, fmt=p.fmt)
 
 
 def case(m, k, n, fmt, methods, check=True):
   qs = B.make_weights(k, n, fmt, B.n_sets(k * n * fmt.bits_per_element / 8))
-  pws = [fj.prepare_weight(q) for q in qs]
+  pws = [q.with_layout("rows") for q in qs]
   xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16)
         for i in range(B.n_calls(m * k * 2, len(qs)))]
   ref = B.ref_matmul(xs[0], qs[0]).astype(jnp.bfloat16).astype(jnp.float32) if check else None
-  res = {"m": m, "k": k, "n": n, "fmt": fmt.name, "weight_bytes": int(pws[0].data.nbytes + pws[0].scales.nbytes),
+  res = {"m": m, "k": k, "n": n, "fmt": fmt.name, "weight_bytes": int(pws[0].values.nbytes + pws[0].scales.nbytes),
          "t": {}, "err": {}}
   for name, (f, on_qarray) in methods.items():
     ws = qs if on_qarray else pws
@@ -63,6 +65,21 @@ def case(m, k, n, fmt, methods, check=True):
   wb = [q.dequantize(jnp.bfloat16) for q in qs[: B.n_sets(k * n * 2)]]
   res["t"]["xla_bf16"] = B.bench(lambda x, w: jnp.dot(x, w), B.make_calls(xs, wb))
   return res
+
+
+def layer_times(m, k, n, fmt):
+  """Jitted ``QDense.apply`` with ``quantize_params`` weights vs ``nn.Dense.apply`` in bf16 (what users call)."""
+  import flax.linen as nn
+
+  from fp4jax.flax import QDense
+
+  sets = B.n_sets(k * n * 2)
+  params = [jax.jit(nn.Dense(n, param_dtype=jnp.bfloat16).init)(jax.random.key(i), jnp.zeros((1, k), jnp.bfloat16))
+            for i in range(sets)]
+  qparams = [fj.quantize_params(p, fmt) for p in params[: B.n_sets(k * n * fmt.bits_per_element / 8)]]
+  xs = [jax.random.normal(jax.random.key(50 + i), (m, k), jnp.bfloat16) for i in range(B.n_calls(m * k * 2, sets))]
+  return {"QDense.apply": B.bench(lambda x, p: QDense(n, dtype=jnp.bfloat16).apply(p, x), B.make_calls(xs, qparams)),
+          "nn.Dense.apply": B.bench(lambda x, p: nn.Dense(n, dtype=jnp.bfloat16).apply(p, x), B.make_calls(xs, params))}
 
 
 def sweep(budget_end):
@@ -120,7 +137,6 @@ def main():
     result["sweep"] = sweep(time.time() + args.budget_s / 2)
     save()
   methods = {
-      "gemv": (_gemv(None), False),
       "mma": (_mma, False),
       "scaled_matmul(x, q)": (lambda x, q: fj.scaled_matmul(x, q), True),
   }
@@ -131,20 +147,26 @@ def main():
         B.log("table: budget spent")
         break
       r = case(m, k, n, fmt, methods)
+      try:
+        r["t"].update(layer_times(m, k, n, fmt))
+      except Exception as e:  # noqa: BLE001
+        r["err"]["layers"] = f"{type(e).__name__}: {str(e)[:200]}"
       B.log(fmt.name, m, k, n, {kk: f"{v * 1e6:.1f}us" for kk, v in r["t"].items()}, r["err"])
       result["rows"].append(r)
       save()
   save()
   lines = [f"# W4A16 decode, {result['device']}, jax {result['jax']}, copy {result['copy_Bps'] / 1e12:.2f} TB/s", "",
-           "| fmt | M | K | N | floor us | bf16 us | gemv us | mma us | scaled_matmul(x, q) us | gemv vs bf16 | gemv err |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| fmt | M | K | N | floor us | bf16 us | gemv us | mma us | scaled_matmul(x, q) us | nn.Dense.apply us | "
+           "QDense.apply us | QDense vs Dense | gemv err |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in result["rows"]:
     t = r["t"]
     floor = r["weight_bytes"] / result["copy_Bps"] * 1e6
     us = lambda key: f"{t[key] * 1e6:.1f}" if key in t else "-"  # noqa: E731
-    ratio = f"{t['xla_bf16'] / t['gemv']:.2f}x" if "gemv" in t else "-"
+    ratio = f"{t['nn.Dense.apply'] / t['QDense.apply']:.2f}x" if "QDense.apply" in t else "-"  # > 1: faster
     lines.append(f"| {r['fmt']} | {r['m']} | {r['k']} | {r['n']} | {floor:.1f} | {us('xla_bf16')} | {us('gemv')} | "
-                 f"{us('mma')} | {us('scaled_matmul(x, q)')} | {ratio} | {r['err'].get('gemv')} |")
+                 f"{us('mma')} | {us('scaled_matmul(x, q)')} | {us('nn.Dense.apply')} | {us('QDense.apply')} | "
+                 f"{ratio} | {r['err'].get('gemv')} |")
   with open(os.path.join(args.out, "w4a16_decode.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
