@@ -49,17 +49,28 @@ MODES = {
 }
 
 
-def make_step(config, input_grad=False, lr=1e-3):
+def make_loss(config, dtype=jnp.bfloat16):
+  """``loss(params, x, target, key)`` of the block, its GEMMs on ``dtype`` operands.
+
+  ``params = (w1, w3, w2)`` (float32 masters, cast to ``dtype``); benchmarks/multi_gpu.py also
+  runs it in float32, to compare gradients across device counts.
+  """
   def dot(a, b, key, i):
     if config is None:
-      return lax.dot_general(a, b, MM, preferred_element_type=jnp.bfloat16)
+      return lax.dot_general(a, b, MM, preferred_element_type=dtype)
     return quantized_dot_general(a, b, MM, config=config, key=jax.random.fold_in(key, i))
 
   def loss(params, x, target, key):
-    w1, w3, w2 = (w.astype(jnp.bfloat16) for w in params)
+    w1, w3, w2 = (w.astype(dtype) for w in params)
     h = jax.nn.silu(dot(x, w1, key, 0)) * dot(x, w3, key, 1)
     y = dot(h, w2, key, 2)
     return jnp.mean(jnp.square(y.astype(jnp.float32) - target))
+
+  return loss
+
+
+def make_step(config, input_grad=False, lr=1e-3):
+  loss = make_loss(config)
 
   @functools.partial(jax.jit, donate_argnums=0)
   def step(params, x, target, key):

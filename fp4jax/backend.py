@@ -120,10 +120,12 @@ def choose(op: str, backend: str, obstacle: str | None, *, verified: bool = True
 
 
 def quantize_obstacle(x, fmt: Format, *, axis: int, scale_rule: str, global_scale, hessian, pad: bool,
-                      block_shape, keep) -> str | None:
+                      block_shape, keep, axis_name=None) -> str | None:
   """Why no quantize kernel takes these (validated) arguments, or None."""
   from fp4jax.kernels import quantize_pack  # lazy: Pallas loads only when a kernel may run
 
+  if axis_name is not None:
+    return f"axis_name={axis_name!r}: the amax across shard_map shards is on the XLA path"
   if block_shape is not None:
     return f"2-D blocks (block_shape={block_shape}) run on the XLA path only"
   if scale_rule not in SCALE_RULES:

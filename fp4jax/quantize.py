@@ -156,6 +156,7 @@ def quantize(
     block_shape: tuple[int, int] | None = None,
     granularity="tensor",
     layout: str | None = None,
+    axis_name=None,
 ) -> QArray:
   """Quantizes ``x`` to a block-scaled format along ``axis``.
 
@@ -201,6 +202,16 @@ def quantize(
       2-D weight blocked along its contracting axis (see :class:`QArray`).
       The same numbers either way; ``"rows"`` saves a relayout on every
       matmul call.
+    axis_name: inside ``jax.shard_map``, where ``x`` is one shard: the mesh
+      axis name (or tuple of names) whose shards together form the tensor.
+      NVFP4's amax (behind a global scale computed here) is then
+      ``lax.pmax``-ed over them, one scalar (or one per group) per shard, so
+      every shard gets the global scale, values and scales that quantizing
+      the whole tensor gives, bit for bit. Naming an axis along which ``x``
+      is replicated is harmless. ``None`` (the default): ``x`` alone, which is
+      also right under ``jit`` with sharded inputs, where XLA inserts that
+      all-reduce itself. Ignored by formats without a global scale and when
+      ``global_scale`` is given. Runs on the XLA path.
 
   Returns:
     A :class:`QArray` with ``values`` of shape ``S`` in ``fmt.elem_dtype``,
@@ -253,6 +264,9 @@ def quantize(
     keep = _keep_axes(granularity, x.ndim, block_axes)
   if global_scale is not None:
     global_scale = _check_global_scale(global_scale, fmt, tuple(x.shape), block_axes)
+  axis_name = _check_axis_name(axis_name)
+  if not fmt.has_global_scale or global_scale is not None:
+    axis_name = None  # no amax to reduce: every block is reduced within itself
   n_blocks = -(-x.shape[axis] // fmt.block_size)
   if hessian is not None:
     hessian = jnp.asarray(hessian)
@@ -273,7 +287,8 @@ def quantize(
   obstacle = None
   if backend != "xla":
     obstacle = backends.quantize_obstacle(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
-                                          hessian=hessian, pad=pad, block_shape=block_shape, keep=keep)
+                                          hessian=hessian, pad=pad, block_shape=block_shape, keep=keep,
+                                          axis_name=axis_name)
   plan = backends.choose("quantize", backend, obstacle,
                          verified=backends.gpu_verified("quantize", fmt, scale_rule, x.dtype))
   if plan.impl == "kernel":
@@ -283,8 +298,17 @@ def quantize(
                                       interpret=plan.interpret)
   else:
     q = quantize_reference(x, global_scale, hessian, fmt=fmt, axis=axis, scale_rule=scale_rule, pad=pad,
-                           tile=tile, keep=keep)
+                           tile=tile, keep=keep, axis_name=axis_name)
   return q if layout is None else with_layout(q, layout)
+
+
+def _check_axis_name(axis_name):
+  """None, a mesh axis name, or a tuple of them (hashable: it is a static argument)."""
+  if axis_name is None or isinstance(axis_name, str):
+    return axis_name
+  if isinstance(axis_name, (tuple, list)) and axis_name and all(isinstance(a, str) for a in axis_name):
+    return tuple(axis_name)
+  raise ValueError(f"axis_name must be None, a mesh axis name or a tuple of names, got {axis_name!r}")
 
 
 def _check_block_shape(block_shape, x, fmt: Format, axis, pad: bool) -> int:

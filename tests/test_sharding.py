@@ -153,3 +153,49 @@ def test_qarray_sharding_helpers_on_one_device():
     sharding.qarray_sharding(q, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   with pytest.raises(ValueError, match="expects a fp4jax.QArray"):
     sharding.qarray_sharding(jnp.ones(3), s)
+
+
+def test_qarray_partition_spec():
+  q = jax.eval_shape(lambda: fj.quantize(jnp.ones((4, 64)), fj.NVFP4))
+  spec = sharding.qarray_partition_spec(q, P(None, "d"))
+  assert isinstance(spec, fj.QArray) and spec.values == P(None, "d") and spec.scales == P(None, "d")
+  assert spec.global_scale == P() and spec.fmt == fj.NVFP4 and spec.axis == q.axis
+  assert sharding.qarray_partition_spec(fj.quantize(jnp.ones((4, 64)), fj.MXFP4), P("d")).global_scale is None
+  with pytest.raises(ValueError, match="expects a PartitionSpec"):
+    sharding.qarray_partition_spec(q, ("d",))
+
+
+def test_hlo_collectives_reads_sync_and_async_forms():
+  text = """
+  %all-reduce = f32[] all-reduce(f32[] %reduce.5), channel_id=1, replica_groups={{0,1}}, to_apply=%max
+  all-reduce-start.3 = (bf16[16,4096]{1,0}, f32[]) all-reduce-start(bf16[16,4096]{1,0} fusion.2, f32[] x)
+  all-reduce-done.3 = (bf16[16,4096]{1,0}, f32[]) all-reduce-done(all-reduce-start.3)
+  %fusion.3 = bf16[16,4096]{1,0} fusion(%all-reduce.1, x), kind=kLoop, calls=%fused
+  %ag = (u8[2048,14336]{1,0}, u8[4096,14336]{1,0}) all-gather-start(u8[2048,14336]{1,0} %p), dimensions={0}
+  ROOT %reduce-scatter.1 = bf16[8,4096]{1,0} reduce-scatter(bf16[16,4096]{1,0} %x), dimensions={0}
+  %gte = f32[] get-tuple-element(%all-reduce-start.3), index=1
+  """
+  found = sharding.hlo_collectives(text)
+  assert [(c.op, c.elements) for c in found] == [("all-reduce", 1), ("all-reduce", 16 * 4096),
+                                                 ("all-gather", 4096 * 14336), ("reduce-scatter", 8 * 4096)]
+  assert str(found[1]) == "all-reduce bf16[16,4096], f32[]"
+  x = jnp.ones((8, 64))
+  assert sharding.hlo_collectives(jax.jit(lambda x: fj.quantize(x, fj.NVFP4)).lower(x).compile().as_text()) == []
+
+
+def test_quantize_axis_name_is_checked_and_needs_a_mesh_axis():
+  x = jnp.ones((4, 64))
+  with pytest.raises(ValueError, match="axis_name must be None, a mesh axis name"):
+    fj.quantize(x, fj.NVFP4, axis_name=3)
+  with pytest.raises(NameError):  # no shard_map (or vmap) binds the axis
+    fj.quantize(x, fj.NVFP4, axis_name="d")
+  # Formats without a global scale, and a given global scale, have no amax to reduce.
+  assert fj.quantize(x, fj.MXFP4, axis_name="d").fmt == fj.MXFP4
+  assert fj.quantize(x, fj.NVFP4, global_scale=1.0, axis_name="d").fmt == fj.NVFP4
+  # Under vmap the named axis is the batch: the global scale is the amax over the whole batch.
+  xs = jnp.stack([x, 4 * x])
+  per_row = jax.vmap(lambda r: fj.quantize(r, fj.NVFP4).global_scale)(xs)
+  shared = jax.vmap(lambda r: fj.quantize(r, fj.NVFP4, axis_name="b").global_scale, axis_name="b")(xs)
+  assert per_row[0] != per_row[1] and shared[0] == shared[1] == fj.quantize(xs, fj.NVFP4).global_scale
+  with pytest.raises(ValueError, match="QatConfig.axis_name"):
+    fj.QatConfig(axis_name=1)

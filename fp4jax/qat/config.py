@@ -73,6 +73,11 @@ class QatConfig:
     compute_dtype: dtype of the dequantized GEMM operands; ``None`` is the
       promoted dtype of the inputs (bfloat16 inputs give bfloat16 GEMMs, in
       which E2M1/E4M3/E5M2 values times power-of-two scales are exact).
+    axis_name: for use inside ``jax.shard_map``: the mesh axis name (or tuple
+      of names) whose shards together form each operand; NVFP4's tensor amax
+      is ``lax.pmax``-ed over them (see :func:`fp4jax.quantize`), so the
+      global scales are the unsharded ones. ``None`` under plain ``jit``,
+      sharded or not.
   """
 
   lhs: OperandConfig = OperandConfig()
@@ -81,6 +86,7 @@ class QatConfig:
   hadamard: int | None = None
   seed: int = 0
   compute_dtype: Any = None
+  axis_name: Any = None
 
   def __post_init__(self):
     for name in ("lhs", "rhs", "grad"):
@@ -91,6 +97,11 @@ class QatConfig:
       raise ValueError(f"QatConfig.hadamard must be None or a power of two >= 2 (16, 32), got {h!r}")
     if self.compute_dtype is not None:
       object.__setattr__(self, "compute_dtype", np.dtype(self.compute_dtype))
+    a = self.axis_name
+    if isinstance(a, list):
+      object.__setattr__(self, "axis_name", a := tuple(a))
+    if not (a is None or isinstance(a, str) or (isinstance(a, tuple) and a and all(isinstance(n, str) for n in a))):
+      raise ValueError(f"QatConfig.axis_name must be None, a mesh axis name or a tuple of names, got {a!r}")
 
   @classmethod
   def uniform(cls, fmt, *, scale_rule=None, grad_rounding="stochastic", grad_scale_rule=None,

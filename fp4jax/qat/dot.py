@@ -70,7 +70,7 @@ def _backward_operand(x, axis: int, op: OperandConfig, cfg: QatConfig, key, dtyp
   x = pad_axis(x, axis, multiple)
   if cfg.hadamard:
     x = random_hadamard(x, cfg.hadamard, axis=axis, seed=cfg.seed)
-  return fake_quantize_operand(x, op, axis, dtype, key)
+  return fake_quantize_operand(x, op, axis, dtype, key, axis_name=cfg.axis_name)
 
 
 def _block_multiple(cfg: QatConfig, *ops: OperandConfig) -> int:
@@ -106,7 +106,8 @@ def _forward_operands(lhs, rhs, dims, cfg, dtype):
   (lc, rc), _ = dims
   if not lc:
     return lhs.astype(dtype), rhs.astype(dtype)
-  return fake_quantize_operand(lhs, cfg.lhs, lc[-1], dtype), fake_quantize_operand(rhs, cfg.rhs, rc[-1], dtype)
+  return (fake_quantize_operand(lhs, cfg.lhs, lc[-1], dtype, axis_name=cfg.axis_name),
+          fake_quantize_operand(rhs, cfg.rhs, rc[-1], dtype, axis_name=cfg.axis_name))
 
 
 def _qdot_fwd(lhs, rhs, key, dims, cfg, precision, out_dtype):
@@ -128,13 +129,13 @@ def _qdot_bwd(dims, cfg, precision, out_dtype, res, g):
   def dot(x, y):
     return lax.dot_general(x, y, dims, precision=precision, preferred_element_type=dtype)
 
+  # The primal's abstract value, not a bare ShapeDtypeStruct: under shard_map it carries the
+  # mesh axes the operand varies along, which the cotangent's type must match.
   def t_lhs(gq, rq):
-    spec = jax.ShapeDtypeStruct(a.shape, dtype)
-    return jax.linear_transpose(lambda x: dot(x, rq), spec)(gq)[0]
+    return jax.linear_transpose(lambda x: dot(x, rq), jax.typeof(a).update(dtype=dtype))(gq)[0]
 
   def t_rhs(gq, lq):
-    spec = jax.ShapeDtypeStruct(b.shape, dtype)
-    return jax.linear_transpose(lambda y: dot(lq, y), spec)(gq)[0]
+    return jax.linear_transpose(lambda y: dot(lq, y), jax.typeof(b).update(dtype=dtype))(gq)[0]
 
   g = g.astype(dtype)
   if cfg.grad.fmt is None:
@@ -169,9 +170,9 @@ def _inference_dot(lhs, rhs, dims, cfg: QatConfig | None, out_dtype):
       raise ValueError(f"quantized_dot_general: {name} QArray of shape {x.shape} is blocked along axis "
                        f"{x.axis}, not along a contracting axis {c}")
   if not isinstance(lhs, QArray) and cfg is not None and cfg.lhs.fmt is not None:
-    lhs = quantize(lhs, cfg.lhs.fmt, axis=lc[-1], scale_rule=cfg.lhs.rule)
+    lhs = quantize(lhs, cfg.lhs.fmt, axis=lc[-1], scale_rule=cfg.lhs.rule, axis_name=cfg.axis_name)
   if not isinstance(rhs, QArray) and cfg is not None and cfg.rhs.fmt is not None:
-    rhs = quantize(rhs, cfg.rhs.fmt, axis=rc[-1], scale_rule=cfg.rhs.rule)
+    rhs = quantize(rhs, cfg.rhs.fmt, axis=rc[-1], scale_rule=cfg.rhs.rule, axis_name=cfg.axis_name)
   return scaled_dot_general(lhs, rhs, dims, preferred_element_type=out_dtype)
 
 

@@ -20,17 +20,20 @@ from fp4jax.scales import SCALE_RULES, element_units
 __all__ = ["fake_quant", "fake_quantize_operand"]
 
 
-def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None):
-  """dequantize(quantize(x)) along ``axis`` (zero-padded to whole blocks), as ``dtype``."""
+def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None, axis_name=None):
+  """dequantize(quantize(x)) along ``axis`` (zero-padded to whole blocks), as ``dtype``.
+
+  ``axis_name``: as in :func:`fp4jax.quantize` (NVFP4's amax across ``shard_map`` shards).
+  """
   if op.fmt is None:
     return x.astype(dtype)
   xin = x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
   # The XLA path, on every backend: XLA fuses quantize and dequantize into one
   # pass over x, where a separate quantize kernel would write the QArray out.
   if key is not None and op.stochastic:
-    q = stochastic_quantize(xin, op.fmt, key, axis=axis, scale_rule=op.rule, pad=True)
+    q = stochastic_quantize(xin, op.fmt, key, axis=axis, scale_rule=op.rule, pad=True, axis_name=axis_name)
   else:
-    q = quantize(xin, op.fmt, axis=axis, scale_rule=op.rule, pad=True, backend="xla")
+    q = quantize(xin, op.fmt, axis=axis, scale_rule=op.rule, pad=True, backend="xla", axis_name=axis_name)
   out = dequantize(q, jnp.float32, backend="xla")
   n = x.shape[axis]
   if out.shape[axis] != n:
@@ -38,13 +41,13 @@ def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None):
   return out.astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _fake_quant(x, fmt, axis, scale_rule, ste):
-  return _fake_quant_fwd(x, fmt, axis, scale_rule, ste)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _fake_quant(x, fmt, axis, scale_rule, ste, axis_name):
+  return _fake_quant_fwd(x, fmt, axis, scale_rule, ste, axis_name)[0]
 
 
-def _fake_quant_fwd(x, fmt, axis, scale_rule, ste):
-  q = quantize(x, fmt, axis=axis, scale_rule=scale_rule, backend="xla")
+def _fake_quant_fwd(x, fmt, axis, scale_rule, ste, axis_name):
+  q = quantize(x, fmt, axis=axis, scale_rule=scale_rule, backend="xla", axis_name=axis_name)
   out = dequantize(q, x.dtype, backend="xla")
   if ste == "identity":
     return out, None
@@ -53,10 +56,10 @@ def _fake_quant_fwd(x, fmt, axis, scale_rule, ste):
   return out, from_blocks(jnp.abs(y) <= fmt.elem_max, q.axis)
 
 
-def _fake_quant_bwd(fmt, axis, scale_rule, ste, inside, g):
+def _fake_quant_bwd(fmt, axis, scale_rule, ste, axis_name, inside, g):
   # Straight-through estimator: d fake_quant(x) / dx := I. The clipped variant
   # is I where |x| <= elem_max * scale and 0 where the element saturated.
-  del fmt, axis, scale_rule
+  del fmt, axis, scale_rule, axis_name
   if ste == "identity":
     return (g,)
   return (jnp.where(inside, g, jnp.zeros_like(g)),)
@@ -66,7 +69,7 @@ _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
 def fake_quant(x, fmt: Format | str, *, axis: int = -1, scale_rule: str | None = None,
-               ste: str = "identity"):
+               ste: str = "identity", axis_name=None):
   """``dequantize(quantize(x, fmt, axis=axis), x.dtype)`` with a straight-through gradient.
 
   Always the XLA reference path (bit-identical to the kernels), which XLA fuses
@@ -80,6 +83,8 @@ def fake_quant(x, fmt: Format | str, *, axis: int = -1, scale_rule: str | None =
     scale_rule: as in :func:`fp4jax.quantize` (default ``fmt.default_scale_rule``).
     ste: ``"identity"``: the gradient passes through unchanged;
       ``"clipped"``: zero where the element saturated (``|x| > elem_max * s``).
+    axis_name: inside ``jax.shard_map``: the mesh axes whose shards form the
+      tensor, for NVFP4's global amax (see :func:`fp4jax.quantize`).
 
   Returns:
     Array of shape ``S`` and dtype ``x.dtype``. Works under ``jit``, ``vmap``,
@@ -98,4 +103,6 @@ def fake_quant(x, fmt: Format | str, *, axis: int = -1, scale_rule: str | None =
   if x.shape[axis] % fmt.block_size:
     raise ValueError(f"fake_quant: shape {tuple(x.shape)} has length {x.shape[axis]} along axis {axis}, "
                      f"not a multiple of {fmt!r}'s block size {fmt.block_size}")
-  return _fake_quant(x, fmt, axis, scale_rule or fmt.default_scale_rule, ste)
+  if isinstance(axis_name, list):
+    axis_name = tuple(axis_name)  # a static argument must hash
+  return _fake_quant(x, fmt, axis, scale_rule or fmt.default_scale_rule, ste, axis_name)

@@ -42,15 +42,17 @@ def _stochastic_round(y, fmt: Format, key):
 
 
 def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule: str | None = None,
-                        global_scale=None, pad: bool = False) -> QArray:
+                        global_scale=None, pad: bool = False, axis_name=None) -> QArray:
   """:func:`fp4jax.quantize` with stochastic instead of nearest element rounding.
 
   Args:
     x: float32, bfloat16 or float16 array of shape ``S``.
     fmt: the format (or its name).
     key: a ``jax.random`` key; each element draws one uniform number.
-    axis, scale_rule, global_scale, pad: as in :func:`fp4jax.quantize`; block
-      scales (and NVFP4's global scale) are exactly the ones it picks.
+    axis, scale_rule, global_scale, pad, axis_name: as in :func:`fp4jax.quantize`;
+      block scales (and NVFP4's global scale) are exactly the ones it picks.
+      Under ``shard_map`` every shard draws from ``key`` as if it were the
+      whole array; fold ``lax.axis_index`` into ``key`` for independent draws.
 
   Returns:
     A QArray like ``quantize``'s (``values`` shape ``S``, ``scales`` with
@@ -59,7 +61,7 @@ def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule
     no element saturates at ``elem_max`` (always true for ``scale_rule="ceil"``).
   """
   nearest = quantize(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale, pad=pad,
-                     backend="xla")
+                     backend="xla", axis_name=axis_name)
   fmt, ax = nearest.fmt, nearest.axis
   xf = _bits.flush_subnormals(x.astype(jnp.float32))
   if pad:

@@ -55,11 +55,12 @@ def group_amax_bits(abs_bits, keep: tuple[int, ...]):
   return jnp.max(finite_bits, axis=reduce, keepdims=True)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "axis", "scale_rule", "pad", "tile", "keep"))
+@functools.partial(jax.jit, static_argnames=("fmt", "axis", "scale_rule", "pad", "tile", "keep", "axis_name"))
 def quantize_reference(x, global_scale, hessian, *, fmt: Format, axis: int, scale_rule: str, pad: bool,
-                       tile: int | None = None, keep: tuple[int, ...] = ()) -> QArray:
+                       tile: int | None = None, keep: tuple[int, ...] = (), axis_name=None) -> QArray:
   """``fp4jax.quantize`` of checked arguments: ``axis`` negative, ``tile`` the 2-D block side or None,
-  ``keep`` the axes a per-group global scale varies along (``()``: one per tensor)."""
+  ``keep`` the axes a per-group global scale varies along (``()``: one per tensor), ``axis_name``
+  the ``shard_map`` mesh axes the global amax is ``lax.pmax``-ed over (None: this array alone)."""
   x = x.astype(jnp.float32)
   if pad:
     x = pad_axis(x, axis, fmt.block_size)
@@ -81,10 +82,14 @@ def quantize_reference(x, global_scale, hessian, *, fmt: Format, axis: int, scal
       # a NaN block still count, so no other block depends on where NaNs are.
       finite_bits = jnp.where(abs_bits < _bits.F32_INF_BITS, abs_bits, 0)
       tensor_amax = _bits.from_f32_bits(jnp.max(jnp.max(finite_bits, axis=-1)))
+      if axis_name is not None:  # inside shard_map: the amax of the whole array, one scalar per shard
+        tensor_amax = jax.lax.pmax(tensor_amax, axis_name)
       global_encode, global_scale = global_factors(tensor_amax, fmt, numerator)
     elif global_scale is None:
       x_bits = _bits.f32_bits(x) & jnp.uint32(_bits.F32_ABS_MASK)
       group_amax = _bits.from_f32_bits(group_amax_bits(x_bits, keep))
+      if axis_name is not None:
+        group_amax = jax.lax.pmax(group_amax, axis_name)
       global_encode, global_scale = global_factors(group_amax, fmt, numerator)
     else:
       global_scale = jnp.asarray(global_scale, jnp.float32)
