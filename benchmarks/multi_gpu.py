@@ -256,7 +256,8 @@ def grad_bound(n: int) -> float:
 
   Data-parallel, ``n`` is the tokens of the batch: each weight gradient is a sum over them; on 2
   GPUs each sums half and an all-reduce adds the halves, a different order of float32 additions
-  of the same products (every GEMM operand is fake-quantized, so the products are exact).
+  of the same products (every GEMM operand is fake-quantized, so at float32 precision, which the
+  check asks for, the products are exact).
   Tensor-parallel, ``n`` is ``ffn``: the forward output sums over the split ffn axis (halves, then
   an all-reduce). Any order of ``n`` float32 additions is within ``gamma_n = n * eps / (1 - n * eps)``
   of the exact sum, relative to the sum of magnitudes; two orders differ by at most twice that. We
@@ -573,7 +574,10 @@ def qat_grad_check(run, mode, layouts, base):
     psh = tuple(NamedSharding(mesh, s) for s in pspecs)
     bsh, rep = NamedSharding(mesh, bspec), NamedSharding(mesh, P())
     args = (jax.device_put(base, psh), jax.device_put(x, bsh), jax.device_put(t, bsh), jax.device_put(key, rep))
-    out[name] = jax.device_get(Program(grad, (psh, bsh, bsh, rep), psh, args)(*args))
+    # float32 products, as grad_bound assumes: a GPU's default float32 dot rounds its operands
+    # (TF32-class), and TP splits the sums those rounded products feed differently.
+    with jax.default_matmul_precision("highest"):
+      out[name] = jax.device_get(Program(grad, (psh, bsh, bsh, rep), psh, args)(*args))
   for name, n in (("2 GPUs DP, same global batch", a.qat_tokens), ("2 GPUs TP (W1, W3 column-, W2 row-split)", a.ffn)):
     errs = [rel_err(g2, g1) for g2, g1 in zip(out[name], out["1 GPU"])]
     bound = grad_bound(n)
