@@ -372,7 +372,7 @@ def _unwritten(args) -> str:
 
 def _message(e: BaseException) -> str:
   if isinstance(e, OSError) and e.strerror:
-    return e.strerror if e.filename is None else f"{os.fsdecode(e.filename)}: {e.strerror}"
+    return e.strerror if e.filename is None else f"{os.fsdecode(e.filename) or repr('')}: {e.strerror}"
   return str(e)
 
 
