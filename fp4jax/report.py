@@ -1,10 +1,10 @@
 """Quantization error report: MSE and SQNR of every format and scale rule on synthetic data.
 
 ``python -m fp4jax report --out report.png --size N --seed S`` prints a table
-and writes a bar chart of SQNR (with matplotlib, from the ``cli`` extra; it
-checks it can plot, and the ``--out`` path, before computing anything;
-``--no-plot`` prints the tables alone and needs no matplotlib). The data (``size`` float32 elements each, as
-rows of 512 blocked along the last axis):
+and writes a bar chart of SQNR. The plot needs matplotlib (the ``cli``
+extra); the command checks it, and the ``--out`` path, before computing
+anything, and ``--no-plot`` prints the tables alone without it. The data
+(``size`` float32 elements each, as rows of 512 blocked along the last axis):
 
 ``gaussian``
   i.i.d. N(0, 1).
