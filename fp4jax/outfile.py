@@ -75,6 +75,8 @@ def check_output(path, *, inputs=(), create_dirs: bool = False) -> None:
 
 
 def _umask() -> int:
+  # The only portable way to read the umask sets it; another thread creating a file in between
+  # would get 0o022 for that instant.
   mask = os.umask(0o022)
   os.umask(mask)
   return mask
@@ -118,7 +120,10 @@ class AtomicOutput:
       raise OSError(e.errno, f"cannot write {self.path}: {e.strerror}") from None
     try:
       self.file = os.fdopen(fd, "wb")  # owns fd from here on
-      os.fchmod(self.file.fileno(), mode)
+      if hasattr(os, "fchmod"):
+        os.fchmod(self.file.fileno(), mode)
+      else:  # Windows
+        os.chmod(tmp, mode)
     except BaseException:
       if self.file is None:
         _close_quietly(lambda: os.close(fd))
