@@ -24,11 +24,11 @@ ENV.pop("FP4JAX_TRACEBACK", None)
 
 def run(*args, cwd=None, umask=None, block=(), check=False):
   """``python -m fp4jax ARGS``; ``block`` names modules made unimportable, as if not installed."""
-  code = (f"import sys\nfor m in {list(block)!r}: sys.modules[m] = None\n"
-          "from fp4jax.cli import main\nsys.exit(main())")
-  pre = (lambda: os.umask(umask)) if umask is not None else None
+  code = (f"import os, sys\nfor m in {list(block)!r}: sys.modules[m] = None\n"
+          + (f"os.umask({umask})\n" if umask is not None else "")  # not preexec_fn: fork after JAX's threads
+          + "from fp4jax.cli import main\nsys.exit(main())")
   p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=ENV,
-                     cwd=cwd, timeout=300, preexec_fn=pre)
+                     cwd=cwd, timeout=300)
   if check:
     assert p.returncode == 0, p.stderr
   return p
