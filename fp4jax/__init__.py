@@ -20,7 +20,7 @@ own package. ``tests/test_layering.py`` enforces this list.
   8. quantize, matmul, layouts
   9. stats, params, qat [config, rounding, fake, dot]
  10. flax, nnx
- 11. checkpoints [_safetensors, layout, files, convert], report
+ 11. outfile, checkpoints [_safetensors, layout, files, convert], report
  12. cli, __main__
 
 What each holds: formats and bit helpers (1); the QArray data type and
@@ -28,8 +28,8 @@ packing (2); the kernels' weight layout (QArray storage conversions) and
 sharding helpers (3); the scale
 rules (4); the pure-jnp reference every kernel equals (5); the Pallas kernels
 (6); the one place that picks an implementation (7); the public numerics API
-(8); QAT, PTQ and diagnostics (9); Flax layers (10); files and reports (11);
-the command line (12).
+(8); QAT, PTQ and diagnostics (9); Flax layers (10); output files,
+checkpoints and reports (11); the command line (12).
 """
 
 from fp4jax import layouts

@@ -4,14 +4,32 @@
 checkpoint tensor by tensor; ``fp4jax inspect FILE.safetensors [--reference
 ORIGINAL.safetensors]`` lists its tensors (and their SQNR against the
 original); ``fp4jax report`` prints the error table of every format and rule.
+
+How it ends (``docs/checkpoints.md`` has the table): 0 done; 2 a problem the
+user can fix (bad arguments, an unreadable or malformed input, an output that
+cannot or must not be written, a missing extra), said in one line naming the
+file as given, found before any work; 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP,
+each after removing the unfinished output; 141 when stdout is closed (``|
+head``), silently; 1 a bug (one line; ``FP4JAX_TRACEBACK=1`` shows the
+traceback). No output file is ever left half written.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import math
+import os
+import re
+import signal
 import sys
+import threading
+
+# What each command imports beyond the core, all from the ``cli`` extra.
+_EXTRA = "pip install 'fp4jax[cli]'"
+_NEEDS = {"convert": ("safetensors", "tqdm"), "inspect": ("safetensors",), "report": ("matplotlib",)}
 
 # MXFP8 without a suffix means E4M3 elements, the usual choice for weights.
 _FORMAT_CHOICES = {"mxfp4": "mxfp4", "nvfp4": "nvfp4", "mxfp8": "mxfp8_e4m3",
@@ -21,7 +39,9 @@ _FORMAT_CHOICES = {"mxfp4": "mxfp4", "nvfp4": "nvfp4", "mxfp8": "mxfp8_e4m3",
 
 def _add_report(sub):
   p = sub.add_parser("report", help="quantization error table (MSE, SQNR) for every format and rule, plus a PNG plot")
-  p.add_argument("--out", default="fp4jax_report.png", help="path of the PNG plot (default: %(default)s)")
+  p.add_argument("--out", default="fp4jax_report.png",
+                 help="path of the PNG plot (default: %(default)s); missing directories are created")
+  p.add_argument("--no-plot", action="store_true", help="print the tables only (needs no matplotlib)")
   p.add_argument("--size", type=int, default=1 << 16, help="elements per synthetic tensor (default: %(default)s)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--formats", metavar="NAMES", default=None,
@@ -44,7 +64,9 @@ def _add_convert(sub):
 
   p = sub.add_parser("convert", help="quantize the float tensors of a safetensors file, one tensor at a time")
   p.add_argument("src", metavar="IN.safetensors")
-  p.add_argument("dst", metavar="OUT.safetensors")
+  p.add_argument("dst", metavar="OUT.safetensors", help="a new file: never IN itself; an existing file only "
+                 "with --overwrite (replaced once the new one is complete)")
+  p.add_argument("--overwrite", action="store_true", help="replace OUT.safetensors if it exists")
   p.add_argument("--format", required=True, choices=sorted(_FORMAT_CHOICES), help="block-scaled format")
   p.add_argument("--scale-rule", choices=sorted(SCALE_RULES), default=None,
                  help="block scale rule (default: the format's own: floor for MX, nearest for NVFP4)")
@@ -81,11 +103,24 @@ fp4jax: block-scaled 4- and 8-bit numerics for JAX.
       list its tensors (and their SQNR against the original)
   fp4jax report
       quantization error of every format and scale rule on generated data
+
+The commands need the cli extra: pip install 'fp4jax[cli]'.
 """
 
 
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):
+    return False
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="fp4jax", description=_DESCRIPTION,
+  description = _DESCRIPTION
+  missing = sorted({m for needs in _NEEDS.values() for m in needs if not _installed(m)})
+  if missing:
+    description += f"Not installed here: {', '.join(missing)}.\n"
+  parser = argparse.ArgumentParser(prog="fp4jax", description=description,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   _add_convert(sub)
@@ -120,13 +155,31 @@ def _mean_db(values) -> float | None:
 # ---- convert -----------------------------------------------------------------------
 
 
+def _regex(pattern: str | None, flag: str) -> None:
+  try:
+    re.compile(pattern or "")
+  except re.error as e:
+    raise ValueError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
+
+
 def _convert(args) -> int:
   from tqdm import tqdm
 
   from fp4jax import checkpoints
+  from fp4jax.formats import get_format
+  from fp4jax.outfile import check_output
+  from fp4jax.scales import check_rule
 
+  # Everything that can be refused is refused here, before any work.
   fmt = _FORMAT_CHOICES[args.format]
+  if args.scale_rule is not None:
+    check_rule(get_format(fmt), args.scale_rule)
+  _regex(args.include, "--include")
+  _regex(args.exclude, "--exclude")
   total = sum(e.nbytes for e in checkpoints.read_entries(args.src))
+  check_output(args.dst, inputs=[args.src])
+  if os.path.lexists(args.dst) and not args.overwrite:
+    raise ValueError(f"{args.dst} exists; pass --overwrite to replace it")
   bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr, disable=args.no_progress)
 
   def progress(rec):
@@ -140,6 +193,7 @@ def _convert(args) -> int:
     records = checkpoints.convert(args.src, args.dst, fmt, scale_rule=args.scale_rule, axis=args.axis,
                                   include=args.include, exclude=args.exclude, layout=args.layout,
                                   progress=progress)
+  args.written = True
   groups = {"quantized": [], "passed through": [], "skipped": []}
   for r in records:
     groups["passed through" if r.action == "passed" else r.action.split(":")[0]].append(r)
@@ -266,16 +320,115 @@ def _inspect(args) -> int:
 _STATS_KEYS = ("rel_mse", "clipped_fraction", "scale_at_max_fraction", "scale_at_min_fraction")
 
 
+class _Signal(BaseException):
+  """SIGTERM or SIGHUP, raised where the program is so that ``with`` blocks clean up."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def _raise_signal(signum, frame):
+  raise _Signal(signum)
+
+
+_HANDLED = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _require(command: str, args) -> str | None:
+  """One line saying what to install, or None when the command's imports all work."""
+  needs = () if command == "report" and args.no_plot else _NEEDS[command]
+  missing, broken = [], []
+  for module in needs:
+    try:
+      importlib.import_module(module)
+    except ModuleNotFoundError as e:
+      if e.name == module:
+        missing.append(module)
+      else:
+        broken.append(f"{module} ({e})")
+    except ImportError as e:
+      broken.append(f"{module} ({e})")
+  if not missing and not broken:
+    return None
+  what = "the plot needs" if command == "report" else "needs"
+  if missing:
+    line = f"{what} {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: {_EXTRA}"
+  else:
+    line = f"{what} {' and '.join(broken)}, which cannot be imported: {_EXTRA}"
+  return line + (" (or pass --no-plot for the tables alone)" if command == "report" else "")
+
+
+def _unwritten(args) -> str:
+  """What an interrupted command left alone: its output, when it had not finished writing it."""
+  out = {"convert": getattr(args, "dst", None), "report": None if getattr(args, "no_plot", True) else args.out}
+  path = out.get(args.command)
+  if path is None:
+    return ""
+  if getattr(args, "written", False):
+    return f", after {path} was written in full"
+  return f": {path} was not written (an existing file is unchanged)"
+
+
+def _message(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror if e.filename is None else f"{os.fsdecode(e.filename) or repr('')}: {e.strerror}"
+  return str(e)
+
+
 def main(argv=None) -> int:
+  """Runs ``fp4jax`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  from fp4jax import outfile
+
   args = build_parser().parse_args(argv)
-  if args.command == "report":
-    return int(args.func(args) or 0)
-  try:
-    return int(args.func(args) or 0)
-  except (ValueError, OSError) as e:
-    # A malformed or missing file is the user's to fix: one line naming it, no traceback.
-    print(f"fp4jax {args.command}: error: {e}", file=sys.stderr)
+  name = f"fp4jax {args.command}"
+  err = lambda line: print(f"{name}: {line}", file=sys.stderr)
+  missing = _require(args.command, args)
+  if missing:
+    err(f"error: {missing}")
     return 2
+  in_main = threading.current_thread() is threading.main_thread()
+  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, *_HANDLED)} if in_main else {}
+  for s in _HANDLED:
+    if in_main and saved[s] is not signal.SIG_IGN:  # respect nohup
+      signal.signal(s, _raise_signal)
+  try:
+    try:
+      rc = int(args.func(args) or 0)
+      sys.stdout.flush()  # here, where a closed pipe can still be caught
+      return rc
+    except BaseException:
+      if in_main:  # a second Ctrl-C must not interrupt the cleanup
+        for s in (signal.SIGINT, *_HANDLED):
+          signal.signal(s, signal.SIG_IGN)
+      outfile.remove_pending()
+      raise
+  except KeyboardInterrupt:
+    err(f"interrupted (Ctrl-C){_unwritten(args)}")
+    return 130
+  except _Signal as e:
+    err(f"stopped by {signal.Signals(e.signum).name}{_unwritten(args)}")
+    return 128 + e.signum
+  except BrokenPipeError:
+    # The reader went away (``| head``): say nothing, like a command killed by SIGPIPE.
+    try:  # and keep the interpreter's final flush from raising it again
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+      pass
+    return 128 + 13
+  except (ValueError, OSError) as e:
+    # A malformed or missing file, a refused output: the user's to fix. One line naming it.
+    err(f"error: {_message(e)}")
+    return 2
+  except Exception as e:  # noqa: BLE001 -- a bug: one line, the traceback on request
+    if os.environ.get("FP4JAX_TRACEBACK"):
+      raise
+    err(f"internal error: {type(e).__name__}: {e} (FP4JAX_TRACEBACK=1 shows where; please report it)")
+    return 1
+  finally:
+    for s, h in saved.items():
+      if h is not None:
+        signal.signal(s, h)
 
 
 if __name__ == "__main__":

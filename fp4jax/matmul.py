@@ -32,6 +32,8 @@ decided once per call by :mod:`fp4jax.backend`.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +43,7 @@ from fp4jax import backend as backends
 from fp4jax.backend import KERNEL_MAX_ROWS
 from fp4jax.kernels import matmul_common as common
 from fp4jax.prepared import PREPARED_WEIGHT_GONE, byte_matrix, prepare_weight
-from fp4jax.qarray import QArray, validate_qarray
+from fp4jax.qarray import QArray, as_array, float_dtype, validate_qarray
 from fp4jax.reference import scaled_dot_general_reference
 
 __all__ = [
@@ -64,15 +66,19 @@ def __getattr__(name):
 
 
 def _check_operand(x, name: str):
+  """``(operand, shape)``: a QArray as it is, a list as an array; ValueError unless floating.
+
+  Floating arrays of any dtype (float64 included) are accepted: the product is
+  computed from their float32 values.
+  """
   if isinstance(x, QArray):
     validate_qarray(x)
-    return x.shape
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    x = jnp.asarray(x)
+    return x, tuple(x.shape)
+  x = as_array(x, f"scaled_dot_general ({name})")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"scaled_dot_general: {name} must be a floating array or a QArray, "
                      f"got dtype {x.dtype} with shape {tuple(x.shape)}")
-  return tuple(x.shape)
+  return x, tuple(x.shape)
 
 
 def _normalize_dims(dimension_numbers, lhs_shape, rhs_shape):
@@ -224,15 +230,24 @@ def scaled_dot_general(lhs, rhs, dimension_numbers, *, preferred_element_type=jn
   axis, no batch axes, QArrays blocked along the contracting axis.
   """
   backends.check_backend(backend)
-  out_dtype = np.dtype(preferred_element_type)
-  if not jnp.issubdtype(out_dtype, jnp.floating):
-    raise ValueError(f"scaled_dot_general: preferred_element_type must be floating, got {out_dtype}")
-  dims = _normalize_dims(dimension_numbers, _check_operand(lhs, "lhs"), _check_operand(rhs, "rhs"))
+  out_dtype = float_dtype(preferred_element_type, "scaled_dot_general: preferred_element_type")
+  (lhs, lhs_shape), (rhs, rhs_shape) = _check_operand(lhs, "lhs"), _check_operand(rhs, "rhs")
+  dims = _normalize_dims(dimension_numbers, lhs_shape, rhs_shape)
   return _dot(lhs, rhs, dims, out_dtype, backend, dimension_numbers)
+
+
+def _out_shape(lhs_shape, rhs_shape, dims) -> tuple[int, ...]:
+  (lc, rc), (lb, rb) = dims
+  return (tuple(lhs_shape[i] for i in lb) + tuple(s for i, s in enumerate(lhs_shape) if i not in lc + lb)
+          + tuple(s for i, s in enumerate(rhs_shape) if i not in rc + rb))
 
 
 def _dot(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
   """scaled_dot_general of validated operands: plan once, run the planned path."""
+  if math.prod(lhs.shape) == 0 or math.prod(rhs.shape) == 0:
+    # No elements: a sum over an empty axis (zeros), or an empty output. The
+    # reference dequantizes, which has no blocks to work on.
+    return jnp.zeros(_out_shape(lhs.shape, rhs.shape, dims), out_dtype)
   kind, why = (None, "backend='xla'") if backend == "xla" else backends.dot_kernel(lhs, rhs, dims, out_dtype)
   if kind is None and backend == "pallas":
     raise ValueError(
@@ -269,14 +284,12 @@ def scaled_matmul(a, b, *, preferred_element_type=jnp.bfloat16, backend: str = "
     of the dequantized operands to float32 rounding.
   """
   backends.check_backend(backend)
-  out_dtype = np.dtype(preferred_element_type)
-  if not jnp.issubdtype(out_dtype, jnp.floating):
-    raise ValueError(f"scaled_matmul: preferred_element_type must be floating, got {out_dtype}")
-  a_shape, b_shape = _check_operand(a, "a"), _check_operand(b, "b")
+  out_dtype = float_dtype(preferred_element_type, "scaled_matmul: preferred_element_type")
+  (a, a_shape), (b, b_shape) = _check_operand(a, "a"), _check_operand(b, "b")
   if len(a_shape) < 1 or len(b_shape) != 2:
     raise ValueError(f"scaled_matmul expects a (..., M, K) and b (K, N), got shapes {a_shape} and {b_shape}")
   if a_shape[-1] != b_shape[0]:
-    raise ValueError(f"scaled_matmul: contracting sizes differ: a {a_shape} has K={a_shape[-1]}, "
-                     f"b {b_shape} has K={b_shape[0]}")
+    raise ValueError(f"scaled_matmul: contracting sizes differ: a shape {a_shape} has K={a_shape[-1]}, "
+                     f"b shape {b_shape} has K={b_shape[0]}")
   dimension_numbers = (((len(a_shape) - 1,), (0,)), ((), ()))
   return _dot(a, b, _normalize_dims(dimension_numbers, a_shape, b_shape), out_dtype, backend, dimension_numbers)

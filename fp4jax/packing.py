@@ -13,7 +13,7 @@ import numpy as np
 from jax import lax
 
 from fp4jax import _bits
-from fp4jax.qarray import normalize_axis
+from fp4jax.qarray import as_array, float_dtype, normalize_axis
 
 __all__ = ["pack_fp4", "unpack_fp4", "dequantize_packed", "E2M1_VALUES"]
 
@@ -46,7 +46,7 @@ def pack_fp4(values, axis: int = -1):
     uint8 array, ``values.shape`` with ``axis`` halved; byte ``i`` holds element
     ``2i`` in its low nibble and ``2i + 1`` in its high nibble.
   """
-  values = jnp.asarray(values)
+  values = jnp.asarray(as_array(values, "pack_fp4"))
   if values.dtype != jnp.float4_e2m1fn:
     raise ValueError(f"pack_fp4 expects float4_e2m1fn values, got dtype {values.dtype}")
   axis = normalize_axis(axis, values.ndim, values.shape)
@@ -59,7 +59,7 @@ def pack_fp4(values, axis: int = -1):
 
 def unpack_fp4(packed, axis: int = -1):
   """Inverse of :func:`pack_fp4`: uint8 ``(..., n, ...)`` -> ``float4_e2m1fn`` with ``2n``."""
-  packed = jnp.asarray(packed)
+  packed = jnp.asarray(as_array(packed, "unpack_fp4"))
   if packed.dtype not in (jnp.uint8, jnp.int8):
     raise ValueError(f"unpack_fp4 expects uint8 (or int8) bytes, got dtype {packed.dtype}")
   axis = normalize_axis(axis, packed.ndim, packed.shape)
@@ -77,7 +77,7 @@ def dequantize_packed(blocks, scales, *, block_size: int = 32, dtype=jnp.bfloat1
     scales: uint8 or ``float8_e8m0fnu`` ``(..., K // block_size)``; byte ``e``
       means ``2**(e - 127)``.
     block_size: elements per scale (32 for MXFP4).
-    dtype: output dtype.
+    dtype: a floating output dtype.
 
   Returns:
     ``(..., K)`` array of ``dtype``: ``E2M1(code) * 2**(e - 127)``, computed in
@@ -87,17 +87,19 @@ def dequantize_packed(blocks, scales, *, block_size: int = 32, dtype=jnp.bfloat1
     Results below float32's normal range (``< 2**-126``) are flushed to zero
     on every backend, and products past float32's range are +-Inf (as ldexp).
   """
-  blocks = jnp.asarray(blocks)
-  scales = jnp.asarray(scales)
+  blocks = jnp.asarray(as_array(blocks, "dequantize_packed"))
+  scales = jnp.asarray(as_array(scales, "dequantize_packed"))
+  dtype = float_dtype(dtype, "dequantize_packed: dtype")
   if blocks.dtype not in (jnp.uint8, jnp.int8):
     raise ValueError(f"dequantize_packed: blocks must be uint8 or int8, got dtype {blocks.dtype}")
   if scales.dtype == jnp.float8_e8m0fnu:
     scales = lax.bitcast_convert_type(scales, jnp.uint8)
   elif scales.dtype != jnp.uint8:
     raise ValueError(f"dequantize_packed: scales must be uint8 or float8_e8m0fnu, got dtype {scales.dtype}")
-  if block_size <= 0 or block_size % 2:
-    raise ValueError(f"dequantize_packed: block_size must be a positive even number, got {block_size}")
-  if blocks.ndim == 0 or blocks.shape[:-1] != scales.shape[:-1] or 2 * blocks.shape[-1] != scales.shape[-1] * block_size:
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0 or block_size % 2:
+    raise ValueError(f"dequantize_packed: block_size must be a positive even int, got {block_size!r}")
+  if (blocks.ndim == 0 or scales.ndim != blocks.ndim or blocks.shape[:-1] != scales.shape[:-1]
+      or 2 * blocks.shape[-1] != scales.shape[-1] * block_size):
     raise ValueError(
         f"dequantize_packed: blocks shape {blocks.shape} and scales shape {scales.shape} do not "
         f"agree: expected blocks (..., K//2) and scales (..., K//{block_size}) with the same leading axes"
@@ -107,4 +109,4 @@ def dequantize_packed(blocks, scales, *, block_size: int = 32, dtype=jnp.bfloat1
   out = _bits.scale_by_pow2(values, scales.astype(jnp.int32)[..., None] - 127)
   # Explicit, so that a GPU (which keeps float32 subnormals) gives the same bits.
   out = _bits.flush_subnormals(out)
-  return out.reshape(*blocks.shape[:-1], -1).astype(dtype)
+  return out.reshape(*blocks.shape[:-1], 2 * blocks.shape[-1]).astype(dtype)

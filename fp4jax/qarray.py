@@ -10,8 +10,8 @@ import numpy as np
 
 from fp4jax.formats import Format
 
-__all__ = ["QArray", "validate_qarray", "normalize_axis", "check_global_scale_shape", "xla_only_reason",
-           "rows_obstacle", "set_dequantize", "set_relayout", "STORAGE_LAYOUTS"]
+__all__ = ["QArray", "validate_qarray", "normalize_axis", "as_array", "float_dtype", "check_global_scale_shape",
+           "xla_only_reason", "rows_obstacle", "set_dequantize", "set_relayout", "STORAGE_LAYOUTS"]
 
 #: How a QArray's leaves are stored (its static ``layout``): ``None``, the
 #: logical array; ``"rows"``, the matmul kernels' byte rows (see QArray).
@@ -29,6 +29,32 @@ def normalize_axis(axis: int, ndim: int, shape: Any = None) -> int:
   if not -ndim <= axis < ndim:
     raise ValueError(f"axis {axis} is out of range for an array of shape {shape} (ndim {ndim})")
   return int(axis) - ndim if axis >= 0 else int(axis)
+
+
+def as_array(x, what: str):
+  """``x`` when it is an array (numpy, jax, a tracer), else ``jnp.asarray(x)`` (a list, a Python float).
+
+  Raises ValueError naming ``what`` (the calling function) for what JAX cannot
+  make an array of (strings, ragged lists, None), instead of JAX's TypeError.
+  """
+  if hasattr(x, "dtype") and hasattr(x, "shape"):
+    return x
+  try:
+    return jnp.asarray(x)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{what} expects an array; a {type(x).__name__} is not an array of numbers "
+                     f"(no shape and dtype): {e}") from None
+
+
+def float_dtype(dtype, what: str) -> np.dtype:
+  """``dtype`` as a numpy dtype, or ValueError naming ``what`` unless it is a floating dtype."""
+  try:
+    d = np.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"{what} must be a floating dtype, got {dtype!r}") from None
+  if not jnp.issubdtype(d, jnp.floating):
+    raise ValueError(f"{what} must be floating, got dtype {d}")
+  return d
 
 
 @jax.tree_util.register_pytree_node_class

@@ -6,6 +6,8 @@ The numerics live in :mod:`fp4jax.reference` (the XLA path) and
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,20 +15,36 @@ import numpy as np
 from fp4jax import _bits, backend as backends, qarray
 from fp4jax.formats import Format, get_format
 from fp4jax.prepared import with_layout
-from fp4jax.qarray import STORAGE_LAYOUTS, QArray, check_global_scale_shape, normalize_axis, validate_qarray
+from fp4jax.qarray import (STORAGE_LAYOUTS, QArray, as_array, check_global_scale_shape, float_dtype, normalize_axis,
+                           validate_qarray)
 from fp4jax.reference import MAX_GLOBAL_ENCODE, dequantize_reference, global_factors, group_amax_bits, quantize_reference
 from fp4jax.scales import check_rule, global_encode_numerator
 
-__all__ = ["quantize", "dequantize", "global_scale_from_amax", "global_amax"]
+__all__ = ["quantize", "dequantize", "global_scale_from_amax", "global_amax", "as_input"]
 
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_INPUTS = "float32, bfloat16, float16 or float64"
+
+
+def as_input(x, what: str = "quantize"):
+  """``x`` as an array of a dtype quantize takes: float64 becomes float32, others are checked.
+
+  numpy's default float64 (and a list of Python floats) is accepted wherever
+  float32 is, converted as JAX converts it, and always quantized from its
+  float32 values: the formats' scales and elements are defined from float32
+  (with ``jax_enable_x64`` a float64 array stays float64 in JAX, and is still
+  rounded to float32 first). Ints, bools, complex and float8 raise ValueError
+  naming the dtype.
+  """
+  x = as_array(x, what)
+  if x.dtype == np.float64:
+    x = x.astype(np.float32)
+  if x.dtype not in [np.dtype(d) for d in _INPUT_DTYPES]:
+    raise ValueError(f"{what} expects {_INPUTS} input, got dtype {x.dtype} (shape {tuple(x.shape)})")
+  return x
 
 
 def _check_input(x, fmt: Format, axis: int, pad: bool):
-  if not hasattr(x, "dtype") or x.dtype not in [np.dtype(d) for d in _INPUT_DTYPES]:
-    raise ValueError(
-        f"quantize expects float32, bfloat16 or float16 input, got dtype {getattr(x, 'dtype', type(x))}"
-    )
   if x.ndim == 0:
     raise ValueError("quantize needs an array with at least one axis, got a scalar")
   given = axis
@@ -91,7 +109,7 @@ def global_amax(x, granularity="tensor", *, axis: int = -1, block_shape=None):
   """The amax NVFP4's global scale is computed from, at a granularity.
 
   Args:
-    x: float32, bfloat16 or float16 array of shape ``S``.
+    x: float32, bfloat16, float16 or float64 (its float32 values) array of shape ``S``.
     granularity: ``"tensor"`` (one value), ``"row"`` (one per index of every
       axis but the block axis), ``"leading"`` (one per index of axis 0, e.g.
       per expert) or a tuple of the axes to keep, as for :func:`quantize`.
@@ -104,12 +122,15 @@ def global_amax(x, granularity="tensor", *, axis: int = -1, block_shape=None):
     rank and length 1 on the reduced axes. ``global_scale_from_amax`` of it
     is the ``global_scale`` that ``quantize(x, NVFP4, granularity=...)`` stores.
   """
-  x = jnp.asarray(x)
+  x = as_array(x, "global_amax")
   if x.ndim == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"global_amax needs a floating array with at least one axis, got shape {x.shape} "
+    raise ValueError(f"global_amax needs a floating array with at least one axis, got shape {tuple(x.shape)} "
                      f"dtype {x.dtype}")
   block_axes = (-2, -1) if block_shape is not None else (normalize_axis(axis, x.ndim, x.shape),)
   keep = _keep_axes(granularity, x.ndim, block_axes)
+  if math.prod(x.shape) == 0:  # nothing to take the max of: amax 0, as for an all-zero tensor
+    return jnp.zeros([x.shape[a] if a in keep else 1 for a in range(x.ndim)] if keep else (), jnp.float32)
+  x = jnp.asarray(x)
   abs_bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(_bits.F32_ABS_MASK)
   out = _bits.from_f32_bits(group_amax_bits(abs_bits, keep))
   return out.reshape(()) if not keep else out
@@ -161,7 +182,10 @@ def quantize(
   """Quantizes ``x`` to a block-scaled format along ``axis``.
 
   Args:
-    x: float32, bfloat16 or float16 array of shape ``S``, any rank.
+    x: float32, bfloat16 or float16 array of shape ``S``, any rank (a zero
+      length included). float64 (numpy's default) is accepted too and
+      quantized from its float32 values, on every JAX setting (see
+      :func:`as_input`).
     fmt: a :class:`fp4jax.Format` (``fp4jax.MXFP4``, ``NVFP4``, ``MXFP8_E4M3``,
       ``MXFP8_E5M2``, ``MXFP6_E2M3``, ``MXFP6_E3M2``, ``MXINT8``) or its name.
     axis: the axis whose consecutive runs of ``fmt.block_size`` elements share
@@ -243,7 +267,7 @@ def quantize(
   fmt = get_format(fmt)
   if layout not in STORAGE_LAYOUTS:
     raise ValueError(f"unknown QArray layout {layout!r}; expected one of {STORAGE_LAYOUTS}")
-  x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+  x = as_input(x)
   tile = None
   if block_shape is not None:
     tile = _check_block_shape(block_shape, x, fmt, axis, pad)
@@ -289,6 +313,8 @@ def quantize(
     obstacle = backends.quantize_obstacle(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
                                           hessian=hessian, pad=pad, block_shape=block_shape, keep=keep,
                                           axis_name=axis_name)
+  if math.prod(x.shape) == 0:
+    return _empty_qarray(x.shape, fmt, axis, tile, keep, global_scale, scale_rule, pad)
   plan = backends.choose("quantize", backend, obstacle,
                          verified=backends.gpu_verified("quantize", fmt, scale_rule, x.dtype))
   if plan.impl == "kernel":
@@ -311,6 +337,25 @@ def _check_axis_name(axis_name):
   raise ValueError(f"axis_name must be None, a mesh axis name or a tuple of names, got {axis_name!r}")
 
 
+def _empty_qarray(shape, fmt: Format, axis: int, tile, keep, global_scale, scale_rule: str, pad: bool) -> QArray:
+  """The QArray of an input with no elements: no values, no scales, the global scale of an all-zero tensor."""
+  b = fmt.block_size
+  shape = list(shape)
+  if pad and tile is None:
+    shape[axis] = -(-shape[axis] // b) * b
+  scale_shape = list(shape)
+  if tile is None:
+    scale_shape[axis] //= b
+  else:
+    scale_shape[-2:] = [shape[-2] // b, shape[-1] // b]
+  if fmt.has_global_scale and global_scale is None:
+    global_scale = global_scale_from_amax(jnp.zeros((), jnp.float32), fmt, scale_rule=scale_rule)
+    if keep:
+      global_scale = jnp.broadcast_to(global_scale, [shape[a] if a in keep else 1 for a in range(len(shape))])
+  return QArray(jnp.zeros(shape, fmt.elem_dtype), jnp.zeros(scale_shape, fmt.scale_dtype), global_scale, fmt, axis,
+                None if tile is None else (tile, tile))
+
+
 def _check_block_shape(block_shape, x, fmt: Format, axis, pad: bool) -> int:
   """Validates 2-D blocks; returns the tile side ``B``."""
   b = fmt.block_size
@@ -321,9 +366,6 @@ def _check_block_shape(block_shape, x, fmt: Format, axis, pad: bool) -> int:
   if not ok:
     raise ValueError(f"block_shape must be None or ({b}, {b}) for {fmt!r} (one scale per {b}x{b} tile), "
                      f"got {block_shape!r}")
-  if not hasattr(x, "dtype") or x.dtype not in [np.dtype(d) for d in _INPUT_DTYPES]:
-    raise ValueError(
-        f"quantize expects float32, bfloat16 or float16 input, got dtype {getattr(x, 'dtype', type(x))}")
   if x.ndim < 2:
     raise ValueError(f"block_shape={block_shape} tiles the last two axes; got shape {tuple(x.shape)}")
   if normalize_axis(axis, x.ndim, x.shape) != -1:
@@ -354,11 +396,11 @@ def dequantize(q: QArray, dtype=jnp.float32, *, backend: str = "auto"):
   """
   if not isinstance(q, QArray):
     raise ValueError(f"dequantize expects a fp4jax.QArray, got {type(q).__name__}")
-  dtype = np.dtype(dtype)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"dequantize: dtype must be floating, got {dtype}")
+  dtype = float_dtype(dtype, "dequantize: dtype")
   backends.check_backend(backend)
   q = with_layout(validate_qarray(q), None)  # the kernels and the reference read the logical array
+  if math.prod(q.shape) == 0:
+    return jnp.zeros(q.shape, dtype)
   obstacle = None if backend == "xla" else backends.dequantize_obstacle(q, dtype)
   plan = backends.choose("dequantize", backend, obstacle, verified=backends.gpu_verified("dequantize", q.fmt))
   if plan.impl == "kernel":

@@ -1,8 +1,10 @@
 """Quantization error report: MSE and SQNR of every format and scale rule on synthetic data.
 
 ``python -m fp4jax report --out report.png --size N --seed S`` prints a table
-and writes a bar chart of SQNR. The data (``size`` float32 elements each, as
-rows of 512 blocked along the last axis):
+and writes a bar chart of SQNR. The plot needs matplotlib (the ``cli``
+extra); the command checks it, and the ``--out`` path, before computing
+anything, and ``--no-plot`` prints the tables alone without it. The data
+(``size`` float32 elements each, as rows of 512 blocked along the last axis):
 
 ``gaussian``
   i.i.d. N(0, 1).
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fp4jax.formats import ALL_FORMATS, FORMATS, Format, get_format
+from fp4jax.outfile import AtomicOutput, check_output
 from fp4jax.quantize import dequantize, quantize
 from fp4jax.scales import ALL_SCALE_RULES, SCALE_RULES
 from fp4jax.stats import stats
@@ -227,7 +230,11 @@ def _names(arg: str | None, known: Iterable[str], what: str) -> list[str] | None
 
 
 def plot(table: list[dict], path: str, title: str = "fp4jax quantization error") -> None:
-  """Writes a grouped bar chart of SQNR (dB) per format/rule and distribution to a PNG."""
+  """Writes a grouped bar chart of SQNR (dB) per format/rule and distribution to a PNG.
+
+  Missing directories of ``path`` are created; the file appears only complete
+  (:class:`fp4jax.outfile.AtomicOutput`).
+  """
   # The object API with an explicit Agg canvas: no pyplot, no global backend.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -250,26 +257,53 @@ def plot(table: list[dict], path: str, title: str = "fp4jax quantization error")
   ax.grid(axis="y", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fig.savefig(path, format="png")
+  check_output(path, create_dirs=True)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with AtomicOutput(path) as f:
+    fig.savefig(f, format="png")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_replaceable(path) -> None:
+  """An existing ``--out`` is replaced only if it is a PNG image (a mistyped path must not cost a checkpoint)."""
+  if not os.path.lexists(path):
+    return
+  try:
+    with open(path, "rb") as f:
+      head = f.read(len(_PNG_SIGNATURE))
+  except OSError as e:
+    raise ValueError(f"cannot replace {path}: {e.strerror}") from None
+  if head != _PNG_SIGNATURE:
+    raise ValueError(f"{path} exists and is not a PNG image: the report will not replace it; choose another --out")
 
 
 def main(args) -> int:
   """The ``report`` subcommand: ``args.out`` (PNG path), ``args.size``, ``args.seed``.
 
   Optional ``args.formats`` / ``args.rules``: ``"all"`` or comma-separated
-  names (default: ``fp4jax.FORMATS`` and ``fp4jax.SCALE_RULES``).
+  names (default: ``fp4jax.FORMATS`` and ``fp4jax.SCALE_RULES``);
+  ``args.no_plot``: print the tables only. Arguments, matplotlib and the
+  ``--out`` path are checked before anything is computed; an existing
+  ``--out`` is replaced only if it is a PNG image.
   """
   if args.size < 1:
-    print(f"fp4jax report: --size must be a positive number of elements, got {args.size}", file=sys.stderr)
+    print(f"fp4jax report: error: --size must be a positive number of elements, got {args.size}", file=sys.stderr)
     return 2
   try:
     formats = _names(getattr(args, "formats", None), ALL_FORMATS, "format")
     rules = _names(getattr(args, "rules", None), ALL_SCALE_RULES, "scale rule")
+    plotting = not getattr(args, "no_plot", False)
+    if plotting:
+      check_output(args.out, create_dirs=True)
+      _check_replaceable(args.out)
   except ValueError as e:
-    print(f"fp4jax report: {e}", file=sys.stderr)
+    print(f"fp4jax report: error: {e}", file=sys.stderr)
     return 2
+  if plotting:
+    # Fail now, not after the table: the plot needs matplotlib (the cli extra).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
   start = time.perf_counter()
   table = error_table(args.size, args.seed, formats=formats, rules=rules)
   rows = -(-args.size // ROW_LENGTH)
@@ -281,6 +315,8 @@ def main(args) -> int:
   print()
   print("Clipping and scale range (fp4jax.stats): elements that saturated, blocks at the ends of the scale range")
   print(format_diagnostics(table))
-  plot(table, args.out, title=f"fp4jax quantization SQNR ({rows}x{ROW_LENGTH} elements, seed {args.seed})")
-  print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+  if plotting:
+    plot(table, args.out, title=f"fp4jax quantization SQNR ({rows}x{ROW_LENGTH} elements, seed {args.seed})")
+    args.written = True
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
   return 0

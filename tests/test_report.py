@@ -159,3 +159,38 @@ def test_bad_arguments(tmp_path):
   out = tmp_path / "x.png"
   assert cli.main(["report", "--size", "0", "--out", str(out)]) == 2
   assert not out.exists()
+
+
+def test_output_is_checked_before_anything_is_computed(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(report, "error_table", lambda *a, **k: pytest.fail("computed before --out was checked"))
+  ckpt = tmp_path / "model.safetensors"
+  ckpt.write_bytes(b"weights")
+  cases = {tmp_path: "is a directory, not a file",
+           ckpt: "exists and is not a PNG image: the report will not replace it; choose another --out",
+           ckpt / "r.png": "model.safetensors' is not a directory"}
+  for out, message in cases.items():
+    assert cli.main(["report", "--out", str(out), "--size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp4jax report: error: ") and message in err and err.count("\n") == 1, err
+  assert ckpt.read_bytes() == b"weights" and os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_no_plot_prints_the_tables_and_writes_nothing(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(["report", "--no-plot", "--size", "512", "--formats", "mxfp4", "--rules", "floor"]) == 0
+  rows = _parse(capsys.readouterr().out)
+  assert set(rows) == {(d, "mxfp4", "floor") for d in DISTS}
+  assert os.listdir(tmp_path) == []
+
+
+def test_the_plot_replaces_an_older_plot_with_normal_permissions(tmp_path, capsys):
+  out = tmp_path / "r.png"
+  table = report.error_table(512, formats=[fj.MXFP4], rules=["floor"], distributions=["gaussian"])
+  out.write_bytes(PNG_SIGNATURE + b"an older plot")
+  old = os.umask(0o022)
+  try:
+    report.plot(table, str(out))
+  finally:
+    os.umask(old)
+  assert matplotlib.image.imread(out).ndim == 3
+  assert os.stat(out).st_mode & 0o777 == 0o644 and os.listdir(tmp_path) == ["r.png"]

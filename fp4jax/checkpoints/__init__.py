@@ -36,7 +36,9 @@ or dtypes that do not agree, and a truncated file raise ValueError naming the
 tensor. Writing streams: the header is computed up front (shapes come from
 ``jax.eval_shape``), then each tensor is encoded, written and dropped, into a
 temporary file in the destination directory that ``os.replace`` moves into
-place only once complete.
+place only once complete (:mod:`fp4jax.outfile`: the destination is checked
+first, errors name it and never the temporary file, and the file gets the
+permissions ``open()`` would give it).
 
 Modules: :mod:`~fp4jax.checkpoints.layout` (names, encodings, the header),
 :mod:`~fp4jax.checkpoints.files` (load / save),

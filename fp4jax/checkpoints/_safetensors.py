@@ -14,11 +14,12 @@ import json
 import math
 import os
 import struct
-import tempfile
 from typing import Mapping
 
 import ml_dtypes
 import numpy as np
+
+from fp4jax.outfile import AtomicOutput, check_output
 
 # safetensors dtype names; F8 ones come from ml_dtypes because numpy has none.
 DTYPES: dict[str, np.dtype] = {
@@ -137,11 +138,15 @@ class Writer:
 
   The header lists every tensor's shape, dtype and offsets, so the plan is
   needed first; then each ``write`` appends one tensor's bytes. The file
-  appears at ``path`` only on a clean exit (temporary file + ``os.replace``).
+  appears at ``path`` only on a clean exit, complete and with the permissions
+  ``open()`` would give it (:class:`fp4jax.outfile.AtomicOutput`); the
+  destination is checked (:func:`fp4jax.outfile.check_output`) before the
+  plan is.
   """
 
   def __init__(self, path, plan: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str]):
     self.path = os.fspath(path)
+    check_output(self.path)
     seen, header, offset = set(), {}, 0
     if metadata:
       header["__metadata__"] = dict(metadata)
@@ -158,12 +163,15 @@ class Writer:
     self._header = blob + b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
     self._plan = list(plan)
     self._next = 0
+    self._out = AtomicOutput(self.path)
 
   def __enter__(self):
-    directory = os.path.dirname(os.path.abspath(self.path))
-    fd, self._tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
-    self._f = os.fdopen(fd, "wb")
-    self._f.write(struct.pack("<Q", len(self._header)) + self._header)
+    self._f = self._out.__enter__()
+    try:
+      self._f.write(struct.pack("<Q", len(self._header)) + self._header)
+    except BaseException as e:
+      self._out.__exit__(type(e), e, e.__traceback__)
+      raise
     return self
 
   def write(self, name: str, array) -> None:
@@ -182,18 +190,8 @@ class Writer:
     self._next += 1
 
   def __exit__(self, exc_type, exc, tb):
-    try:
-      if exc_type is None and self._next != len(self._plan):
-        raise ValueError(f"{self.path}: only {self._next} of {len(self._plan)} planned tensors were written")
-      self._f.flush()
-      os.fsync(self._f.fileno())
-      self._f.close()
-      if exc_type is None:
-        os.replace(self._tmp, self.path)
-    finally:
-      if not self._f.closed:
-        self._f.close()
-      if os.path.exists(self._tmp):
-        os.unlink(self._tmp)
-
-
+    if exc_type is None and self._next != len(self._plan):
+      err = ValueError(f"{self.path}: only {self._next} of {len(self._plan)} planned tensors were written")
+      self._out.__exit__(ValueError, err, None)
+      raise err
+    self._out.__exit__(exc_type, exc, tb)

@@ -17,6 +17,7 @@ from fp4jax.checkpoints.files import CheckpointFile
 from fp4jax.checkpoints.layout import (FLOAT_INPUTS, LAYOUTS, METADATA_KEY, Entry, encode_qarray, metadata_json,
                                        part_names, resolve_layout)
 from fp4jax.formats import Format, get_format
+from fp4jax.outfile import check_output
 from fp4jax.qarray import normalize_axis
 from fp4jax.quantize import dequantize, quantize
 from fp4jax.scales import SCALE_RULES
@@ -54,6 +55,15 @@ def _quantizeencode_qarray(x, *, fmt, axis, scale_rule, layout):
   return encode_qarray(q, layout), jnp.sum(xf * xf), jnp.sum(err * err)
 
 
+def _pattern(pattern: str | None, what: str):
+  if not pattern:
+    return None
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
+
+
 def convert(src, dst, fmt: Format | str, *, scale_rule: str | None = None, axis: int = -1,
             include: str | None = None, exclude: str | None = None, layout: str = "gpt_oss",
             progress: Callable[[ConvertRecord], None] | None = None) -> list[ConvertRecord]:
@@ -69,14 +79,18 @@ def convert(src, dst, fmt: Format | str, *, scale_rule: str | None = None, axis:
   Returns one :class:`ConvertRecord` per logical tensor, in file order, with
   the SQNR (dB, sums in float32) of each quantized one. ``progress`` is called
   after each tensor.
+
+  Before any work it raises ValueError for a bad pattern, or an output that
+  cannot be written or is ``src`` itself (also through links); an existing
+  ``dst`` is replaced, atomically, once the new file is complete.
   """
   fmt = get_format(fmt)
   if scale_rule is not None and scale_rule not in SCALE_RULES:
     raise ValueError(f"unknown scale_rule {scale_rule!r}; expected one of {sorted(SCALE_RULES)}")
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-  include_re = re.compile(include) if include else None
-  exclude_re = re.compile(exclude) if exclude else None
+  include_re, exclude_re = _pattern(include, "include"), _pattern(exclude, "exclude")
+  check_output(dst, inputs=(src,))
 
   def decide(e: Entry) -> str:
     if e.layout is not None or DTYPE_NAMES.get(e.dtype) not in FLOAT_INPUTS or len(e.shape) < 2:

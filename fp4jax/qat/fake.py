@@ -10,10 +10,10 @@ from jax import lax
 
 from fp4jax import _bits
 from fp4jax.formats import Format, get_format
-from fp4jax.qarray import normalize_axis
+from fp4jax.qarray import as_array, normalize_axis
 from fp4jax.qat.config import STES, OperandConfig
 from fp4jax.qat.rounding import stochastic_quantize
-from fp4jax.quantize import dequantize, quantize
+from fp4jax.quantize import as_input, dequantize, quantize
 from fp4jax.reference import from_blocks, to_blocks
 from fp4jax.scales import SCALE_RULES, element_units
 
@@ -77,7 +77,9 @@ def fake_quant(x, fmt: Format | str, *, axis: int = -1, scale_rule: str | None =
 
   Args:
     x: float32, bfloat16 or float16 array of shape ``S``; ``S[axis]`` a
-      multiple of ``fmt.block_size``.
+      multiple of ``fmt.block_size``. A numpy float64 array becomes float32
+      as ``jnp.asarray`` makes it (float64 with ``jax_enable_x64``: then the
+      result is float64, quantized from the float32 values).
     fmt: a :class:`fp4jax.Format` or its name.
     axis: the blocked axis.
     scale_rule: as in :func:`fp4jax.quantize` (default ``fmt.default_scale_rule``).
@@ -96,13 +98,14 @@ def fake_quant(x, fmt: Format | str, *, axis: int = -1, scale_rule: str | None =
     raise ValueError(f"unknown ste {ste!r}; expected one of {STES}")
   if scale_rule is not None and scale_rule not in SCALE_RULES:
     raise ValueError(f"unknown scale_rule {scale_rule!r}; expected one of {sorted(SCALE_RULES)}")
-  if not hasattr(x, "dtype") or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-    raise ValueError(f"fake_quant expects float32, bfloat16 or float16 input, got dtype "
-                     f"{getattr(x, 'dtype', type(x))}")
+  x = jnp.asarray(as_array(x, "fake_quant"))  # numpy float64: float32 unless x64, as JAX converts
+  as_input(x, "fake_quant")  # the dtype check
   axis = normalize_axis(axis, x.ndim, x.shape)
   if x.shape[axis] % fmt.block_size:
     raise ValueError(f"fake_quant: shape {tuple(x.shape)} has length {x.shape[axis]} along axis {axis}, "
                      f"not a multiple of {fmt!r}'s block size {fmt.block_size}")
   if isinstance(axis_name, list):
     axis_name = tuple(axis_name)  # a static argument must hash
+  if x.size == 0:
+    return x  # nothing to quantize; the gradient passes through as the STE's would
   return _fake_quant(x, fmt, axis, scale_rule or fmt.default_scale_rule, ste, axis_name)

@@ -13,7 +13,7 @@ from jax import lax
 from fp4jax import _bits
 from fp4jax.formats import Format
 from fp4jax.qarray import QArray, normalize_axis
-from fp4jax.quantize import quantize
+from fp4jax.quantize import as_input, quantize
 from fp4jax.reference import from_blocks, pad_axis, to_blocks
 from fp4jax.scales import element_units, encode_units
 
@@ -41,14 +41,25 @@ def _stochastic_round(y, fmt: Format, key):
   return jnp.copysign(_bits.scale_by_pow2(r, ulp_exp), y)
 
 
+def _check_key(key) -> None:
+  shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
+  typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  raw = not typed and dtype is not None and np.dtype(dtype) == np.uint32 and tuple(shape) == (2,)
+  if not (typed and tuple(shape) == ()) and not raw:
+    raise ValueError(f"stochastic_quantize: key must be one jax.random key (jax.random.key(seed), or a uint32 (2,) "
+                     f"jax.random.PRNGKey), got {type(key).__name__} with shape {shape} and dtype {dtype}")
+
+
 def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule: str | None = None,
                         global_scale=None, pad: bool = False, axis_name=None) -> QArray:
   """:func:`fp4jax.quantize` with stochastic instead of nearest element rounding.
 
   Args:
-    x: float32, bfloat16 or float16 array of shape ``S``.
+    x: float32, bfloat16 or float16 array of shape ``S`` (float64: its
+      float32 values, as :func:`fp4jax.quantize`).
     fmt: the format (or its name).
-    key: a ``jax.random`` key; each element draws one uniform number.
+    key: a ``jax.random`` key (``jax.random.key(0)``, or a raw uint32 ``(2,)``
+      ``PRNGKey``); each element draws one uniform number.
     axis, scale_rule, global_scale, pad, axis_name: as in :func:`fp4jax.quantize`;
       block scales (and NVFP4's global scale) are exactly the ones it picks.
       Under ``shard_map`` every shard draws from ``key`` as if it were the
@@ -60,8 +71,12 @@ def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule
     neighbours of ``x / scale``: unbiased, ``E[dequantize(q)] == x``, wherever
     no element saturates at ``elem_max`` (always true for ``scale_rule="ceil"``).
   """
+  x = as_input(x, "stochastic_quantize")
+  _check_key(key)
   nearest = quantize(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale, pad=pad,
                      backend="xla", axis_name=axis_name)
+  if math.prod(nearest.shape) == 0:
+    return nearest  # no element to round
   fmt, ax = nearest.fmt, nearest.axis
   xf = _bits.flush_subnormals(x.astype(jnp.float32))
   if pad:
