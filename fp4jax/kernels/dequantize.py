@@ -70,7 +70,9 @@ def _scaled(v, sign, sbytes, fmt: Format, gdec, out_dtype):
       sign = sign ^ (C.f32_to_i32(gdec) & jnp.int32(-(2**31)))
   bits = C.f32_to_i32(out)
   bits = jnp.where((bits & 0x7F800000) == 0, 0, bits)  # flush (signs come below)
-  big = C.f32_to_i32(np.float32(jnp.finfo(out_dtype).max))
+  # A Python int: a bitcast of a numpy constant inside the kernel does not
+  # lower for Triton (jax 0.10 and 0.11 fail on every GPU call).
+  big = int(np.float32(jnp.finfo(out_dtype).max).view(np.int32))
   is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
   bits = jnp.where(is_nan, bits, jnp.minimum(bits, big))  # saturate the magnitude
   return C.i32_to_f32(bits | sign).astype(out_dtype)
