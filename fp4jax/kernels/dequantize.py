@@ -37,7 +37,7 @@ Config = C.TileConfig
 _OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _decode(code, codec: C.ElemCodec, dtype, signed_zero: bool = True):
+def _decode(code, codec: C.ElemCodec, dtype):
   """(float32 magnitude, int32 sign bit in bit 31) of sign-magnitude ``code``.
 
   The sign stays an integer until the end: Triton may fold the sign of a
@@ -47,9 +47,7 @@ def _decode(code, codec: C.ElemCodec, dtype, signed_zero: bool = True):
   v = C.decode_magnitude(jnp.minimum(mag, codec.max_code), codec)
   for c, val in C.special_values(dtype).items():  # NaN / Inf codes above max_code
     v = jnp.where(mag == c, np.float32(abs(val)), v)
-  sign = ((code >> codec.sign_shift) & 1) << 31
-  if not signed_zero:
-    sign = jnp.where(mag == 0, 0, sign)
+  sign = ((code >> codec.sign_shift) & 1) << 31  # code 8 of E2M1 is -0.0, as XLA decodes it
   return v, sign
 
 
@@ -79,7 +77,7 @@ def _scaled(v, sign, sbytes, fmt: Format, gdec, out_dtype):
 
 
 def dequantize_kernel(*refs, fmt: Format, tiling: C.Tiling, pack_axis, words: bool, has_global: bool,
-                      out_dtype, interpret: bool):
+                      out_dtype):
   """One tile: codes + scale bytes -> ``out_dtype`` values.
 
   Refs: ``codes`` (uint8), ``scales`` (uint8), [``gdec (1,)``], ``out``.
@@ -96,8 +94,7 @@ def dequantize_kernel(*refs, fmt: Format, tiling: C.Tiling, pack_axis, words: bo
     gdec = None
   kax, rax = tiling.kax, tiling.kax + 1
   codec = C.ElemCodec.of(fmt.elem_dtype)
-  signed_zero = fmt.elem_bits != 4 or C.numerics(interpret).f4_signed_zero
-  decode = lambda c: _decode(c, codec, fmt.elem_dtype, signed_zero)
+  decode = lambda c: _decode(c, codec, fmt.elem_dtype)
   raw = tiling.load(codes_ref).astype(jnp.int32)
   sbytes = tiling.load(scales_ref).astype(jnp.int32)
   if words:
@@ -149,7 +146,7 @@ def _dequantize_core(codes, scales, global_scale, *, shape, fmt: Format, axis: i
     operands.append(jnp.asarray(global_scale, jnp.float32).reshape(1))
     in_specs.append(tiling.scalar_spec())
   kernel = functools.partial(dequantize_kernel, fmt=fmt, tiling=tiling, pack_axis=pack_axis, words=words,
-                             has_global=fmt.has_global_scale, out_dtype=np.dtype(dtype), interpret=interpret)
+                             has_global=fmt.has_global_scale, out_dtype=np.dtype(dtype))
   if words:
     out_spec, out_struct = tiling.spec(k_div, m_div), jax.ShapeDtypeStruct(tiling.array_shape(k_div, m_div), jnp.uint32)
   else:
