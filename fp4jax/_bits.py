@@ -55,6 +55,18 @@ def flush_subnormals(x):
   return from_f32_bits(jnp.where(is_sub, bits & jnp.uint32(0x80000000), bits))
 
 
+def saturate(x, dtype):
+  """float32 ``x`` with every non-NaN value beyond ``dtype``'s largest finite one set to it, signed.
+
+  The rule both MXFP4 decoders (``fp4jax.dequantize`` of a QArray and
+  ``fp4jax.dequantize_packed`` of bytes) apply before their one cast, so a
+  finite code and a finite scale never decode to Inf, in float32 as in float16.
+  A select, not a clip: it keeps -0 and NaN as they are on every backend.
+  """
+  big = jnp.float32(jnp.finfo(dtype).max)
+  return jnp.where(jnp.abs(x) > big, jnp.copysign(big, x), x)
+
+
 def floor_log2(abs_bits):
   """floor(log2(a)) for a normal float32 ``a`` given as ``|a|``'s bits (int32).
 

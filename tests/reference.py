@@ -256,12 +256,13 @@ def dequantize(values, scale_bytes, spec: Spec, axis: int = -1, decode=None, dty
 
 
 def dequantize_packed(blocks, scales, block_size: int = 32) -> np.ndarray:
-  """DeepSeek / transformers MXFP4 decode: ldexp(E2M1[code], byte - 127), float64."""
+  """MXFP4 decode, float64: E2M1[code] * 2**(byte - 127) (ldexp), NaN over a block with E8M0's NaN byte 0xFF."""
   b = np.asarray(blocks).view(np.uint8)
   s = np.asarray(scales).view(np.uint8)
   codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], -1)
   vals = E2M1_TABLE[codes].reshape(*s.shape, block_size)
-  return np.ldexp(vals, s.astype(np.int64)[..., None] - 127).reshape(*b.shape[:-1], -1)
+  out = np.ldexp(vals, s.astype(np.int64)[..., None] - 127)
+  return np.where((s == 0xFF)[..., None], np.nan, out).reshape(*b.shape[:-1], -1)
 
 
 def half_ulp(v, spec: Spec) -> np.ndarray:

@@ -124,8 +124,6 @@ def dequantize_reference(q: QArray, dtype):
   # Saturate, then cast: a finite QArray never dequantizes to Inf, even where
   # rounding up at the top of the range (the "ceil" and "mse" rules near
   # float32's or float16's maximum) lands past the output dtype's largest value.
-  # A select, not a clip: it keeps -0 and NaN as they are on every backend.
-  big = jnp.float32(jnp.finfo(dtype).max)
-  out = jnp.where(jnp.abs(out) > big, jnp.copysign(big, out), out)
+  out = _bits.saturate(out, dtype)
   out = from_blocks(out, axis) if tile is None else from_tiles(out, tile)
   return out.astype(dtype)
