@@ -234,3 +234,13 @@ def test_auto_takes_only_gpu_verified_cases():
   assert not backend.gpu_verified("quantize", fj.MXFP4, "mse", jnp.bfloat16)
   assert not backend.gpu_verified("quantize", fj.NVFP4, "floor", jnp.bfloat16)
   assert not backend.gpu_verified("dequantize", fj.MXFP4)
+  assert "dequantize kernel" in backend.gpu_unverified_reason("dequantize", fj.MXFP4, None, jnp.float32)
+
+
+def test_gpu_unverified_table_names_real_cases_each_with_a_reason():
+  ops, rules = {"quantize", "dequantize"}, set(fj.SCALE_RULES)
+  dtypes = {"float32", "bfloat16", "float16"}
+  for (op, fmt, rule, dtype), why in backend.GPU_UNVERIFIED.items():
+    assert op in ops and (fmt == "*" or fmt in fj.FORMATS), (op, fmt)
+    assert (rule == "*" or rule in rules) and (dtype == "*" or dtype in dtypes), (rule, dtype)
+    assert isinstance(why, str) and len(why) > 20
