@@ -238,13 +238,17 @@ class TileConfig:
   num_warps: int = 4
   num_stages: int = 1
 
-  def check(self, fmt: Format):
+  def check(self, fmt: Format, shape3d=None, packed_last: bool = False):
+    """Raises ValueError for tiles the kernels cannot use for ``fmt`` (and the ``(A, K, C)`` view)."""
     for name in ("block_m", "block_k"):
       v = getattr(self, name)
       if v <= 0 or v & (v - 1):
         raise ValueError(f"Config.{name} must be a positive power of 2, got {v}")
     if self.block_k % fmt.block_size:
       raise ValueError(f"Config.block_k={self.block_k} is not a multiple of {fmt!r}'s block size {fmt.block_size}")
+    if fmt.elem_bits == 4 and packed_last and shape3d is not None and shape3d[2] > 1 and self.block_m < 2:
+      raise ValueError(f"Config.block_m={self.block_m}: a column tile of 4-bit codes packed two a byte along the "
+                       f"last axis needs block_m >= 2 (array viewed as {tuple(shape3d)})")
 
 
 def default_tiles(shape3d, fmt: Format, itemsize: int) -> TileConfig:

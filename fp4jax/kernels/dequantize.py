@@ -130,7 +130,7 @@ def _dequantize_core(codes, scales, global_scale, *, shape, fmt: Format, axis: i
                      dtype, config: Config | None, interpret: bool):
   shape3d = C.as_3d(shape, axis)
   cfg = config or C.default_tiles(shape3d, fmt, np.dtype(dtype).itemsize)
-  cfg.check(fmt)
+  cfg.check(fmt, shape3d, packed_last)
   tiling = C.Tiling(shape3d, cfg.block_m, cfg.block_k)
   if fmt.elem_bits == 4:
     along_k = not tiling.col or not packed_last
@@ -217,14 +217,17 @@ def dequantize_packed(codes, scales, global_scale=None, *, fmt, axis: int = -1, 
 
 
 def qarray_codes(q: QArray):
-  """The kernel's view of ``q.values``: uint8, 4-bit codes packed along the last axis.
+  """The kernel's view of ``q.values``: uint8, 4-bit codes packed in pairs in memory order, flat.
 
-  A bitcast of ``(..., n / 2, 2)`` float4 pairs to bytes, element ``2i`` in the low
-  nibble; XLA stores float4 arrays packed on the GPU, so this moves no data there.
+  A bitcast of float4 pairs to bytes, element ``2i`` in the low nibble; XLA
+  stores float4 arrays packed on the GPU, so this moves no data there.
+  Consecutive elements in memory pair along the last axis when it is even,
+  and along the block axis when every axis after it has length 1 (the row
+  layout, e.g. shape ``(32, 1)`` blocked along axis 0): the caller reshapes.
   """
   v = q.values
   if q.fmt.elem_bits == 4:
-    v = v.reshape(*v.shape[:-1], v.shape[-1] // 2, 2)
+    v = v.reshape(-1, 2)
   return lax.bitcast_convert_type(v, jnp.uint8)
 
 

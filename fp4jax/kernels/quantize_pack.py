@@ -223,7 +223,7 @@ def _quantize_core(x, global_scale, *, fmt: Format, axis: int, scale_rule: str, 
   """(codes uint8, scale bytes uint8, global_scale or None), in the kernel's 2-D / 3-D view."""
   shape3d = C.as_3d(x.shape, axis)
   cfg = config or default_config(shape3d, fmt, x.dtype.itemsize)
-  cfg.check(fmt)
+  cfg.check(fmt, shape3d, pack_last)
   tiling = C.Tiling(shape3d, cfg.block_m, cfg.block_k)
   x3 = tiling.view(x)
   if fmt.elem_bits == 4:
