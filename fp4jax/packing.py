@@ -13,6 +13,7 @@ import numpy as np
 from jax import lax
 
 from fp4jax import _bits
+from fp4jax.formats import MXFP4
 from fp4jax.qarray import as_array, float_dtype, normalize_axis
 
 __all__ = ["pack_fp4", "unpack_fp4", "dequantize_packed", "E2M1_VALUES"]
@@ -81,11 +82,15 @@ def dequantize_packed(blocks, scales, *, block_size: int = 32, dtype=jnp.bfloat1
 
   Returns:
     ``(..., K)`` array of ``dtype``: ``E2M1(code) * 2**(e - 127)``, computed in
-    float32 by exponent arithmetic and cast once. Scale byte 0xFF follows
-    ``ldexp`` as transformers' ``_convert_moe_packed_tensors`` does: ``+-Inf``
-    for a nonzero code and ``+-0`` for a zero code (not NaN as E8M0 would say).
-    Results below float32's normal range (``< 2**-126``) are flushed to zero
-    on every backend, and products past float32's range are +-Inf (as ldexp).
+    float32 by exponent arithmetic and cast once, bit for bit what
+    ``fp4jax.dequantize`` gives for the same codes and scales as an MXFP4
+    QArray (tests check every code with every scale byte). Scale byte 0xFF is
+    E8M0's NaN (OCP MX v1.0): the whole block is NaN, as for a QArray, where
+    fp4jax stores it for a block that held NaN or Inf (an ``ldexp`` decoder
+    would turn such a block into zeros and infinities). Results below float32's
+    normal range (``< 2**-126``) are flushed to zero on every backend, and
+    results beyond ``dtype``'s range (byte 254 with codes above 0.5 in
+    float32) saturate to its largest finite value, as a QArray's do.
   """
   blocks = jnp.asarray(as_array(blocks, "dequantize_packed"))
   scales = jnp.asarray(as_array(scales, "dequantize_packed"))
@@ -106,7 +111,9 @@ def dequantize_packed(blocks, scales, *, block_size: int = 32, dtype=jnp.bfloat1
     )
   values = unpack_fp4(blocks, axis=-1).astype(jnp.float32)
   values = values.reshape(*scales.shape, block_size)
-  out = _bits.scale_by_pow2(values, scales.astype(jnp.int32)[..., None] - 127)
-  # Explicit, so that a GPU (which keeps float32 subnormals) gives the same bits.
-  out = _bits.flush_subnormals(out)
+  # The operations of fp4jax.scales.decode_blocks and dequantize_reference, in
+  # their order, so that both decoders give the same bits on every backend.
+  out = _bits.scale_by_pow2(values, scales.astype(jnp.int32)[..., None] - MXFP4.scale_bias)
+  out = jnp.where((scales == MXFP4.scale_nan_byte)[..., None], jnp.nan, out)
+  out = _bits.saturate(_bits.flush_subnormals(out), dtype)
   return out.reshape(*blocks.shape[:-1], 2 * blocks.shape[-1]).astype(dtype)

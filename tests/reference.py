@@ -189,6 +189,52 @@ def brute_force_mse(blocks, spec: Spec, decode=None, hessian=None):
   return codes[np.argmin(losses, axis=-1)], losses, codes
 
 
+def near_tie_blocks(rng, spec: Spec, n: int, decode=None) -> np.ndarray:
+  """float32 blocks (<= n, B) whose two best scales have losses a few float32 ulps apart.
+
+  There, which scale "mse" picks depends on how the losses are rounded and
+  summed: a kernel or backend that adds in another order, or fuses a product
+  into an add, picks the other scale in about half of them. Built by moving one
+  element (not the block maximum) to where the float64 losses of the two best
+  scales cross, to the nearest float32.
+  """
+  b = spec.block
+  blocks = rng.uniform(-1, 1, (n, b)) * elem_max(spec)
+  # Element 0 fixes amax a little above a grid maximum, where the "floor" and
+  # "ceil" scales compete (one clips it, the other rounds the rest coarsely);
+  # element 1 moves.
+  blocks[:, 0] = elem_max(spec) * rng.uniform(1.0, 1.3, n)
+  blocks = (blocks * np.exp2(rng.integers(-8, 8, (n, 1)))).astype(np.float32)
+  _, losses, codes = brute_force_mse(blocks, spec, decode)
+  order = np.argsort(losses, axis=1, kind="stable")
+  _, vals = scale_table(spec)
+  s1, s2 = vals[order[:, 0]], vals[order[:, 1]]
+
+  def gap(e):  # loss(best) - loss(second) with element 1 set to e, float64
+    x = blocks.copy()
+    x[:, 1] = e
+    d = [np.sum((x - dequant(encode(x, s, spec, decode), s, spec, decode)) ** 2, axis=1) for s in (s1, s2)]
+    return d[0] - d[1]
+
+  amax = blocks[:, 0].astype(np.float64)
+  grid = np.linspace(0.0, 0.99, 65)
+  signs = np.stack([np.sign(gap((amax * t).astype(np.float32))) for t in grid], axis=1)
+  change = np.argmax(signs[:, :-1] * signs[:, 1:] < 0, axis=1)
+  ok = (signs[:, :-1] * signs[:, 1:] < 0).any(axis=1)
+  lo = (amax * grid[change]).astype(np.float32).view(np.int32)
+  hi = (amax * grid[change + 1]).astype(np.float32).view(np.int32)
+  g_lo = np.sign(gap(lo.view(np.float32)))
+  for _ in range(32):  # bisect on the bit patterns of positive float32s
+    mid = lo + (hi - lo) // 2
+    same = np.sign(gap(mid.view(np.float32))) == g_lo
+    lo, hi = np.where(same, mid, lo), np.where(same, hi, mid)
+  g_lo, g_hi = np.abs(gap(lo.view(np.float32))), np.abs(gap(hi.view(np.float32)))
+  blocks[:, 1] = np.where(g_lo <= g_hi, lo, hi).view(np.float32)
+  # A crossing at a rounding boundary of element 1 is a jump, not a near tie.
+  near = np.minimum(g_lo, g_hi) <= 1e-6 * losses.min(axis=1)
+  return blocks[ok & near]
+
+
 def quantize(x, spec: Spec, rule: str, axis: int = -1, global_scale=None, hessian=None):
   """The whole reference quantizer.
 
@@ -256,12 +302,13 @@ def dequantize(values, scale_bytes, spec: Spec, axis: int = -1, decode=None, dty
 
 
 def dequantize_packed(blocks, scales, block_size: int = 32) -> np.ndarray:
-  """DeepSeek / transformers MXFP4 decode: ldexp(E2M1[code], byte - 127), float64."""
+  """MXFP4 decode, float64: E2M1[code] * 2**(byte - 127) (ldexp), NaN over a block with E8M0's NaN byte 0xFF."""
   b = np.asarray(blocks).view(np.uint8)
   s = np.asarray(scales).view(np.uint8)
   codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], -1)
   vals = E2M1_TABLE[codes].reshape(*s.shape, block_size)
-  return np.ldexp(vals, s.astype(np.int64)[..., None] - 127).reshape(*b.shape[:-1], -1)
+  out = np.ldexp(vals, s.astype(np.int64)[..., None] - 127)
+  return np.where((s == 0xFF)[..., None], np.nan, out).reshape(*b.shape[:-1], -1)
 
 
 def half_ulp(v, spec: Spec) -> np.ndarray:

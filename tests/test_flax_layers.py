@@ -40,22 +40,37 @@ def data(seed, shape):
 
 
 # ---- linen -------------------------------------------------------------------------
+# Products compared with float64 at rtol 1e-5, or between two different dot paths,
+# need float32 products: the GPU's default precision rounds float32 operands to
+# TF32 / bfloat16. The layers take nn.Dense's precision attribute.
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _same_init(ref, layer, *args):
+  """``layer`` initializes the parameters ``ref`` does: the same names, shapes, dtypes and values.
+
+  Both eagerly, for the values: a jitted and an op-by-op random initializer need
+  not round alike on a GPU (fused ops may contract into FMAs). Jitted, the tree's
+  structure, shapes and dtypes.
+  """
+  p = ref.init(jax.random.key(1), *args)
+  chex.assert_trees_all_equal(p, layer.init(jax.random.key(1), *args))
+  chex.assert_trees_all_equal_shapes_and_dtypes(p, jax.jit(layer.init)(jax.random.key(1), *args))
+  return p
+
+
 def test_qdense_is_a_drop_in_dense():
   x = data(0, (4, 64))
-  ref = nn.Dense(32)
-  # Both jitted: on a GPU an eager and a jitted initializer may round differently.
-  p = jax.jit(ref.init)(jax.random.key(1), x)
-  qp = jax.jit(QDense(32, config=W4A4).init)(jax.random.key(1), x)
-  chex.assert_trees_all_equal(p, qp)  # same names, shapes, dtypes and initial values
-  np.testing.assert_array_equal(QDense(32).apply(p, x), ref.apply(p, x))
+  ref = nn.Dense(32, precision=HIGHEST)
+  p = _same_init(ref, QDense(32, config=W4A4, precision=HIGHEST), x)
+  np.testing.assert_array_equal(QDense(32, precision=HIGHEST).apply(p, x), ref.apply(p, x))
   k, b = np.asarray(p["params"]["kernel"], np.float64), np.asarray(p["params"]["bias"], np.float64)
-  # float32 products compared with float64 need float32 precision (a GPU's default is lower).
   got = jax.jit(QDense(32, config=W4A4, precision=HIGHEST).apply)(p, x)
   chex.assert_shape(got, (4, 32))
   np.testing.assert_allclose(got, np_mxfp4(x, 1) @ np_mxfp4(k, 0) + b, rtol=1e-5, atol=1e-5)
   # An injected dot_general wins over the config, as in nn.Dense.
-  np.testing.assert_array_equal(QDense(32, config=W4A4, dot_general=jax.lax.dot_general).apply(p, x),
-                                ref.apply(p, x))
+  np.testing.assert_array_equal(
+      QDense(32, config=W4A4, dot_general=jax.lax.dot_general, precision=HIGHEST).apply(p, x), ref.apply(p, x))
 
 
 def test_qdense_trains_with_optax_and_needs_a_quant_rng():
@@ -111,18 +126,18 @@ def test_linen_ptq_runs_from_stored_qarrays(monkeypatch):
 
 def test_linen_qeinsum_matches_einsum_params_and_numerics():
   x = data(4, (2, 8, 64))
-  ref = nn.Einsum((64, 4, 8), "btd,dhk->bthk")
-  p = jax.jit(ref.init)(jax.random.key(1), x)
-  chex.assert_trees_all_equal(p, jax.jit(QEinsum((64, 4, 8), "btd,dhk->bthk", config=W4A4).init)(jax.random.key(1), x))
-  np.testing.assert_allclose(QEinsum((64, 4, 8), "btd,dhk->bthk", precision=HIGHEST).apply(p, x),
-                             nn.Einsum((64, 4, 8), "btd,dhk->bthk", precision=HIGHEST).apply(p, x),
+  eq = "btd,dhk->bthk"
+  ref = nn.Einsum((64, 4, 8), eq, precision=HIGHEST)
+  p = _same_init(ref, QEinsum((64, 4, 8), eq, config=W4A4, precision=HIGHEST), x)
+  # einsum and dot_general + transpose are different dot paths: float32 products (HIGHEST).
+  np.testing.assert_allclose(QEinsum((64, 4, 8), eq, precision=HIGHEST).apply(p, x), ref.apply(p, x),
                              rtol=1e-5, atol=1e-5)
-  got = jax.jit(QEinsum((64, 4, 8), "btd,dhk->bthk", config=W4A4, precision=HIGHEST).apply)(p, x)
+  got = jax.jit(QEinsum((64, 4, 8), eq, config=W4A4, precision=HIGHEST).apply)(p, x)
   k = np.asarray(p["params"]["kernel"], np.float64)
-  want = np.einsum("btd,dhk->bthk", np_mxfp4(x, 2), np_mxfp4(k, 0)) + np.asarray(p["params"]["bias"])
+  want = np.einsum(eq, np_mxfp4(x, 2), np_mxfp4(k, 0)) + np.asarray(p["params"]["bias"])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   qp = quantize_params(p, fj.MXFP4)
-  np.testing.assert_allclose(jax.jit(QEinsum((64, 4, 8), "btd,dhk->bthk", config=W4A4, precision=HIGHEST).apply)(qp, x), got,
+  np.testing.assert_allclose(jax.jit(QEinsum((64, 4, 8), eq, config=W4A4, precision=HIGHEST).apply)(qp, x), got,
                              rtol=1e-5, atol=1e-5)
 
 

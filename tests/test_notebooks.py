@@ -8,9 +8,12 @@ test runs it in a temporary directory and asserts that QAT beats PTQ for the
 import json
 import pathlib
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+# The GPU machine has no nbclient: skip this module there rather than fail to
+# import it (the notebooks run on the CPU in CI, where the dev extra has both).
+nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (the dev extra has it)")
+NotebookClient = pytest.importorskip("nbclient", reason="nbclient is not installed (the dev extra has it)").NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("qat_*.ipynb"))

@@ -230,9 +230,16 @@ BWD_NEAREST = QatConfig(lhs=OperandConfig(fj.MXFP4, "floor"), rhs=OperandConfig(
                         grad=OperandConfig(fj.MXFP4, "floor"))
 
 
-def _grads(cfg, x, w, g, key=None):
-  out, vjp = jax.vjp(lambda a, b: qat.quantized_dot_general(a, b, MM, config=cfg, key=key), x, w)
+def _grads(cfg, x, w, g, key=None, precision=None):
+  f = lambda a, b: qat.quantized_dot_general(a, b, MM, precision, config=cfg, key=key)  # noqa: E731
+  out, vjp = jax.vjp(f, x, w)
   return (out, *vjp(g))
+
+
+# float32 operands compared with float64 at rtol 1e-5 need float32 products: the
+# GPU's default precision rounds float32 dot operands to TF32 / bfloat16 (the
+# quantized operands are exact there, the unquantized gradient is not).
+HIGHEST = lax.Precision.HIGHEST
 
 
 _grads_jit = jax.jit(_grads, static_argnums=0)
@@ -240,7 +247,7 @@ _grads_jit = jax.jit(_grads, static_argnums=0)
 
 def test_quantized_dot_forward_and_ste_backward():
   x, w, g = normal(10, (64, 96)), normal(11, (96, 64)), normal(12, (64, 64))
-  out, dx, dw = jax.jit(lambda x, w, g: _grads(FWD_ONLY, x, w, g))(x, w, g)
+  out, dx, dw = jax.jit(lambda x, w, g: _grads(FWD_ONLY, x, w, g, precision=HIGHEST))(x, w, g)
   xq, wq = np_mx_fake(x, 1), np_mx_fake(w, 0)
   np.testing.assert_allclose(f64(out), xq @ wq, rtol=1e-5, atol=1e-4)
   # grad.fmt=None: the gradient of the unquantized product at the quantized inputs.
@@ -252,7 +259,8 @@ def test_ste_gradient_matches_finite_differences_where_linear():
   # Only rhs is quantized; the op is linear in lhs, so finite differences are exact.
   cfg = QatConfig(rhs=OperandConfig(fj.MXFP4))
   w = normal(13, (64, 32))
-  f = lambda x: jnp.sum(jnp.sin(qat.quantized_dot_general(x, w, MM, config=cfg)))  # noqa: E731
+  # Finite differences of float32 sums: the unquantized lhs needs float32 products (HIGHEST).
+  f = lambda x: jnp.sum(jnp.sin(qat.quantized_dot_general(x, w, MM, HIGHEST, config=cfg)))  # noqa: E731
   jax.test_util.check_grads(f, (normal(14, (4, 64)),), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
 

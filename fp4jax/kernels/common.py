@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -39,56 +38,12 @@ __all__ = [
     "split_axis",
     "pack_pairs",
     "unpack_pairs",
-    "halving_sum",
-    "recip",
-    "mul_rn",
+    "flush_f32",
 ]
 
 _F32_ABS = 0x7FFFFFFF
 _F32_MANT = 23
 _F32_BIAS = 127
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuNumerics:
-  """How XLA's GPU backend rounds the few float operations the reference does
-  that are not exact, so that the kernels can reproduce its bits.
-
-  Attributes:
-    recip: PTX instruction XLA uses for a float32 ``1 / x`` (an approximation,
-      not IEEE division, on the GPU).
-    ftz: whether XLA flushes float32 subnormal products to zero.
-    sum_group: ``((block_size, g), ...)``: XLA's row reduction of a block's
-      squared residuals adds ``g`` consecutive terms in order, then halves
-      the partial sums (a shuffle tree).
-    f4_signed_zero: whether XLA decodes the E2M1 code 8 as -0.0 (else +0.0).
-
-  ``benchmarks/quantize.py`` checks each against XLA on the GPU. In interpret
-  mode the reference runs on XLA's CPU backend: IEEE division, flushing,
-  a plain halving tree, signed zeros.
-  """
-
-  # Measured by benchmarks/quantize.py (calibrate) on an H200, jax 0.11.2:
-  # XLA's float32 1/x equals div.full.f32 (and rcp.approx.f32) on 2**20
-  # samples, never div.rn; products are not flushed; its row sums of 16 or 32
-  # squares match "runs of 4, then halving" on 97% of rows (no order tried
-  # matched all); float4 code 8 decodes to -0.0.
-  recip: str = "div.full.f32"
-  ftz: bool = False
-  sum_group: tuple = ((16, 4), (32, 4))
-  f4_signed_zero: bool = True
-
-  def group(self, block_size: int) -> int:
-    return dict(self.sum_group).get(block_size, 1)
-
-
-#: The GPU numerics in force (benchmarks/quantize.py verifies it).
-GPU_NUMERICS = [GpuNumerics()]
-CPU_NUMERICS = GpuNumerics(recip="ieee", ftz=True, sum_group=(), f4_signed_zero=True)
-
-
-def numerics(interpret: bool) -> GpuNumerics:
-  return CPU_NUMERICS if interpret else GPU_NUMERICS[0]
 
 
 def compiler_params(num_warps: int, num_stages: int):
@@ -220,84 +175,9 @@ def unpack_pairs(packed, axis: int):
   return pairs.reshape(*shape[:axis], 2 * shape[axis], *shape[axis + 1:])
 
 
-def halving_sum(v, axis: int, group: int = 1):
-  """Sum over ``axis`` (a power of two) in a fixed order.
-
-  First each run of ``group`` consecutive terms is added left to right, then
-  the partial sums are halved repeatedly (``p[:n/2] + p[n/2:]``): the order of
-  XLA's reductions (a plain halving tree on the CPU; per-thread runs, then a
-  warp-shuffle tree on the GPU). Fixing it keeps the "mse" rule's loss
-  comparisons identical to the reference's.
-  """
-  if group > 1:
-    g = split_axis(v, axis, group)  # (..., n/g, g, ...)
-    g = jnp.moveaxis(g, axis + 1, -1)  # (..., n/g, ..., g)
-    terms = _unstack_all(g, group)
-    acc = terms[0]
-    for t in terms[1:]:
-      acc = acc + t
-    v = acc
-  n = v.shape[axis]
-  while n > 1:
-    # Explicit halves and one add: a reduce here could be merged with its
-    # neighbours by XLA into one reduction of another order.
-    lo, hi = lax.split(v, (n // 2, n // 2), axis)
-    v = lo + hi
-    n //= 2
-  return jnp.squeeze(v, axis)
-
-
-def _unstack_all(v, n: int):
-  """The ``n`` slices of ``v`` along its last axis (size ``n``, a power of two), in order."""
-  if n == 1:
-    return [jnp.squeeze(v, -1)]
-  pairs = v.reshape(*v.shape[:-1], n // 2, 2)
-  even, odd = lax.unstack(pairs, axis=-1)  # Triton splits a trailing axis of 2
-  ev, od = _unstack_all(even, n // 2), _unstack_all(odd, n // 2)
-  return [x for pair in zip(ev, od) for x in pair]
-
-
-def asm_f32(asm: str, *args):
-  [out] = plgpu.elementwise_inline_asm(
-      asm, args=list(args), constraints="=f" + ",f" * len(args), pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)])
-  return out
-
-
-def recip(x, interpret: bool):
-  """float32 ``1 / x`` rounded as the reference's backend does it (see GpuNumerics)."""
-  ins = numerics(interpret).recip
-  if interpret or ins == "ieee":
-    return 1.0 / x
-  x = x.astype(jnp.float32)
-  if ins.startswith("rcp"):
-    return asm_f32(f"{ins} $0, $1;", x)
-  return asm_f32(f"{ins} $0, $1, $2;", jnp.ones_like(x), x)
-
-
 def flush_f32(x):
   """Float32 subnormals to signed zero (exactly, by bits)."""
   return i32_to_f32(flushed_bits(x))
-
-
-def mul_ftz(x, f, interpret: bool):
-  """``flush(x) * f``: float32 subnormal inputs count as zero, as in the reference.
-
-  On the GPU one ``mul.rn.ftz`` (which also flushes a subnormal product, whose
-  code is zero anyway); in interpret mode an explicit flush.
-  """
-  if interpret:
-    return i32_to_f32(flushed_bits(x)) * f
-  x, f = jnp.broadcast_arrays(x.astype(jnp.float32), jnp.asarray(f, jnp.float32))
-  return asm_f32("mul.rn.ftz.f32 $0, $1, $2;", x, f)
-
-
-def mul_rn(a, b, interpret: bool):
-  """``a * b`` rounded on its own: the compiler may not fuse it into an FMA."""
-  if interpret:
-    return a * b
-  a, b = jnp.broadcast_arrays(a.astype(jnp.float32), b.astype(jnp.float32))
-  return asm_f32("mul.rn.f32 $0, $1, $2;", a, b)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -358,13 +238,17 @@ class TileConfig:
   num_warps: int = 4
   num_stages: int = 1
 
-  def check(self, fmt: Format):
+  def check(self, fmt: Format, shape3d=None, packed_last: bool = False):
+    """Raises ValueError for tiles the kernels cannot use for ``fmt`` (and the ``(A, K, C)`` view)."""
     for name in ("block_m", "block_k"):
       v = getattr(self, name)
       if v <= 0 or v & (v - 1):
         raise ValueError(f"Config.{name} must be a positive power of 2, got {v}")
     if self.block_k % fmt.block_size:
       raise ValueError(f"Config.block_k={self.block_k} is not a multiple of {fmt!r}'s block size {fmt.block_size}")
+    if fmt.elem_bits == 4 and packed_last and shape3d is not None and shape3d[2] > 1 and self.block_m < 2:
+      raise ValueError(f"Config.block_m={self.block_m}: a column tile of 4-bit codes packed two a byte along the "
+                       f"last axis needs block_m >= 2 (array viewed as {tuple(shape3d)})")
 
 
 def default_tiles(shape3d, fmt: Format, itemsize: int) -> TileConfig:

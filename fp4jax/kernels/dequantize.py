@@ -37,7 +37,7 @@ Config = C.TileConfig
 _OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _decode(code, codec: C.ElemCodec, dtype, signed_zero: bool = True):
+def _decode(code, codec: C.ElemCodec, dtype):
   """(float32 magnitude, int32 sign bit in bit 31) of sign-magnitude ``code``.
 
   The sign stays an integer until the end: Triton may fold the sign of a
@@ -47,9 +47,7 @@ def _decode(code, codec: C.ElemCodec, dtype, signed_zero: bool = True):
   v = C.decode_magnitude(jnp.minimum(mag, codec.max_code), codec)
   for c, val in C.special_values(dtype).items():  # NaN / Inf codes above max_code
     v = jnp.where(mag == c, np.float32(abs(val)), v)
-  sign = ((code >> codec.sign_shift) & 1) << 31
-  if not signed_zero:
-    sign = jnp.where(mag == 0, 0, sign)
+  sign = ((code >> codec.sign_shift) & 1) << 31  # code 8 of E2M1 is -0.0, as XLA decodes it
   return v, sign
 
 
@@ -70,14 +68,16 @@ def _scaled(v, sign, sbytes, fmt: Format, gdec, out_dtype):
       sign = sign ^ (C.f32_to_i32(gdec) & jnp.int32(-(2**31)))
   bits = C.f32_to_i32(out)
   bits = jnp.where((bits & 0x7F800000) == 0, 0, bits)  # flush (signs come below)
-  big = C.f32_to_i32(np.float32(jnp.finfo(out_dtype).max))
+  # A Python int: a bitcast of a numpy constant inside the kernel does not
+  # lower for Triton (jax 0.10 and 0.11 fail on every GPU call).
+  big = int(np.float32(jnp.finfo(out_dtype).max).view(np.int32))
   is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
   bits = jnp.where(is_nan, bits, jnp.minimum(bits, big))  # saturate the magnitude
   return C.i32_to_f32(bits | sign).astype(out_dtype)
 
 
 def dequantize_kernel(*refs, fmt: Format, tiling: C.Tiling, pack_axis, words: bool, has_global: bool,
-                      out_dtype, interpret: bool):
+                      out_dtype):
   """One tile: codes + scale bytes -> ``out_dtype`` values.
 
   Refs: ``codes`` (uint8), ``scales`` (uint8), [``gdec (1,)``], ``out``.
@@ -94,8 +94,7 @@ def dequantize_kernel(*refs, fmt: Format, tiling: C.Tiling, pack_axis, words: bo
     gdec = None
   kax, rax = tiling.kax, tiling.kax + 1
   codec = C.ElemCodec.of(fmt.elem_dtype)
-  signed_zero = fmt.elem_bits != 4 or C.numerics(interpret).f4_signed_zero
-  decode = lambda c: _decode(c, codec, fmt.elem_dtype, signed_zero)
+  decode = lambda c: _decode(c, codec, fmt.elem_dtype)
   raw = tiling.load(codes_ref).astype(jnp.int32)
   sbytes = tiling.load(scales_ref).astype(jnp.int32)
   if words:
@@ -131,7 +130,7 @@ def _dequantize_core(codes, scales, global_scale, *, shape, fmt: Format, axis: i
                      dtype, config: Config | None, interpret: bool):
   shape3d = C.as_3d(shape, axis)
   cfg = config or C.default_tiles(shape3d, fmt, np.dtype(dtype).itemsize)
-  cfg.check(fmt)
+  cfg.check(fmt, shape3d, packed_last)
   tiling = C.Tiling(shape3d, cfg.block_m, cfg.block_k)
   if fmt.elem_bits == 4:
     along_k = not tiling.col or not packed_last
@@ -147,7 +146,7 @@ def _dequantize_core(codes, scales, global_scale, *, shape, fmt: Format, axis: i
     operands.append(jnp.asarray(global_scale, jnp.float32).reshape(1))
     in_specs.append(tiling.scalar_spec())
   kernel = functools.partial(dequantize_kernel, fmt=fmt, tiling=tiling, pack_axis=pack_axis, words=words,
-                             has_global=fmt.has_global_scale, out_dtype=np.dtype(dtype), interpret=interpret)
+                             has_global=fmt.has_global_scale, out_dtype=np.dtype(dtype))
   if words:
     out_spec, out_struct = tiling.spec(k_div, m_div), jax.ShapeDtypeStruct(tiling.array_shape(k_div, m_div), jnp.uint32)
   else:
@@ -218,14 +217,17 @@ def dequantize_packed(codes, scales, global_scale=None, *, fmt, axis: int = -1, 
 
 
 def qarray_codes(q: QArray):
-  """The kernel's view of ``q.values``: uint8, 4-bit codes packed along the last axis.
+  """The kernel's view of ``q.values``: uint8, 4-bit codes packed in pairs in memory order, flat.
 
-  A bitcast of ``(..., n / 2, 2)`` float4 pairs to bytes, element ``2i`` in the low
-  nibble; XLA stores float4 arrays packed on the GPU, so this moves no data there.
+  A bitcast of float4 pairs to bytes, element ``2i`` in the low nibble; XLA
+  stores float4 arrays packed on the GPU, so this moves no data there.
+  Consecutive elements in memory pair along the last axis when it is even,
+  and along the block axis when every axis after it has length 1 (the row
+  layout, e.g. shape ``(32, 1)`` blocked along axis 0): the caller reshapes.
   """
   v = q.values
   if q.fmt.elem_bits == 4:
-    v = v.reshape(*v.shape[:-1], v.shape[-1] // 2, 2)
+    v = v.reshape(-1, 2)
   return lax.bitcast_convert_type(v, jnp.uint8)
 
 

@@ -36,8 +36,8 @@ from fp4jax.formats import Format, get_format
 from fp4jax.kernels import common as C
 from fp4jax.packing import pack_fp4
 from fp4jax.qarray import QArray, normalize_axis
-from fp4jax.reference import global_factors, quantize_reference
-from fp4jax.scales import SCALE_RULES, search_window
+from fp4jax.reference import given_global_encode, global_factors, quantize_reference
+from fp4jax.scales import SCALE_RULES, dequant_unit_factor, loss_unit_target, search_window
 
 __all__ = [
     "Config",
@@ -67,14 +67,14 @@ def _pow2_rule_exponent(amax_bits, fmt: Format, rule: str):
   return jnp.clip(e, fmt.scale_exp_min, fmt.scale_exp_max)
 
 
-def _e4m3_scale_code(amax_bits, genc, fmt: Format, rule: str, interpret: bool):
+def _e4m3_scale_code(amax_bits, genc, fmt: Format, rule: str):
   """NVFP4 block scale codes (int32 0..0x7E) for "floor" / "ceil" / "nearest"."""
   sc = C.ElemCodec.of(fmt.scale_dtype)
   amax = C.i32_to_f32(amax_bits)
-  # The reference's order: one tensor-wide factor encode * float32(1 / M).
-  ideal = amax * (genc * (np.float32(1) / np.float32(fmt.elem_max)))
-  if C.numerics(interpret).ftz:
-    ideal = C.flush_f32(ideal)
+  # The reference's order: one tensor-wide factor encode * float32(1 / M),
+  # each product flushed where it is subnormal (fp4jax.scales.fixed._ideal_scale).
+  factor = C.flush_f32(genc * (np.float32(1) / np.float32(fmt.elem_max)))
+  ideal = C.flush_f32(amax * factor)
   code, got = C.round_to_grid(jnp.minimum(jnp.maximum(ideal, 0.0), np.float32(fmt.scale_max)), sc)
   if rule == "floor":
     code = code - (got > ideal).astype(jnp.int32)
@@ -83,32 +83,40 @@ def _e4m3_scale_code(amax_bits, genc, fmt: Format, rule: str, interpret: bool):
   return jnp.clip(code, 0, fmt.scale_nan_byte - 1)
 
 
-def _encode_pow2(x, e, codec, fmt, interpret):
+def _encode_pow2(x, e, codec, fmt):
   """Element codes (signed, int32) and rounded |values| for E8M0 exponent ``e``."""
-  y = C.mul_ftz(x, C.i32_to_f32((127 - e) << 23), interpret)  # exact: 2**-e is normal
+  y = C.flush_f32(x) * C.i32_to_f32((127 - e) << 23)  # exact: 2**-e is normal
   code, r = C.round_to_grid(jnp.minimum(jnp.abs(y), np.float32(fmt.elem_max)), codec)
   return code | C.sign_code(C.f32_to_i32(y), codec), r
 
 
-def _encode_e4m3(x, code_s, gdec, codec, fmt, interpret):
-  """Element codes and rounded |values| for NVFP4 block scale codes ``code_s``."""
-  s = C.decode_magnitude(code_s, C.ElemCodec.of(fmt.scale_dtype)) * gdec
-  s = jnp.where(s < np.float32(2.0**-126), 0.0, s)  # the reference flushes this product
+def _encode_e4m3(x, code_s, gdec, codec, fmt):
+  """Element codes and rounded |values| for NVFP4 block scale codes ``code_s``.
+
+  As ``fp4jax.scales.element_factor``: ``1 / (s * g)`` with the product flushed
+  and the reciprocal correctly rounded (the same integer division).
+  """
+  s = C.flush_f32(C.decode_magnitude(code_s, C.ElemCodec.of(fmt.scale_dtype)) * gdec)
   pos = s > 0
-  enc = jnp.where(pos, C.recip(jnp.where(pos, s, 1.0), interpret), 0.0)
-  y = C.mul_ftz(x, enc, interpret)
+  enc = jnp.where(pos, _bits.div_rn(1.0, jnp.where(pos, s, 1.0)), 0.0)
+  y = C.flush_f32(x) * enc
   code, r = C.round_to_grid(jnp.minimum(jnp.abs(y), np.float32(fmt.elem_max)), codec)
   return code | C.sign_code(C.f32_to_i32(y), codec), r
 
 
-def _mse_loss(target, dq, axis, interpret):
-  r = target - dq
-  return C.halving_sum(C.mul_rn(r, r, interpret), axis, C.numerics(interpret).group(r.shape[axis]))
+def _mse_loss(target, dq, axis):
+  """The reference's block loss (fp4jax.scales.search._loss_function): same ops, same order."""
+  r = C.flush_f32(target - C.flush_f32(dq))
+  return jnp.expand_dims(_bits.halving_sum(_bits.exact_square(r), axis), axis)
+
+
+def _unit_target(x, amax_bits, genc=None):
+  """The reference's ``loss_unit_target`` of a tile: ``unit`` per block (block axis kept) and ``target``."""
+  return loss_unit_target(C.flush_f32(jnp.abs(x)), C.i32_to_f32(amax_bits), genc)
 
 
 # ---- the kernel ----------------------------------------------------------------------
-def quantize_pack_kernel(*refs, fmt: Format, rule: str, tiling: C.Tiling, pack_axis,
-                         has_global: bool, interpret: bool):
+def quantize_pack_kernel(*refs, fmt: Format, rule: str, tiling: C.Tiling, pack_axis, has_global: bool):
   """One tile: ``x`` -> codes (packed two a byte for 4-bit elements) and scale bytes.
 
   Refs: ``x`` tile ``(t0, t1)`` (``tiling.tile``), [``gdec (1,)``, ``genc (1,)``],
@@ -133,18 +141,18 @@ def quantize_pack_kernel(*refs, fmt: Format, rule: str, tiling: C.Tiling, pack_a
 
   if fmt.power_of_two_scales:
     if rule == "mse":
-      e, codes = _mse_pow2(x, amax_bits, fmt, codec, rax, interpret)
+      e, codes = _mse_pow2(x, amax_bits, fmt, codec, rax)
     else:
       e = _pow2_rule_exponent(amax_bits, fmt, rule)
-      codes, _ = _encode_pow2(x, e, codec, fmt, interpret)
+      codes, _ = _encode_pow2(x, e, codec, fmt)
     scale_code = e + fmt.scale_bias
   else:
     gdec, genc = gdec_ref[0], genc_ref[0]
     if rule == "mse":
-      scale_code, codes = _mse_e4m3(x, amax_bits, gdec, genc, fmt, codec, rax, interpret)
+      scale_code, codes = _mse_e4m3(x, amax_bits, gdec, genc, fmt, codec, rax)
     else:
-      scale_code = _e4m3_scale_code(amax_bits, genc, fmt, rule, interpret)
-      codes, _ = _encode_e4m3(x, scale_code, gdec, codec, fmt, interpret)
+      scale_code = _e4m3_scale_code(amax_bits, genc, fmt, rule)
+      codes, _ = _encode_e4m3(x, scale_code, gdec, codec, fmt)
   scale_code = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)
   codes = jnp.where(nonfinite, 0, codes)  # the reference zeroes non-finite blocks
 
@@ -153,19 +161,15 @@ def quantize_pack_kernel(*refs, fmt: Format, rule: str, tiling: C.Tiling, pack_a
   tiling.store(scales_ref, jnp.squeeze(scale_code, rax).astype(jnp.uint8))
 
 
-def _mse_pow2(x, amax_bits, fmt, codec, rax, interpret):
-  unit = (amax_bits >> 23) - 127
+def _mse_pow2(x, amax_bits, fmt, codec, rax):
+  unit, target = _unit_target(x, amax_bits)
   anchor = _pow2_rule_exponent(amax_bits, fmt, "ceil") + fmt.scale_bias
-  ax = jnp.abs(x)
-  target = _bits.scale_by_pow2(C.i32_to_f32(C.flushed_bits(ax)), -unit)
   best_loss = best_e = best_codes = None
   offsets, _ = search_window(fmt, False)
   for off in offsets:
     e = jnp.clip(anchor + off, 0, fmt.scale_nan_byte - 1) - fmt.scale_bias
-    codes, r = _encode_pow2(x, e, codec, fmt, interpret)
-    dq = _bits.scale_by_pow2(r, e - unit)
-    loss = _mse_loss(target, dq, rax, interpret)
-    loss = jnp.expand_dims(loss, rax)
+    codes, r = _encode_pow2(x, e, codec, fmt)
+    loss = _mse_loss(target, _bits.scale_by_pow2(r, e - unit), rax)
     if best_loss is None:
       best_loss, best_e, best_codes = loss, e, codes
     else:
@@ -176,20 +180,18 @@ def _mse_pow2(x, amax_bits, fmt, codec, rax, interpret):
   return best_e, best_codes
 
 
-def _mse_e4m3(x, amax_bits, gdec, genc, fmt, codec, rax, interpret):
+def _mse_e4m3(x, amax_bits, gdec, genc, fmt, codec, rax):
   sc = C.ElemCodec.of(fmt.scale_dtype)
-  unit = (amax_bits >> 23) - 127
-  anchor = jnp.maximum(_e4m3_scale_code(amax_bits, genc, fmt, "ceil", interpret), fmt.scale_min_normal_byte)
-  target = _bits.scale_by_pow2(C.i32_to_f32(C.flushed_bits(jnp.abs(x))), -unit)
+  unit, target = _unit_target(x, amax_bits, genc)
+  anchor = jnp.maximum(_e4m3_scale_code(amax_bits, genc, fmt, "ceil"), fmt.scale_min_normal_byte)
   offsets, with_zero = search_window(fmt, False)
   assert not with_zero and offsets.step == 1
 
   def candidate(off):
     code_s = jnp.clip(anchor + off, 0, fmt.scale_max_byte)
-    codes, r = _encode_e4m3(x, code_s, gdec, codec, fmt, interpret)
-    dec = C.flush_f32(_bits.scale_by_pow2(C.decode_magnitude(code_s, sc), -unit))  # per block
-    dq = C.mul_rn(r * dec, gdec, interpret)  # r * dec is exact; one rounding, as the reference
-    return jnp.expand_dims(_mse_loss(target, dq, rax, interpret), rax), code_s, codes
+    codes, r = _encode_e4m3(x, code_s, gdec, codec, fmt)
+    dec = dequant_unit_factor(C.decode_magnitude(code_s, sc), unit)  # per block
+    return _mse_loss(target, r * dec, rax), code_s, codes  # r * dec is exact
 
   def step(i, carry):
     best_loss, best_code, best_codes = carry
@@ -221,7 +223,7 @@ def _quantize_core(x, global_scale, *, fmt: Format, axis: int, scale_rule: str, 
   """(codes uint8, scale bytes uint8, global_scale or None), in the kernel's 2-D / 3-D view."""
   shape3d = C.as_3d(x.shape, axis)
   cfg = config or default_config(shape3d, fmt, x.dtype.itemsize)
-  cfg.check(fmt)
+  cfg.check(fmt, shape3d, pack_last)
   tiling = C.Tiling(shape3d, cfg.block_m, cfg.block_k)
   x3 = tiling.view(x)
   if fmt.elem_bits == 4:
@@ -238,12 +240,12 @@ def _quantize_core(x, global_scale, *, fmt: Format, axis: int, scale_rule: str, 
       genc, global_scale = global_factors(amax, fmt)
     else:
       global_scale = jnp.asarray(global_scale, jnp.float32)
-      genc = 1.0 / global_scale
+      genc = given_global_encode(global_scale)
     operands += [global_scale.reshape(1), genc.reshape(1)]
     in_specs += [tiling.scalar_spec(), tiling.scalar_spec()]
   kernel = functools.partial(
       quantize_pack_kernel, fmt=fmt, rule=scale_rule, tiling=tiling, pack_axis=pack_axis,
-      has_global=fmt.has_global_scale, interpret=interpret)
+      has_global=fmt.has_global_scale)
   codes, scales = pl.pallas_call(
       kernel,
       grid=tiling.grid,

@@ -21,8 +21,8 @@ from fp4jax.qarray import QArray
 from fp4jax.reference.blocks import blocked_global, from_blocks, from_tiles, pad_axis, to_blocks, to_tiles
 from fp4jax.scales import ALL_SCALE_RULES, BlockContext, decode_blocks, encode_elements, global_encode_numerator
 
-__all__ = ["MAX_GLOBAL_ENCODE", "global_factors", "group_amax_bits", "quantize_reference",
-           "dequantize_reference"]
+__all__ = ["MAX_GLOBAL_ENCODE", "global_factors", "given_global_encode", "group_amax_bits",
+           "quantize_reference", "dequantize_reference"]
 
 # NVFP4's encode factor elem_max*scale_max/amax is capped so that its
 # reciprocal (the stored decode factor) stays a normal float32.
@@ -35,17 +35,25 @@ def global_factors(amax, fmt: Format, numerator: float | None = None):
   The encode factor ``elem_max * scale_max / amax`` (6 * 448 / amax for NVFP4;
   ``numerator / amax`` when given, see :func:`fp4jax.scales.global_encode_numerator`)
   is what block scales are computed with; the stored decode factor is its
-  float32 reciprocal, as in FlashInfer and NVIDIA's recipe. A zero (or
-  non-finite) amax gives 1 for both; the encode factor is capped at 2**126 so
-  that its reciprocal stays a normal float32. Elementwise for an array amax.
+  float32 reciprocal, as in FlashInfer and NVIDIA's recipe. Both divisions are
+  correctly rounded (:func:`fp4jax._bits.div_rn`), so every backend stores the
+  same bits (XLA's GPU division is not correctly rounded). A zero, subnormal
+  or non-finite amax gives 1 for both; the encode factor is capped at 2**126
+  so that its reciprocal stays a normal float32. Elementwise for an array amax.
   """
-  amax = jnp.asarray(amax, jnp.float32)
+  # Flushed first: a subnormal amax counts as zero on every backend (XLA's CPU
+  # would compare it as zero, a GPU as positive).
+  amax = _bits.flush_subnormals(jnp.asarray(amax, jnp.float32))
   ok = jnp.isfinite(amax) & (amax > 0)
   numerator = fmt.global_encode_numerator if numerator is None else numerator
-  encode = numerator / jnp.where(ok, amax, 1.0)
-  encode = jnp.where(ok, jnp.minimum(encode, MAX_GLOBAL_ENCODE), 1.0).astype(jnp.float32)
-  # The barrier keeps XLA from simplifying 1 / (c / amax) into amax / c.
-  return encode, (1.0 / jax.lax.optimization_barrier(encode)).astype(jnp.float32)
+  encode = _bits.div_rn(float(numerator), jnp.where(ok, amax, 1.0))  # may overflow to Inf: capped
+  encode = _bits.compute_once(jnp.where(ok, jnp.minimum(encode, MAX_GLOBAL_ENCODE), 1.0).astype(jnp.float32))
+  return encode, _bits.compute_once(_bits.div_rn(1.0, encode))
+
+
+def given_global_encode(global_scale):
+  """The encode factor of a caller's decode factor ``global_scale``: its correctly rounded reciprocal."""
+  return _bits.compute_once(_bits.div_rn(1.0, jnp.asarray(global_scale, jnp.float32)))
 
 
 def group_amax_bits(abs_bits, keep: tuple[int, ...]):
@@ -93,7 +101,7 @@ def quantize_reference(x, global_scale, hessian, *, fmt: Format, axis: int, scal
       global_encode, global_scale = global_factors(group_amax, fmt, numerator)
     else:
       global_scale = jnp.asarray(global_scale, jnp.float32)
-      global_encode = 1.0 / global_scale
+      global_encode = given_global_encode(global_scale)
 
   g_dec = blocked_global(global_scale, axis, tile)
   ctx = BlockContext(fmt=fmt, amax=amax, global_encode=blocked_global(global_encode, axis, tile),
@@ -123,8 +131,6 @@ def dequantize_reference(q: QArray, dtype):
   # Saturate, then cast: a finite QArray never dequantizes to Inf, even where
   # rounding up at the top of the range (the "ceil" and "mse" rules near
   # float32's or float16's maximum) lands past the output dtype's largest value.
-  # A select, not a clip: it keeps -0 and NaN as they are on every backend.
-  big = jnp.float32(jnp.finfo(dtype).max)
-  out = jnp.where(jnp.abs(out) > big, jnp.copysign(big, out), out)
+  out = _bits.saturate(out, dtype)
   out = from_blocks(out, axis) if tile is None else from_tiles(out, tile)
   return out.astype(dtype)

@@ -80,7 +80,8 @@ from fp4jax.scales.elements import (decode_blocks, decode_elements, element_unit
                                     encode_units, scale_exponent)
 from fp4jax.scales.fixed import (RULE_NEEDS_POW2, BlockContext, ceil_rule, even_rule, floor_rule,
                                  nearest_rule)
-from fp4jax.scales.search import block_hessians, four_over_six_rule, mse_rule, search_window
+from fp4jax.scales.search import (block_hessians, dequant_unit_factor, four_over_six_rule, loss_unit_target,
+                                  mse_rule, search_window)
 
 __all__ = [
     "SCALE_RULES",
@@ -96,6 +97,8 @@ __all__ = [
     "decode_blocks",
     "block_hessians",
     "search_window",
+    "dequant_unit_factor",
+    "loss_unit_target",
 ]
 
 #: The rules the kernels implement too (``fp4jax.kernels`` refuses any other).

@@ -116,15 +116,18 @@ def element_factor(scales, fmt: Format, global_decode):
   """E4M3 scales: the encode factor ``1 / (scale * global_decode)``, 0 for a zero scale.
 
   NVIDIA's recipe multiplies by this reciprocal rather than dividing. The
-  product is flushed when it is a float32 subnormal so that every backend
-  (XLA's CPU flushes, a GPU need not) zeroes the same blocks.
+  product is flushed when it is a float32 subnormal, and the reciprocal is
+  correctly rounded (:func:`fp4jax._bits.div_rn`, 0 where it would be
+  subnormal), so that every backend zeroes the same blocks and gets the same
+  factor (XLA's CPU flushes and divides exactly, its GPU neither).
   """
   s = scales.astype(jnp.float32)
   if global_decode is not None:
     # The barrier pins the recipe's order of operations: XLA may otherwise
     # rewrite 1 / (s * g) (or fold g into other factors) and round differently.
     s = _bits.flush_subnormals(lax.optimization_barrier(s * global_decode))
-  return jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+  # One division per block, not per element (see fp4jax._bits.compute_once).
+  return _bits.compute_once(jnp.where(s > 0, _bits.div_rn(1.0, s), 0.0))
 
 
 def element_units(blocks, scales, fmt: Format, global_decode=None):

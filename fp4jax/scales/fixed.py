@@ -90,12 +90,24 @@ def _ideal_scale(ctx: BlockContext, target: float | None = None):
   a capped encode factor would otherwise flush to zero), and the multiply by
   the float32 reciprocal of ``M`` is what NVIDIA's recipe does (XLA would
   rewrite a division by the constant into it anyway). The barrier keeps XLA
-  from reassociating the product.
+  from reassociating the product. Both products are flushed when subnormal:
+  XLA's CPU flushes them and a GPU does not, and "ceil" would round a
+  subnormal ideal up to E4M3's smallest scale.
   """
   factor = jnp.float32(1.0 / (ctx.fmt.elem_max if target is None else target))
   if ctx.global_encode is not None:
-    factor = lax.optimization_barrier(ctx.global_encode * factor)
-  return ctx.amax * factor
+    factor = _bits.flush_subnormals(lax.optimization_barrier(ctx.global_encode * factor))
+  return _bits.flush_subnormals(ctx.amax * factor)
+
+
+def _scale_value(codes, fmt: Format):
+  """float32 value of non-negative E4M3 scale codes, decoded from the bits (exact).
+
+  Not ``scales.astype(float32)``: XLA's GPU compiler may delete a float32 ->
+  E4M3 -> float32 conversion pair, which would skip the rounding.
+  """
+  fi = fmt.scale_finfo
+  return _bits.decode_float_code(codes, int(fi.nmant), int(fi.minexp), int(fi.bits))
 
 
 def round_scale(ctx: BlockContext, direction: int, target: float | None = None):
@@ -107,7 +119,7 @@ def round_scale(ctx: BlockContext, direction: int, target: float | None = None):
   if direction == 0:
     return nearest
   codes = scale_bytes(nearest).astype(jnp.int32)
-  got = lax.optimization_barrier(nearest).astype(jnp.float32)  # no convert-pair folding
+  got = _scale_value(codes, fmt)
   if direction < 0:
     codes = jnp.where(got > ideal, codes - 1, codes)
   else:

@@ -34,7 +34,10 @@ gains at most ``err(s_c)**2 <= h(x)**2``, and only if it lies below ``M s + h(x)
 
 Every bound is strict, so no scale outside the window even ties with the best
 one inside it. The losses themselves are float32 sums: two scales whose losses
-agree to float32 rounding (about 1e-6 relative) may be ordered either way.
+agree to float32 rounding (about 1e-6 relative) may be ordered either way, but
+the same way on every backend: each loss is computed with exact products,
+correctly rounded differences and a fixed summation tree (see
+:func:`_loss_function`), so CPU, GPU and kernels choose the same scale.
 ``tests/test_scales.py`` checks the result against a float64 brute force over
 all 255 finite E8M0 scales and all 127 non-negative finite E4M3 scales.
 
@@ -54,6 +57,7 @@ further down, and a few blocks per thousand get a slightly worse one.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -63,7 +67,8 @@ from fp4jax.formats import Format
 from fp4jax.scales.elements import element_factor, per_element, scale_bytes, scales_from_bytes
 from fp4jax.scales.fixed import BlockContext, ceil_rule, require_scale_kind, round_scale
 
-__all__ = ["search_window", "mse_rule", "four_over_six_rule", "block_hessians"]
+__all__ = ["search_window", "mse_rule", "four_over_six_rule", "block_hessians", "loss_unit_target",
+           "dequant_unit_factor"]
 
 
 def search_window(fmt: Format, weighted: bool) -> tuple[range, bool]:
@@ -91,19 +96,25 @@ def _tile_sum(sq, b: int):
   """Sum of ``(..., b * b)`` row-major tile entries, bit-identical for a tile and its transpose.
 
   Entry ``(i, j)`` and ``(j, i)`` are added first (float addition commutes),
-  the pair sums sit in the upper triangle, and that same array is reduced.
+  the pair sums sit in the upper triangle, and that same array is reduced in
+  the fixed order of :func:`fp4jax._bits.halving_sum`.
   """
   s = sq.reshape(*sq.shape[:-1], b, b)
   pairs = s + jnp.swapaxes(s, -1, -2)
   upper = np.triu(np.ones((b, b), bool), 1)
   diag = np.eye(b, dtype=bool)
-  return jnp.sum(jnp.where(upper, pairs, jnp.where(diag, s, 0.0)), axis=(-2, -1))
+  kept = jnp.where(upper, pairs, jnp.where(diag, s, 0.0))
+  return _bits.halving_sum(kept.reshape(*sq.shape[:-1], b * b), -1)
 
 
 def _block_loss(residual, hessian, tile=None):
   if hessian is None:
-    sq = residual * residual
-    return jnp.sum(sq, axis=-1) if tile is None else _tile_sum(sq, tile)
+    sq = _bits.exact_square(residual)
+    # Computed once per block: XLA would otherwise fuse the tree's last adds
+    # (and the comparisons of candidates) into every element's encode.
+    return _bits.compute_once(_bits.halving_sum(sq, -1) if tile is None else _tile_sum(sq, tile))
+  # A dot: its accumulation order (and FMA use) is the backend's, so weighted
+  # losses, and the scales they pick in near-ties, may differ across backends.
   return jnp.einsum("...nb,nbd,...nd->...n", residual, hessian, residual,
                     precision=lax.Precision.HIGHEST)
 
@@ -114,38 +125,69 @@ def _pow2_factors(e):
   return _bits.exp2i(a), _bits.exp2i(e - a)
 
 
+def loss_unit_target(mag, amax, global_encode=None):
+  """``(unit, target)``: the power of two a block's residuals are measured in, and its magnitudes in it.
+
+  ``unit = floor(log2(amax))`` (``amax`` shaped like ``mag`` with the block
+  axis of length 1), so squares stay in float32's range for any input. With a
+  global scale the block is first multiplied by the tensor encode factor, so
+  that residuals are ``x * encode - q * s`` in block-scale units: that orders
+  candidates as ``x - q * s * decode`` does, and keeps every product that meets
+  a subtraction exact (``q * s`` is exact, a power-of-two scaling is exact), so
+  no backend's FMA contraction can round a residual differently. Exact ties
+  (two scales that dequantize a block identically) stay exact ties. Products
+  are flushed where they underflow. The kernels call this too.
+  """
+  if global_encode is not None:
+    mag = _bits.flush_subnormals(mag * global_encode)
+    amax = _bits.flush_subnormals(amax * global_encode)
+  unit = _bits.floor_log2(_bits.f32_bits(amax))
+  return unit, _bits.flush_subnormals(_bits.scale_by_pow2(mag, -unit))
+
+
+def dequant_unit_factor(scales, unit):
+  """E4M3 scales in units of ``2**unit`` (exact; flushed where they underflow): element values times it
+  are the dequantized block in the units of :func:`loss_unit_target`, exactly."""
+  return _bits.flush_subnormals(_bits.scale_by_pow2(scales.astype(jnp.float32), -unit))
+
+
 def _loss_function(blocks, ctx: BlockContext):
-  """``loss_of(code)``: each block's loss (``(..., nb)`` float32) under scale bytes ``code``."""
+  """``loss_of(code)``: each block's loss (``(..., nb)`` float32) under scale bytes ``code``.
+
+  Every operation is exact or correctly rounded and in a fixed order, so the
+  loss has the same bits on every backend and in the kernels: the block and
+  its dequantized value in the units of :func:`loss_unit_target` (exact
+  products), their difference (one rounding), squares summed by
+  :func:`fp4jax._bits.exact_square` and :func:`fp4jax._bits.halving_sum`.
+  """
   fmt = ctx.fmt
   weighted = ctx.hessian is not None
-  # Residuals are compared in units of 2**floor(log2(amax)) so that squares
-  # stay in float32 range for any input magnitude.
-  unit = _bits.floor_log2(_bits.f32_bits(ctx.amax))
   mag = jnp.abs(blocks)
-  gdec = ctx.global_decode
+  genc = None if ctx.global_encode is None else per_element(ctx.global_encode)
+  unit, target = loss_unit_target(mag, ctx.amax[..., None], genc)
+  unit = unit[..., 0]
 
   def per_block(f):
-    # Per-block factors are computed once per block and broadcast: the barrier
-    # keeps XLA from recomputing them (bitcasts, an E4M3 decode, a division)
-    # for every element, which also splits the element loop into extra passes.
-    return lax.optimization_barrier(f)
+    # Per-block factors are computed once per block and broadcast: XLA would
+    # otherwise recompute them (bitcasts, an E4M3 decode, a division) for
+    # every element (see fp4jax._bits.compute_once; the barrier alone does
+    # that on the GPU, not on the CPU).
+    return lax.optimization_barrier(jax.tree.map(_bits.compute_once, f))
 
   def loss_of(code):
     # Magnitudes suffice without a Hessian: x and its rounding share a sign.
     if fmt.power_of_two_scales:
       e = code - fmt.scale_bias
-      (e1, e2), (d1, d2), (u1, u2) = per_block((_pow2_factors(-e), _pow2_factors(e - unit), _pow2_factors(-unit)))
+      (e1, e2), (d1, d2) = per_block((_pow2_factors(-e), _pow2_factors(e - unit)))
       y = mag * e1[..., None] * e2[..., None]
       dq_unit = lambda q: q * d1[..., None] * d2[..., None]
     else:
       s = scales_from_bytes(code, fmt)
-      enc, dec, (u1, u2) = per_block(
-          (element_factor(s, fmt, gdec), _bits.flush_subnormals(_bits.scale_by_pow2(s.astype(jnp.float32), -unit)),
-           _pow2_factors(-unit)))
+      enc, dec = per_block((element_factor(s, fmt, ctx.global_decode), dequant_unit_factor(s, unit)))
       y = mag * enc[..., None]
-      dq_unit = lambda q: q * dec[..., None] if gdec is None else q * dec[..., None] * per_element(gdec)
+      dq_unit = lambda q: q * dec[..., None]
     q = _bits.round_to_grid(jnp.minimum(y, fmt.elem_max), fmt.elem_nmant, fmt.elem_emin, fmt.elem_emax)
-    r = mag * u1[..., None] * u2[..., None] - dq_unit(q)
+    r = _bits.flush_subnormals(target - _bits.flush_subnormals(dq_unit(q)))
     if weighted:
       r = jnp.where(blocks < 0, -r, r)
     return _block_loss(r, ctx.hessian, ctx.tile)
@@ -174,8 +216,8 @@ def mse_rule(blocks, ctx: BlockContext):
     return jnp.where(i < n_zero, 0, code) if with_zero else code
 
   # Every candidate's loss is computed by the same code (all inside the loop,
-  # or all unrolled): XLA may sum a block's squares in a different order
-  # inside a loop body than outside it, which would break exact ties unevenly.
+  # or all unrolled); the losses are exact-order sums either way, so an exact
+  # tie is a tie wherever it is computed.
   carry = (jnp.full(anchor.shape, jnp.inf, jnp.float32), candidate(0))
   n = len(offsets) + n_zero
   if n <= 3:

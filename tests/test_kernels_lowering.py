@@ -1,0 +1,160 @@
+"""Every Pallas kernel lowers for an NVIDIA Hopper GPU, on a machine without one.
+
+Interpret mode runs a kernel's jaxpr through XLA, so it never meets the Triton
+lowering rules: the dequantize kernel passed all its interpret-mode tests and
+failed on every GPU call (a bitcast of a numpy constant, which the Triton
+lowering cannot take). Lowering with ``lowering_platforms=("cuda",)`` builds
+each kernel's Triton IR here, so such crashes show up in CI. It does not run
+ptxas or the kernel: bits are checked by the kernel tests and
+``tests/test_cross_platform.py`` on a GPU.
+
+Public JAX only. jax 0.10 lowers for "cuda" as is; jax 0.11 reads the GPU
+model from the device it lowers for, which a CPU-only machine names through an
+abstract mesh whose device is an H200 (``jax.sharding.AbstractDevice``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fp4jax as fj
+from fp4jax.kernels import dequantize as dqk
+from fp4jax.kernels import mx_matmul as mxk
+from fp4jax.kernels import quantize_pack as qk
+from fp4jax.kernels import w4a16_matmul as wk
+
+RULES = {"mxfp4": ("floor", "ceil", "mse"), "nvfp4": ("nearest", "floor", "ceil", "mse"),
+         "mxfp8_e4m3": ("floor", "ceil", "mse"), "mxfp8_e5m2": ("floor", "ceil", "mse")}
+FORMATS = [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3, fj.MXFP8_E5M2]
+QUANT_CASES = [(f, r) for f in FORMATS for r in RULES[f.name]]
+
+
+def _gpu_target():
+  """A context in which lowering targets an H200, or a null context where none is needed."""
+  if not all(hasattr(jax.sharding, n) for n in ("AbstractDevice", "AbstractMesh", "use_abstract_mesh")):
+    return contextlib.nullcontext()
+  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=dev)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
+def _lower(f, *args):
+  """The StableHLO text of ``f(*args)`` lowered for CUDA, with the Triton kernels inside."""
+  try:
+    with _gpu_target():
+      lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+  except RuntimeError as e:  # a jax that can neither lower for CUDA here nor be told the device
+    if "No supported GPU devices found" in str(e):
+      pytest.skip(f"jax {jax.__version__} cannot lower for CUDA without a GPU: {e}")
+    raise
+  text = lowered.as_text()
+  assert "__gpu$xla.gpu.triton" in text or "triton_kernel_call" in text, "no Triton kernel in the lowering"
+  return text
+
+
+def _x(shape, dtype):
+  rng = np.random.default_rng(0)
+  return jnp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+# ---- quantize + pack, NVFP4's tensor amax ---------------------------------------------------
+_LAYOUTS = [((6, 4), -1), ((2, 6), 0), ((3, 2, 4), 1)]  # in blocks along the block axis
+
+
+def _shape(fmt, layout):
+  shape, axis = layout
+  shape = list(shape)
+  shape[axis] *= fmt.block_size
+  return tuple(shape), axis
+
+
+@pytest.mark.parametrize("fmt,rule", QUANT_CASES, ids=[f"{f.name}-{r}" for f, r in QUANT_CASES])
+@pytest.mark.parametrize("layout", _LAYOUTS, ids=["rows", "columns", "3d"])
+def test_quantize_kernels_lower(fmt, rule, layout):
+  shape, axis = _shape(fmt, layout)
+  # One input dtype per layout keeps the test short; the loads differ only in the cast.
+  dtype = {-1: jnp.bfloat16, 0: jnp.float32, 1: jnp.float16}[axis]
+  x = _x(shape, dtype)
+  _lower(lambda x: qk.quantize(x, fmt, axis=axis, scale_rule=rule), x)
+  _lower(lambda x: qk.quantize_packed(x, fmt, axis=axis, scale_rule=rule), x)
+  # Partial tiles on both axes: masked loads and stores.
+  cfg = qk.Config(block_m=4, block_k=2 * fmt.block_size)
+  _lower(lambda x: qk.quantize_packed(x, fmt, axis=axis, scale_rule=rule, config=cfg), x)
+  if fmt.has_global_scale:
+    _lower(lambda x, g: qk.quantize(x, fmt, axis=axis, scale_rule=rule, global_scale=g), x, jnp.float32(0.01))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: np.dtype(d).name)
+def test_quantize_every_input_dtype_lowers(dtype):
+  for fmt in (fj.MXFP4, fj.NVFP4):
+    x = _x((8, 4 * fmt.block_size), dtype)
+    _lower(lambda x: qk.quantize(x, fmt), x)
+
+
+def test_tensor_amax_lowers():
+  x = _x((5, 96), jnp.bfloat16)
+  _lower(lambda x: qk.tensor_amax(x, fj.NVFP4, config=qk.Config(2, 32)), x)
+
+
+# ---- dequantize ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: np.dtype(d).name)
+def test_dequantize_kernels_lower(fmt, dtype):
+  for layout in _LAYOUTS:
+    shape, axis = _shape(fmt, layout)
+    q = fj.quantize(_x(shape, jnp.float32), fmt, axis=axis, backend="xla")
+    # QArray input: 4-bit codes packed along the last axis (the 2-byte output
+    # of a column layout takes the uint32-word path).
+    _lower(lambda q: dqk.dequantize(q, dtype), q)
+    codes, scales, gs = qk.quantize_packed_reference(_x(shape, jnp.float32), fmt, axis=axis)
+    cfg = dqk.Config(block_m=4, block_k=2 * fmt.block_size)  # partial tiles
+    _lower(lambda c, s, g: dqk.dequantize_packed(c, s, g, fmt=fmt, axis=axis, dtype=dtype, config=cfg),
+           codes, scales, gs)
+
+
+# ---- matmuls -------------------------------------------------------------------------------------
+def _bytes(fmt, rows, k):
+  rng = np.random.default_rng(1)
+  data = jnp.asarray(rng.integers(0, 256, (rows, k * fmt.elem_bits // 8), dtype=np.uint8))
+  lo = 120 if fmt.power_of_two_scales else 0x30
+  scales = jnp.asarray(rng.integers(lo, lo + 8, (rows, k // fmt.block_size), dtype=np.uint8))
+  g = jnp.float32(0.5) if fmt.has_global_scale else None
+  return data, scales, g
+
+
+_W4A16 = [
+    (wk.Config(), 1),
+    (wk.Config(block_m=16, block_n=32, block_k=64, split_k=2), 5),
+    (wk.Config(block_m=16, block_n=64, block_k=64, swap_ab=True), 20),
+    (None, 200),  # the prefill default
+]
+
+
+@pytest.mark.parametrize("fmt", [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3, fj.MXFP8_E5M2], ids=lambda f: f.name)
+def test_w4a16_matmul_lowers(fmt):
+  k, n = 256, 96  # n: a partial tile for every block_n
+  w_data, w_scales, g = _bytes(fmt, n, k)
+  for cfg, m in _W4A16:
+    x = _x((m, k), jnp.bfloat16)
+    _lower(lambda x, d, s, g: wk.w4a16_matmul(x, d, s, g, fmt=fmt, config=cfg), x, w_data, w_scales, g)
+
+
+_MX = [
+    (fj.MXFP4, fj.MXFP4, "fp8"), (fj.MXFP8_E4M3, fj.MXFP8_E4M3, "fp8"), (fj.MXFP4, fj.MXFP8_E4M3, "fp8"),
+    (fj.MXFP8_E5M2, fj.MXFP8_E5M2, "fp8"), (fj.MXFP4, fj.MXFP4, "bf16"), (fj.NVFP4, fj.NVFP4, "bf16"),
+]
+
+
+@pytest.mark.parametrize("a_fmt,b_fmt,mma", _MX, ids=[f"{a.name}x{b.name}-{m}" for a, b, m in _MX])
+def test_mx_matmul_lowers(a_fmt, b_fmt, mma):
+  k = 128
+  for m, n, cfg in ((8, 48, mxk.Config(block_m=16, block_n=32, block_k=64, mma=mma, num_warps=4)),
+                    (130, 256, mxk.Config(block_m=64, block_n=128, block_k=64, mma=mma))):
+    a = _bytes(a_fmt, m, k)
+    b = _bytes(b_fmt, n, k)
+    _lower(lambda a, b: mxk.mx_matmul(*a, *b, a_fmt=a_fmt, b_fmt=b_fmt, config=cfg), a, b)
