@@ -34,9 +34,18 @@ FORMATS = [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3, fj.MXFP8_E5M2]
 QUANT_CASES = [(f, r) for f in FORMATS for r in RULES[f.name]]
 
 
+def _on_gpu_machine():
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
 def _gpu_target():
-  """A context in which lowering targets an H200, or a null context where none is needed."""
-  if not all(hasattr(jax.sharding, n) for n in ("AbstractDevice", "AbstractMesh", "use_abstract_mesh")):
+  """A context in which lowering targets an H200, or a null context where none is needed
+  (a machine with a GPU lowers for its own; jax 0.10 needs no device to lower for)."""
+  if _on_gpu_machine() or not all(hasattr(jax.sharding, n)
+                                  for n in ("AbstractDevice", "AbstractMesh", "use_abstract_mesh")):
     return contextlib.nullcontext()
   dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=dev)
@@ -82,9 +91,12 @@ def test_quantize_kernels_lower(fmt, rule, layout):
   x = _x(shape, dtype)
   _lower(lambda x: qk.quantize(x, fmt, axis=axis, scale_rule=rule), x)
   _lower(lambda x: qk.quantize_packed(x, fmt, axis=axis, scale_rule=rule), x)
-  # Partial tiles on both axes: masked loads and stores.
-  cfg = qk.Config(block_m=4, block_k=2 * fmt.block_size)
-  _lower(lambda x: qk.quantize_packed(x, fmt, axis=axis, scale_rule=rule, config=cfg), x)
+  # Partial tiles on both axes (masked loads and stores), and the tiny tiles the kernel and fuzz
+  # tests use (a tile one block deep, one row wide, or two columns wide).
+  for cfg in (qk.Config(block_m=4, block_k=2 * fmt.block_size), qk.Config(block_m=2, block_k=fmt.block_size),
+              qk.Config(block_m=1 if axis == -1 else 2, block_k=4 * fmt.block_size)):
+    _lower(lambda x: qk.quantize_packed(x, fmt, axis=axis, scale_rule=rule, config=cfg), x)
+    _lower(lambda x: qk.quantize(x, fmt, axis=axis, scale_rule=rule, config=cfg), x)
   if fmt.has_global_scale:
     _lower(lambda x, g: qk.quantize(x, fmt, axis=axis, scale_rule=rule, global_scale=g), x, jnp.float32(0.01))
 
