@@ -75,6 +75,9 @@ class Report:
 
 
 def _git_commit(given):
+  # A given commit wins: the device machine's copy of the tree can carry a stale .git.
+  if given:
+    return given
   try:
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
     if out.returncode == 0:
@@ -83,7 +86,7 @@ def _git_commit(given):
       return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
   except (OSError, subprocess.SubprocessError):
     pass
-  return given or "unknown (no git here; pass --commit)"
+  return "unknown (no git here; pass --commit)"
 
 
 def _environment(env):
