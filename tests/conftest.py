@@ -16,4 +16,4 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 # Kernel fuzzing (tests/test_kernels_fuzz.py): a bounded run in CI, a long one on a GPU
 # (FP4JAX_FUZZ=gpu, or a GPU present: real kernels are fast, interpret mode is not).
 settings.register_profile("fuzz", deadline=None, max_examples=12, derandomize=bool(os.environ.get("CI")))
-settings.register_profile("fuzz-gpu", deadline=None, max_examples=60)
+settings.register_profile("fuzz-gpu", deadline=None, max_examples=40)

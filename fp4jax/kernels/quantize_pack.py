@@ -98,7 +98,9 @@ def _encode_e4m3(x, code_s, gdec, codec, fmt):
   """
   s = C.flush_f32(C.decode_magnitude(code_s, C.ElemCodec.of(fmt.scale_dtype)) * gdec)
   pos = s > 0
-  enc = jnp.where(pos, _bits.div_rn(1.0, jnp.where(pos, s, 1.0)), 0.0)
+  # compute_once: in interpret mode XLA would otherwise fuse the division into every element's
+  # loss terms, and jax 0.11's CPU compiler then takes minutes on the "mse" search.
+  enc = _bits.compute_once(jnp.where(pos, _bits.div_rn(1.0, jnp.where(pos, s, 1.0)), 0.0))
   y = C.flush_f32(x) * enc
   code, r = C.round_to_grid(jnp.minimum(jnp.abs(y), np.float32(fmt.elem_max)), codec)
   return code | C.sign_code(C.f32_to_i32(y), codec), r
