@@ -65,18 +65,7 @@ def check_backend(backend: str) -> None:
 #: name, scale rule, input dtype)`` -> why, ``"*"`` matching anything. Every other kernel case is
 #: taken. The kernels are built to be bit-exact in every case (``tests/test_cross_platform.py``);
 #: an entry goes when a GPU run of ``benchmarks/gpu_check.py`` shows its case bit-exact there.
-GPU_UNVERIFIED: dict[tuple[str, str, str, str], str] = {
-    ("dequantize", "*", "*", "*"):
-        "the dequantize kernel failed on every GPU call (jax 0.11.2, fixed since) and has not yet run on one",
-    ("quantize", "*", "mse", "*"):
-        "XLA's GPU ordered 'mse' losses differently from the CPU (fixed-order sums since); not yet rerun",
-    ("quantize", "nvfp4", "floor", "*"):
-        "NVFP4 'floor' differed on the GPU (subnormal ideal scales, approximate division; fixed since); not yet rerun",
-    ("quantize", "nvfp4", "ceil", "*"):
-        "NVFP4 'ceil' differed on the GPU (subnormal ideal scales, approximate division; fixed since); not yet rerun",
-    ("quantize", "nvfp4", "nearest", "float32"):
-        "NVFP4 on float32 inputs differed on the GPU (approximate division; fixed since); not yet rerun",
-}
+GPU_UNVERIFIED: dict[tuple[str, str, str, str], str] = {}
 
 
 def gpu_unverified_reason(op: str, fmt: Format | None = None, scale_rule: str | None = None,
@@ -156,13 +145,7 @@ def dequantize_obstacle(q: QArray, dtype) -> str | None:
   """Why no dequantize kernel takes ``q`` (validated) to ``dtype``, or None."""
   from fp4jax.kernels import dequantize
 
-  why = xla_only_reason(q) or dequantize.supported(q.shape, q.fmt, q.axis, np.dtype(dtype), packed_last=True)
-  if why is None and q.axis != -1 and kernels.on_gpu() and not kernels.interpreting():
-    # The last GPU run found mismatches along a non-last axis whose cause is
-    # not known (benchmarks/results/quantize.md): refuse rather than risk
-    # wrong numbers until a GPU run shows it bit-exact.
-    why = f"dequantize along axis {q.axis} (not the last) is not yet verified on the GPU"
-  return why
+  return xla_only_reason(q) or dequantize.supported(q.shape, q.fmt, q.axis, np.dtype(dtype), packed_last=True)
 
 
 def _block_axis(x) -> int:

@@ -244,15 +244,19 @@ def test_bad_inputs_raise_value_errors_naming_the_problem():
     qk.quantize_packed(jnp.ones((2, 64)), fj.MXFP4, scale_rule="nearest", interpret=INTERPRET)
 
 
-def test_auto_takes_only_gpu_verified_cases():
-  assert backend.gpu_verified("quantize", fj.MXFP4, "floor", jnp.float32)
-  assert backend.gpu_verified("quantize", fj.MXFP8_E4M3, "ceil", jnp.bfloat16)
+def test_auto_takes_only_gpu_verified_cases(monkeypatch):
+  # Empty since the H200 run recorded in benchmarks/results/gpu_tests.md: every kernel case is verified.
+  assert backend.GPU_UNVERIFIED == {}
+  assert backend.gpu_verified("quantize", fj.NVFP4, "mse", jnp.float32) and backend.gpu_verified("dequantize", fj.MXFP4)
+  # An entry ("*" matches anything) keeps its cases, and only those, off the kernels.
+  monkeypatch.setitem(backend.GPU_UNVERIFIED, ("quantize", "nvfp4", "mse", "*"), "a case that a GPU run found inexact")
+  monkeypatch.setitem(backend.GPU_UNVERIFIED, ("dequantize", "*", "*", "*"), "the dequantize kernel, not yet run on a GPU")
+  assert not backend.gpu_verified("quantize", fj.NVFP4, "mse", jnp.bfloat16)
   assert backend.gpu_verified("quantize", fj.NVFP4, "nearest", jnp.bfloat16)
-  assert not backend.gpu_verified("quantize", fj.NVFP4, "nearest", jnp.float32)
-  assert not backend.gpu_verified("quantize", fj.MXFP4, "mse", jnp.bfloat16)
-  assert not backend.gpu_verified("quantize", fj.NVFP4, "floor", jnp.bfloat16)
-  assert not backend.gpu_verified("dequantize", fj.MXFP4)
-  assert "dequantize kernel" in backend.gpu_unverified_reason("dequantize", fj.MXFP4, None, jnp.float32)
+  assert backend.gpu_verified("quantize", fj.MXFP4, "mse", jnp.float32)
+  assert not backend.gpu_verified("dequantize", fj.MXFP8_E4M3)
+  assert "not yet run" in backend.gpu_unverified_reason("dequantize", fj.MXFP4, None, jnp.float32)
+  assert backend.gpu_unverified_reason("quantize", fj.MXFP4, "floor", jnp.float32) is None
 
 
 def test_gpu_unverified_table_names_real_cases_each_with_a_reason():

@@ -115,7 +115,10 @@ def round_scale(ctx: BlockContext, direction: int, target: float | None = None):
   fmt = ctx.fmt
   ideal = _ideal_scale(ctx, target)
   # Saturate before the cast: ml_dtypes (and XLA) give NaN above E4M3's range.
-  nearest = jnp.clip(ideal, 0.0, fmt.scale_max).astype(fmt.scale_dtype)
+  # The barrier keeps the rounding: where a consumer widens the scale again
+  # (the "4over6" loss does), XLA's GPU compiler deletes the float32 -> E4M3 ->
+  # float32 pair and computes with the unrounded scale (measured on an H200).
+  nearest = lax.optimization_barrier(jnp.clip(ideal, 0.0, fmt.scale_max).astype(fmt.scale_dtype))
   if direction == 0:
     return nearest
   codes = scale_bytes(nearest).astype(jnp.int32)
