@@ -27,7 +27,8 @@ from fp4jax.qarray import QArray, xla_only_reason
 from fp4jax.scales import SCALE_RULES
 
 __all__ = ["BACKENDS", "Plan", "check_backend", "choose", "GPU_UNVERIFIED", "gpu_unverified_reason",
-           "gpu_verified", "quantize_obstacle", "dequantize_obstacle", "dot_kernel", "KERNEL_MAX_ROWS"]
+           "gpu_verified", "sharded_reason", "quantize_obstacle", "dequantize_obstacle", "dot_kernel",
+           "KERNEL_MAX_ROWS"]
 
 BACKENDS = ("auto", "xla", "pallas")
 
@@ -121,6 +122,20 @@ def choose(op: str, backend: str, obstacle: str | None, *, verified: bool = True
   return Plan("kernel", op, interpret=interpret or not gpu)
 
 
+def sharded_reason(*arrays) -> str | None:
+  """Why a kernel cannot take arrays whose type carries a mesh axis (``Explicit`` sharding), or None.
+
+  ``pallas_call`` takes only unsharded types (inside ``shard_map`` each shard is one); under
+  ``jit`` with ``Explicit`` mesh axes it raises. ``jax.make_mesh`` makes ``Explicit`` axes by default.
+  """
+  for a in jax.tree.leaves(arrays):
+    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ()
+    if any(p is not None for p in spec):
+      return (f"an operand of shape {a.shape} is sharded as {spec} (Explicit mesh axes): the kernels "
+              "take unsharded arrays, so call them inside jax.shard_map, one shard each")
+  return None
+
+
 def quantize_obstacle(x, fmt: Format, *, axis: int, scale_rule: str, global_scale, hessian, pad: bool,
                       block_shape, keep, axis_name=None) -> str | None:
   """Why no quantize kernel takes these (validated) arguments, or None."""
@@ -128,6 +143,8 @@ def quantize_obstacle(x, fmt: Format, *, axis: int, scale_rule: str, global_scal
 
   if axis_name is not None:
     return f"axis_name={axis_name!r}: the amax across shard_map shards is on the XLA path"
+  if why := sharded_reason(x, global_scale):
+    return why
   if block_shape is not None:
     return f"2-D blocks (block_shape={block_shape}) run on the XLA path only"
   if scale_rule not in SCALE_RULES:
@@ -145,7 +162,8 @@ def dequantize_obstacle(q: QArray, dtype) -> str | None:
   """Why no dequantize kernel takes ``q`` (validated) to ``dtype``, or None."""
   from fp4jax.kernels import dequantize
 
-  return xla_only_reason(q) or dequantize.supported(q.shape, q.fmt, q.axis, np.dtype(dtype), packed_last=True)
+  return (xla_only_reason(q) or sharded_reason(q)
+          or dequantize.supported(q.shape, q.fmt, q.axis, np.dtype(dtype), packed_last=True))
 
 
 def _block_axis(x) -> int:
@@ -162,6 +180,8 @@ def dot_kernel(lhs, rhs, dims, out_dtype) -> tuple[str | None, str]:
   for operand in (lhs, rhs):
     if isinstance(operand, QArray) and (why := xla_only_reason(operand)):
       return None, why
+  if why := sharded_reason(lhs, rhs):
+    return None, why
   if _block_axis(rhs) != rc[0]:
     return None, f"rhs is blocked along axis {_block_axis(rhs)}, not its contracting axis {rc[0]}"
   if not jnp.issubdtype(out_dtype, jnp.floating):

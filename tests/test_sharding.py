@@ -12,6 +12,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -199,3 +200,34 @@ def test_quantize_axis_name_is_checked_and_needs_a_mesh_axis():
   assert per_row[0] != per_row[1] and shared[0] == shared[1] == fj.quantize(xs, fj.NVFP4).global_scale
   with pytest.raises(ValueError, match="QatConfig.axis_name"):
     fj.QatConfig(axis_name=1)
+
+
+def test_kernels_step_aside_for_explicitly_sharded_operands(monkeypatch):
+  """pallas_call raises on types that carry a mesh axis: on a GPU, "auto" takes the XLA path for
+  them and "pallas" says why (checked here with on_gpu forced, on a 1-device Explicit mesh)."""
+  import fp4jax.kernels as kernels_pkg
+  from fp4jax import backend
+
+  mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+  x = jax.random.normal(jax.random.key(0), (64, 128), jnp.float32)
+  xs = jax.device_put(x, NamedSharding(mesh, P("d", None)))
+  q, qs = fj.quantize(x, fj.NVFP4, backend="xla"), fj.quantize(xs, fj.NVFP4, backend="xla")
+  assert backend.sharded_reason(x, q) is None
+  why = backend.sharded_reason(qs)
+  assert why is not None and "(64, 128)" in why and "shard_map" in why
+
+  monkeypatch.setattr(kernels_pkg, "on_gpu", lambda: True)
+  kw = dict(axis=-1, scale_rule="nearest", global_scale=None, hessian=None, pad=False, block_shape=None, keep=())
+  assert backend.quantize_obstacle(x, fj.NVFP4, **kw) is None
+  assert "Explicit" in backend.quantize_obstacle(xs, fj.NVFP4, **kw)
+  assert backend.dequantize_obstacle(q, jnp.float32) is None
+  assert "Explicit" in backend.dequantize_obstacle(qs, jnp.float32)
+  dims = (((1,), (1,)), ((), ()))
+  a = jnp.ones((4, 128), jnp.bfloat16)
+  assert backend.dot_kernel(a, q.with_layout("rows"), dims, jnp.float32) == ("w4a16", "")
+  assert "Explicit" in backend.dot_kernel(a, qs.with_layout("rows"), dims, jnp.float32)[1]
+  # "auto" runs the XLA path on the sharded QArray and keeps its bits; "pallas" refuses, naming why.
+  np.testing.assert_array_equal(np.asarray(fj.dequantize(qs, jnp.float32)),
+                                np.asarray(fj.dequantize(q, jnp.float32, backend="xla")))
+  with pytest.raises(ValueError, match="Explicit mesh axes"):
+    fj.dequantize(qs, jnp.float32, backend="pallas")
