@@ -90,6 +90,9 @@ W4A16_CASES = [
     (fj.NVFP4, 17, 160, 48, F32),
     (fj.MXFP8_E4M3, 3, 96, 80, F32),
     (fj.MXFP8_E4M3, 17, 160, 48, BF16),
+    # decode shapes whose K the default config splits (2 and 8 ways)
+    (fj.NVFP4, 2, 256, 48, F32),
+    (fj.MXFP4, 1, 1024, 32, BF16),
 ]
 
 
@@ -98,8 +101,12 @@ def test_w4a16_default_config_matches_float64(fmt, m, k, n, out_dtype):
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
   w = quantized((k, n), fmt, 0, seed=k + n)
   p = w.with_layout("rows")
+  split = wk.default_config(m, k, n, fmt).split_k
+  assert split == {256: 2, 1024: 8}.get(k, 1)
+  # Split-K programs write float32 partial sums, one slab each: poison all of them.
+  buf = poisoned((m, n), out_dtype) if split == 1 else poisoned((split, m, n), jnp.float32)
   out = wk.w4a16_matmul(x, p.values, p.scales, p.global_scale, fmt=fmt, out_dtype=out_dtype,
-                        interpret=True, out_buffer=poisoned((m, n), out_dtype))
+                        interpret=True, out_buffer=buf)
   assert out.dtype == out_dtype
   x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
   assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), out_dtype)

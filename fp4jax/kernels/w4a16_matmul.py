@@ -53,15 +53,25 @@ class Config:
 
 
 def default_config(m: int, k: int, n: int, fmt: Format) -> Config:
-  """A config that is valid for the shape, from the H100 sweep in benchmarks/matmul.py.
+  """A config that is valid for the shape, from the sweeps in benchmarks/ (H100, then H200).
 
-  Decode (``M <= 64``): one ``block_m`` of rows, ``block_n`` small enough for
-  at least 128 programs on the 132 SMs, long ``block_k`` chunks; the plain
-  ``x @ w.T`` orientation measured faster than ``swap_ab``. Prefill: large
-  tiles, so each decoded weight tile feeds many rows.
+  Decode (``M <= 16``): ``block_n`` 64, ``block_k`` 128 and ``K`` split 8 ways
+  where it divides (fewer otherwise). One program a 64-column tile left one
+  4-warp program per SM, issue-bound (ncu: 0.58 instructions a scheduler
+  cycle); eight share each tile now (H200, 1 x 8192 x 8192: 47 -> 41 us;
+  1 x 14336 x 4096: 66 -> 37 us; ``benchmarks/results/w4a16_splitk.json``).
+  ``M <= 64``: one ``block_m`` of rows, ``block_n`` small enough for at least
+  128 programs on the 132 SMs, long ``block_k`` chunks; the plain ``x @ w.T``
+  orientation measured faster than ``swap_ab``. Prefill: large tiles, so each
+  decoded weight tile feeds many rows.
   """
   minimum = max(16, fmt.block_size)
-  if m <= 64:
+  if m <= 16:
+    block_k = common.pick_block(k, 128, minimum)
+    split_k = next((s for s in (8, 4, 2) if block_k and k % (block_k * s) == 0), 1)
+    cfg = Config(block_m=16, block_n=64, block_k=block_k or 0, split_k=split_k, swap_ab=False,
+                 num_warps=4, num_stages=3)
+  elif m <= 64:
     block_k = common.pick_block(k, 256, minimum)
     block_m = max(16, 1 << (max(m, 1) - 1).bit_length())
     block_n = 64 if n >= 128 * 64 else 32
