@@ -53,7 +53,7 @@ def test_each_row_names_the_packages_of_its_extra():
   assert closure("flax") == {"flax"} and "fp4jax.flax" in table["flax"] and "fp4jax.nnx" in table["flax"]
   assert "all of the above" in table["dev"]
   assert closure("dev") >= closure("cli") | closure("checkpoints") | closure("flax")
-  for tool in ("pytest", "chex", "hypothesis", "orbax"):
+  for tool in ("pytest", "pytest-xdist", "chex", "hypothesis", "orbax"):
     assert tool in table["dev"] and DISTRIBUTION.get(tool, tool) in closure("dev")
 
 
