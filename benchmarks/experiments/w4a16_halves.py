@@ -21,10 +21,7 @@ import matmul as B  # noqa: E402
 import w4a16_decode as D  # noqa: E402
 import fp4jax as fj  # noqa: E402
 from fp4jax.kernels import w4a16_matmul as wk  # noqa: E402
-
-
-def mma(cfg):
-  return lambda x, p: wk.w4a16_matmul(x, p.values, p.scales, p.global_scale, fmt=p.fmt, config=cfg)
+from w4a16_splitk import mma  # noqa: E402
 
 
 def main():
