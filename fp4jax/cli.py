@@ -183,6 +183,7 @@ def _convert(args) -> int:
   bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr, disable=args.no_progress)
 
   def progress(rec):
+    _check_signals()  # before the output is renamed into place, if one was swallowed
     bar.set_postfix_str(rec.name, refresh=False)
     bar.update(rec.bytes_before)
     if args.verbose:
@@ -328,8 +329,27 @@ class _Signal(BaseException):
     self.signum = signum
 
 
-def _raise_signal(signum, frame):
+# Signals received during this run. Python may swallow the exception a handler raises (when the
+# handler runs inside a garbage-collection callback or a __del__, it prints "Exception ignored"
+# and goes on), so the convert loop raises a recorded one again (_check_signals) at each tensor.
+_RECEIVED: list[int] = []
+
+
+def _stop(signum: int):
+  if signum == signal.SIGINT:
+    raise KeyboardInterrupt
   raise _Signal(signum)
+
+
+def _raise_signal(signum, frame):
+  _RECEIVED.append(signum)
+  _stop(signum)
+
+
+def _check_signals() -> None:
+  """Raises the first signal of this run again, if one was received (see ``_RECEIVED``)."""
+  if _RECEIVED:
+    _stop(_RECEIVED[0])
 
 
 _HANDLED = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
@@ -389,12 +409,16 @@ def main(argv=None) -> int:
     return 2
   in_main = threading.current_thread() is threading.main_thread()
   saved = {s: signal.getsignal(s) for s in (signal.SIGINT, *_HANDLED)} if in_main else {}
+  _RECEIVED.clear()
   for s in _HANDLED:
     if in_main and saved[s] is not signal.SIG_IGN:  # respect nohup
       signal.signal(s, _raise_signal)
+  if in_main and saved.get(signal.SIGINT) is signal.default_int_handler:  # Python's own: made sticky too
+    signal.signal(signal.SIGINT, _raise_signal)
   try:
     try:
       rc = int(args.func(args) or 0)
+      _check_signals()  # one whose exception was swallowed still ends the run with its status
       sys.stdout.flush()  # here, where a closed pipe can still be caught
       return rc
     except BaseException:
