@@ -37,6 +37,10 @@ def _parse(stdout):
   return rows
 
 
+# One worker runs this module: its module fixture is a subprocess of many seconds, which
+# pytest-xdist would otherwise start again on every worker that gets one of its tests.
+pytestmark = pytest.mark.xdist_group("report_cli")
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("report") / "nested" / "sqnr.png"

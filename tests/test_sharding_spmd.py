@@ -180,6 +180,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+# One worker runs this module: its module fixture is a subprocess of many seconds, which
+# pytest-xdist would otherwise start again on every worker that gets one of its tests.
+pytestmark = pytest.mark.xdist_group("sharding_spmd")
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
