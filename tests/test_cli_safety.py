@@ -198,6 +198,7 @@ def test_a_signal_whose_exception_python_swallowed_still_stops_the_convert(src, 
   dst = tmp_path / "out.safetensors"
   dst.write_bytes(b"the previous output")
   real_write = _safetensors.Writer.write
+  swallowed = []
 
   def write(self, name, array):
     real_write(self, name, array)
@@ -208,7 +209,6 @@ def test_a_signal_whose_exception_python_swallowed_still_stops_the_convert(src, 
       except BaseException:  # noqa: BLE001
         pass
 
-  swallowed = []
   monkeypatch.setattr(_safetensors.Writer, "write", write)
   rc, words = SIGNALS[sig]
   assert cli.main(["convert", str(src), str(dst), "--format", "mxfp4", "--no-progress", "--overwrite"]) == rc

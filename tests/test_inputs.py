@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import fp4jax as fj
-from fp4jax import qat
 
 RNG = np.random.default_rng(0)
 X64 = RNG.standard_normal((64, 64))  # float64, numpy's default

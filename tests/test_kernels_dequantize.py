@@ -13,7 +13,6 @@ import fp4jax as fj
 from fp4jax import kernels
 from fp4jax.kernels import dequantize as dqk
 from fp4jax.kernels import quantize_pack as qk
-from fp4jax.packing import unpack_fp4
 from fp4jax.qarray import QArray
 from fp4jax.reference import dequantize_reference
 

@@ -41,6 +41,7 @@ def _parse(stdout):
 # pytest-xdist would otherwise start again on every worker that gets one of its tests.
 pytestmark = pytest.mark.xdist_group("report_cli")
 
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("report") / "nested" / "sqnr.png"

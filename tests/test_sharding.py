@@ -5,9 +5,6 @@ at start-up); the tests below check what it reports.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,7 +16,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import fp4jax as fj
 from fp4jax import sharding
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fake_devices import run_script
+
+# One worker runs this module: its module fixture is a subprocess of many seconds, which
+# pytest-xdist would otherwise start again on every worker that gets one of its tests.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter", "all-reduce")
 
 # name: (format, scale rule, shape, mesh shape, mesh axes, axis type, partition spec, block axis)
@@ -105,20 +107,10 @@ SCRIPT = textwrap.dedent('''
 ''') % (COLLECTIVES,)
 
 
-# One worker runs this module: its module fixture is a subprocess of many seconds, which
-# pytest-xdist would otherwise start again on every worker that gets one of its tests.
-pytestmark = pytest.mark.xdist_group("sharding")
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   ckpt = tmp_path_factory.mktemp("orbax") / "ckpt"
-  p = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES), str(ckpt)],
-                     capture_output=True, text=True, env=env, timeout=300)
-  assert p.returncode == 0, p.stderr[-3000:]
-  line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+  return run_script(SCRIPT, json.dumps(CASES), str(ckpt), timeout=300)
 
 
 @pytest.mark.parametrize("case", list(CASES))

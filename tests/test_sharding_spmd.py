@@ -12,16 +12,17 @@ are not cancelling to many orders of magnitude; a wrong global scale or a missin
 off by 1e-2 or more).
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fake_devices import run_script
+
+# One worker runs this module: its module fixture is a subprocess of many seconds, which
+# pytest-xdist would otherwise start again on every worker that gets one of its tests.
+pytestmark = pytest.mark.xdist_group("sharding_spmd")
+
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -180,20 +181,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-# One worker runs this module: its module fixture is a subprocess of many seconds, which
-# pytest-xdist would otherwise start again on every worker that gets one of its tests.
-pytestmark = pytest.mark.xdist_group("sharding_spmd")
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   ckpt = tmp_path_factory.mktemp("orbax") / "ckpt"
-  p = subprocess.run([sys.executable, "-c", SCRIPT, str(ckpt)], capture_output=True, text=True, env=env,
-                     timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+  return run_script(SCRIPT, str(ckpt), timeout=600)
 
 
 def ops(collectives):
