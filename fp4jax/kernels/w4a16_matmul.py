@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from fp4jax.formats import Format
+from fp4jax.kernels import e2m1_bits
 from fp4jax.kernels import matmul_common as common
 from fp4jax.qarray import QArray
 from fp4jax.reference import scaled_dot_general_reference
@@ -41,6 +42,10 @@ class Config:
   16``; ``block_k`` a multiple of the format's block size dividing ``K``.
   ``split_k``: programs sharing one output tile along ``K`` (float32 partial
   sums, added by XLA). ``swap_ab``: compute ``w @ x.T`` (see module doc).
+  ``decode`` (4-bit weights): ``"jnp"`` (the shared decode), ``"bits"`` (PTX
+  bit tricks, :mod:`fp4jax.kernels.e2m1_bits`; GPU only, interpret mode uses
+  ``"jnp"``) or ``"bits_halves"`` (the same, low nibbles against the even
+  columns of ``x`` and high against the odd in two products, no interleave).
   """
 
   block_m: int = 16
@@ -50,6 +55,7 @@ class Config:
   swap_ab: bool = False
   num_warps: int = 4
   num_stages: int = 3
+  decode: str = "jnp"
 
 
 def default_config(m: int, k: int, n: int, fmt: Format) -> Config:
@@ -87,7 +93,7 @@ def default_config(m: int, k: int, n: int, fmt: Format) -> Config:
 
 
 def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
-            has_global: bool, m: int, n: int):
+            has_global: bool, m: int, n: int, interpret: bool):
   g_ref = rest[0] if has_global else None
   o_ref = rest[-1]  # an aliased output buffer, if any, sits just before it
   bk = cfg.block_k
@@ -95,6 +101,20 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
   nb = bk // fmt.block_size
   rows_m = common.row_mask(1, cfg.block_m, m)
   rows_n = common.row_mask(0, cfg.block_n, n)
+
+  def bits_body(i, acc):
+    x = common.load_rows(x_ref.at[:, pl.ds(pl.multiple_of(i * bk, bk), bk)], rows_m)
+    wd = common.load_rows(w_ref.at[:, pl.ds(pl.multiple_of(i * bytes_k, bytes_k), bytes_k)], rows_n)
+    ws = common.load_rows(s_ref.at[:, pl.ds(pl.multiple_of(i * nb, nb), nb)], rows_n)
+    scales = common.expand_blocks(e2m1_bits.scale_to_bf16(ws, fmt), fmt.block_size // 2)
+    lo, hi = e2m1_bits.decode_scaled(wd, scales)  # (block_n, block_k / 2) each
+    if cfg.decode == "bits":
+      return acc + lax.dot_general(x, common.interleave_last(lo, hi), (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+    x_even, x_odd = jnp.unstack(x.reshape(x.shape[0], bk // 2, 2), axis=-1)
+    for xs, w in ((x_even, lo), (x_odd, hi)):
+      acc = acc + lax.dot_general(xs, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return acc
 
   def body(i, acc):
     x = common.load_rows(x_ref.at[:, pl.ds(pl.multiple_of(i * bk, bk), bk)], rows_m)
@@ -106,7 +126,8 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
     return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
   shape = (cfg.block_n, cfg.block_m) if cfg.swap_ab else (cfg.block_m, cfg.block_n)
-  acc = lax.fori_loop(0, k_steps, body, jnp.zeros(shape, jnp.float32))
+  bits = cfg.decode != "jnp" and fmt.elem_bits == 4 and not interpret and not cfg.swap_ab
+  acc = lax.fori_loop(0, k_steps, bits_body if bits else body, jnp.zeros(shape, jnp.float32))
   if cfg.swap_ab:
     acc = acc.T
   if has_global:
@@ -130,6 +151,8 @@ def _check(x, w_data, w_scales, global_scale, fmt: Format, cfg: Config):
                      f"({n}, {k // fmt.block_size}))")
   if fmt.has_global_scale != (global_scale is not None):
     raise ValueError(f"w4a16: {fmt!r} {'needs' if fmt.has_global_scale else 'has no'} global scale")
+  if cfg.decode not in ("jnp", "bits", "bits_halves"):
+    raise ValueError(f"w4a16: Config.decode must be 'jnp', 'bits' or 'bits_halves', got {cfg.decode!r}")
   for name in ("block_m", "block_n", "block_k"):
     v = getattr(cfg, name)
     if v < 16 or v & (v - 1):
@@ -194,7 +217,7 @@ def w4a16_matmul(x, w_data, w_scales, global_scale=None, *, fmt: Format, out_dty
     in_specs.append(out_spec)  # never read: the kernel only writes through the output ref
     args.append(out_buffer)
   kernel = functools.partial(_kernel, fmt=fmt, cfg=cfg, k_steps=ks // cfg.block_k, has_global=has_global,
-                             m=m, n=n)
+                             m=m, n=n, interpret=interpret)
   out = pl.pallas_call(
       kernel,
       out_shape=out_shape,
