@@ -5,7 +5,7 @@ and counts the w4a16 kernel's SASS instructions by opcode (cuobjdump). Static co
 dominates them.
 Usage: PYTHONPATH=. python benchmarks/experiments/w4a16_sass.py --out DIR
 """
-import argparse, collections, glob, json, os, re, subprocess, sys
+import argparse, collections, glob, json, os, re, shutil, subprocess, sys
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", default=".")
@@ -18,13 +18,13 @@ import jax, jax.numpy as jnp, fp4jax as fj
 from fp4jax.kernels import w4a16_matmul as wk
 q = fj.quantize(jax.random.normal(jax.random.key(0), (8192, 8192)), fj.MXFP4, axis=0).with_layout("rows")
 x = jnp.ones((1, 8192), jnp.bfloat16)
-cfg = wk.Config(16, 64, 128, 8, False, 4, 3, decode={dec!r})
+cfg = wk.Config(16, 128, 256, 4, False, 4, 3, decode={dec!r})
 jax.block_until_ready(wk.w4a16_matmul(x, q.values, q.scales, fmt=fj.MXFP4, config=cfg))
 """
   env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={dump}")
   p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   entry = {"rc": p.returncode, "stderr": p.stderr[-1500:]}
-  for ptx in glob.glob(os.path.join(dump, "*.ptx")):
+  for ptx in glob.glob(os.path.join(dump, "**", "*.ptx"), recursive=True):
     text = open(ptx).read()
     if "w4a16" not in text:
       continue
@@ -46,6 +46,9 @@ jax.block_until_ready(wk.w4a16_matmul(x, q.values, q.scales, fmt=fj.MXFP4, confi
     entry["sass_ops"] = dict(ops.most_common(40))
     with open(os.path.join(args.out, f"sass_{dec}.txt"), "w") as f:
       f.write(s)
+  entry["files_sample"] = sorted({os.path.splitext(f)[1] for f in glob.glob(os.path.join(dump, "**", "*"), recursive=True)})
+  entry["ptx_files_seen"] = len(glob.glob(os.path.join(dump, "**", "*.ptx"), recursive=True))
+  shutil.rmtree(dump, ignore_errors=True)
   res[dec] = entry
   print(dec, {k: v for k, v in entry.items() if k != "stderr"}, flush=True)
 json.dump(res, open(os.path.join(args.out, "w4a16_sass.json"), "w"), indent=1)
