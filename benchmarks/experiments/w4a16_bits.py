@@ -5,7 +5,7 @@ bits decode (fp4jax/kernels/e2m1_bits.py) does a byte in ~7 integer ops and 4 pa
 This script, on the GPU:
 1. checks the asm decode bit for bit against numpy float64 over every byte x every scale byte
    (E8M0 and E4M3 scales);
-2. sweeps configs of the "bits" and "bits_halves" kernels at 1 x 8192 x 8192 MXFP4 (rel. error vs the
+2. sweeps configs of the "bits" and "bits_strided" kernels, with and without swap_ab, at 1 x 8192 x 8192 MXFP4 (rel. error vs the
    float32 reference for each);
 3. times the best against the current default at every issue-11 shape, M = 1 and 16, MXFP4 and NVFP4;
 4. times a jitted QDense.apply with the best as the M <= 16 default against nn.Dense in bf16.
@@ -78,14 +78,17 @@ def main():
     B.log("exact", fmt.name, res["exact"][fmt.name])
   save()
   best = {}
-  grid = list(itertools.product(("bits", "bits_halves"), (64, 128), (128, 256), (4, 8), (4, 8)))
-  for dec, bn, bk, sk, nw in grid:
+  grid = [(d, False, bn, bk, sk) for d, bn, bk, sk in itertools.product(("bits", "bits_strided"), (64, 128),
+                                                                        (256, 512), (4, 8))]
+  grid += [(d, True, bn, 256, sk) for d, bn, sk in itertools.product(("bits", "bits_strided"), (64, 128), (4, 8))]
+  for dec, swap, bn, bk, sk in grid:
     if time.time() > end - 150:
       break
-    cfg = wk.Config(16, bn, bk, sk, False, nw, 3, decode=dec)
+    cfg = wk.Config(16, bn, bk, sk, swap, 4, 3, decode=dec)
+    dec = f"{dec}{'_swap' if swap else ''}"
     r = D.case(1, 8192, 8192, fj.MXFP4, {"default": (mma(None), False), dec: (mma(cfg), False)} if not res["sweep"]
                else {dec: (mma(cfg), False)}, check=True)
-    r["config"] = [dec, bn, bk, sk, nw]
+    r["config"] = [dec, bn, bk, sk]
     B.log("sweep", r["config"], {k: f"{v * 1e6:.1f}us" for k, v in r["t"].items()}, r["err"])
     res["sweep"].append(r); save()
     t = r["t"].get(dec)

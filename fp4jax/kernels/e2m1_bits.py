@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fp4jax.formats import Format
+from fp4jax.kernels import matmul_common as common
 
 __all__ = ["scale_to_bf16", "decode_scaled"]
 
@@ -82,22 +83,27 @@ def scale_to_bf16(s, fmt: Format):
   return lax.bitcast_convert_type(s, fmt.scale_dtype).astype(jnp.bfloat16)
 
 
-def decode_scaled(data, scales):
+def decode_scaled(data, scales, *, interpret: bool = False):
   """Packed E2M1 bytes and per-byte bfloat16 scales -> ``(low, high)`` bfloat16.
 
   ``low[i] = E2M1(data[i] & 0xF) * scales[i]`` and ``high[i]`` the same for the
   high nibble, both rounded once to bfloat16 (exact unless the product leaves
   bfloat16's range). ``data`` uint8 and ``scales`` bfloat16 of one shape, whose
   size per GPU thread is a multiple of four (any tile of 512 or more bytes).
-  Inside a Pallas-Triton kernel only.
+  Inside a Pallas-Triton kernel; ``interpret=True`` computes the same values
+  with jnp (float32 product, one rounding to bfloat16) for interpret mode.
   """
-  from jax.experimental.pallas import triton as plt  # lazy: GPU-only
-
   if data.dtype != jnp.uint8 or scales.dtype != jnp.bfloat16 or data.shape != scales.shape:
     raise ValueError(f"decode_scaled: expected uint8 data and bfloat16 scales of one shape, got "
                      f"{data.dtype}{data.shape} and {scales.dtype}{scales.shape}")
+  if interpret:
+    s = scales.astype(jnp.float32) * jnp.float32(2.0**-common.E2M1_IN_E4M3_LOG2)
+    return tuple((v.astype(jnp.float32) * s).astype(jnp.bfloat16) for v in common.nibbles_to_e4m3(data))
+  from jax.experimental.pallas import triton as plt  # lazy: GPU-only
+
   out = jax.ShapeDtypeStruct(data.shape, jnp.bfloat16)
   return tuple(plt.elementwise_inline_asm(_asm(nibble), args=[data, scales], constraints="=r,=r,r,r,r",
                                           pack=4, result_shape_dtypes=[out])[0]
                for nibble in ("low", "high"))
+
 

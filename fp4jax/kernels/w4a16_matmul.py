@@ -42,10 +42,12 @@ class Config:
   16``; ``block_k`` a multiple of the format's block size dividing ``K``.
   ``split_k``: programs sharing one output tile along ``K`` (float32 partial
   sums, added by XLA). ``swap_ab``: compute ``w @ x.T`` (see module doc).
-  ``decode`` (4-bit weights): ``"jnp"`` (the shared decode), ``"bits"`` (PTX
-  bit tricks, :mod:`fp4jax.kernels.e2m1_bits`; GPU only, interpret mode uses
-  ``"jnp"``) or ``"bits_halves"`` (the same, low nibbles against the even
-  columns of ``x`` and high against the odd in two products, no interleave).
+  ``decode`` (4-bit weights): ``"jnp"`` (the shared decode) or ``"bits"`` (PTX
+  bit tricks, :mod:`fp4jax.kernels.e2m1_bits`, whose jnp twin runs in
+  interpret mode): the low nibbles go into one product with the even columns
+  of ``x`` and the high ones into another with the odd columns, so the decoded
+  halves are never interleaved. ``"bits_strided"``: the same with the even and
+  odd columns loaded by strided reads instead of split in registers.
   """
 
   block_m: int = 16
@@ -103,17 +105,22 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
   rows_n = common.row_mask(0, cfg.block_n, n)
 
   def bits_body(i, acc):
-    x = common.load_rows(x_ref.at[:, pl.ds(pl.multiple_of(i * bk, bk), bk)], rows_m)
     wd = common.load_rows(w_ref.at[:, pl.ds(pl.multiple_of(i * bytes_k, bytes_k), bytes_k)], rows_n)
     ws = common.load_rows(s_ref.at[:, pl.ds(pl.multiple_of(i * nb, nb), nb)], rows_n)
     scales = common.expand_blocks(e2m1_bits.scale_to_bf16(ws, fmt), fmt.block_size // 2)
-    lo, hi = e2m1_bits.decode_scaled(wd, scales)  # (block_n, block_k / 2) each
-    if cfg.decode == "bits":
-      return acc + lax.dot_general(x, common.interleave_last(lo, hi), (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
-    x_even, x_odd = jnp.unstack(x.reshape(x.shape[0], bk // 2, 2), axis=-1)
-    for xs, w in ((x_even, lo), (x_odd, hi)):
-      acc = acc + lax.dot_general(xs, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # (block_n, block_k / 2) each: the chunk's even and odd columns of the weight.
+    lo, hi = e2m1_bits.decode_scaled(wd, scales, interpret=interpret)
+    start = pl.multiple_of(i * bk, bk)
+    if cfg.decode == "bits_strided" and not interpret:  # interpret mode has no strided loads
+      halves = [common.load_rows(x_ref.at[:, pl.ds(start + j, bk // 2, stride=2)], rows_m) for j in (0, 1)]
+    else:
+      x = common.load_rows(x_ref.at[:, pl.ds(start, bk)], rows_m)
+      halves = jnp.unstack(x.reshape(x.shape[0], bk // 2, 2), axis=-1)
+    for xs, w in zip(halves, (lo, hi)):
+      if cfg.swap_ab:
+        acc = acc + lax.dot_general(w, xs, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      else:
+        acc = acc + lax.dot_general(xs, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return acc
 
   def body(i, acc):
@@ -126,7 +133,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
     return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
   shape = (cfg.block_n, cfg.block_m) if cfg.swap_ab else (cfg.block_m, cfg.block_n)
-  bits = cfg.decode != "jnp" and fmt.elem_bits == 4 and not interpret and not cfg.swap_ab
+  bits = cfg.decode != "jnp" and fmt.elem_bits == 4
   acc = lax.fori_loop(0, k_steps, bits_body if bits else body, jnp.zeros(shape, jnp.float32))
   if cfg.swap_ab:
     acc = acc.T
@@ -151,8 +158,8 @@ def _check(x, w_data, w_scales, global_scale, fmt: Format, cfg: Config):
                      f"({n}, {k // fmt.block_size}))")
   if fmt.has_global_scale != (global_scale is not None):
     raise ValueError(f"w4a16: {fmt!r} {'needs' if fmt.has_global_scale else 'has no'} global scale")
-  if cfg.decode not in ("jnp", "bits", "bits_halves"):
-    raise ValueError(f"w4a16: Config.decode must be 'jnp', 'bits' or 'bits_halves', got {cfg.decode!r}")
+  if cfg.decode not in ("jnp", "bits", "bits_strided"):
+    raise ValueError(f"w4a16: Config.decode must be 'jnp', 'bits' or 'bits_strided', got {cfg.decode!r}")
   for name in ("block_m", "block_n", "block_k"):
     v = getattr(cfg, name)
     if v < 16 or v & (v - 1):
