@@ -144,6 +144,8 @@ _W4A16 = [
     (wk.Config(block_m=16, block_n=32, block_k=64, split_k=2), 5),
     (wk.Config(block_m=16, block_n=64, block_k=64, swap_ab=True), 20),
     (None, 200),  # the prefill default
+    (None, 3),  # the decode default (the inline-PTX decode for 4-bit weights)
+    (wk.Config(block_m=16, block_n=16, block_k=32, swap_ab=True, decode="bits"), 20),
 ]
 
 

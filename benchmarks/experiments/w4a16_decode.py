@@ -82,6 +82,32 @@ def layer_times(m, k, n, fmt):
           "nn.Dense.apply": B.bench(lambda x, p: nn.Dense(n, dtype=jnp.bfloat16).apply(p, x), B.make_calls(xs, params))}
 
 
+def stack_times(m, fmt, pairs=4, d=4096, h=14336):
+  """A jitted stack of ``2 * pairs`` QDense layers (d -> h -> d pairs, the issue's end-to-end figure)
+  decoding ``m`` tokens, against the same stack of nn.Dense in bf16: seconds a step each."""
+  import flax.linen as nn
+
+  from fp4jax.flax import QDense
+
+  class Stack(nn.Module):
+    dense: type
+
+    @nn.compact
+    def __call__(self, x):
+      for i in range(pairs):
+        x = self.dense(h, jnp.bfloat16, f"up_{i}")(x)
+        x = self.dense(d, jnp.bfloat16, f"down_{i}")(x)
+      return x
+
+  ref = Stack(lambda f, dtype, name: nn.Dense(f, dtype=dtype, param_dtype=jnp.bfloat16, name=name))
+  params = jax.jit(ref.init)(jax.random.key(0), jnp.zeros((m, d), jnp.bfloat16))
+  qparams = fj.quantize_params(params, fmt)
+  q = Stack(lambda f, dtype, name: QDense(f, dtype=dtype, name=name))
+  xs = [jax.random.normal(jax.random.key(60 + i), (m, d), jnp.bfloat16) for i in range(8)]
+  return {"stack QDense": B.bench(lambda x, p: q.apply(p, x), B.make_calls(xs, [qparams])),
+          "stack nn.Dense": B.bench(lambda x, p: ref.apply(p, x), B.make_calls(xs, [params]))}
+
+
 def sweep(budget_end):
   out = []
   grid = [c + (1,) + w for c in itertools.product((32, 64, 128), (256, 512)) for w in ((4, 3), (8, 3), (4, 4), (8, 2))]
@@ -119,6 +145,7 @@ def main():
   p.add_argument("--budget-s", type=float, default=300)
   p.add_argument("--formats", default="mxfp4,nvfp4")
   p.add_argument("--flat", action="store_true", help="sweep only the flat variant, then stop")
+  p.add_argument("--stack", action="store_true", help="also time the 8-layer QDense stack (M = 1, 4, 16)")
   args = p.parse_args()
   end = time.time() + args.budget_s
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_Bps": B.copy_bandwidth(),
@@ -155,6 +182,13 @@ def main():
       result["rows"].append(r)
       save()
   save()
+  if args.stack:
+    result["stack"] = []
+    for fmt_name, m in itertools.product(args.formats.split(","), (1, 4, 16)):
+      t = stack_times(m, fj.get_format(fmt_name))
+      B.log("stack", fmt_name, m, {kk: f"{v * 1e6:.1f}us" for kk, v in t.items()})
+      result["stack"].append({"fmt": fmt_name, "m": m, "t": t})
+      save()
   lines = [f"# W4A16 decode, {result['device']}, jax {result['jax']}, copy {result['copy_Bps'] / 1e12:.2f} TB/s", "",
            "| fmt | M | K | N | floor us | bf16 us | gemv us | mma us | scaled_matmul(x, q) us | nn.Dense.apply us | "
            "QDense.apply us | QDense vs Dense | gemv err |",
@@ -167,6 +201,14 @@ def main():
     lines.append(f"| {r['fmt']} | {r['m']} | {r['k']} | {r['n']} | {floor:.1f} | {us('xla_bf16')} | {us('gemv')} | "
                  f"{us('mma')} | {us('scaled_matmul(x, q)')} | {us('nn.Dense.apply')} | {us('QDense.apply')} | "
                  f"{ratio} | {r['err'].get('gemv')} |")
+  if result.get("stack"):
+    lines += ["", "8 QDense layers (4 pairs 4096 -> 14336 -> 4096), jitted, one decode step; tokens/s = M / step time.",
+              "", "| fmt | M | bf16 stack us | QDense stack us | bf16 tokens/s | QDense tokens/s | QDense vs bf16 |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["stack"]:
+      tq, tb = r["t"]["stack QDense"], r["t"]["stack nn.Dense"]
+      lines.append(f"| {r['fmt']} | {r['m']} | {tb * 1e6:.1f} | {tq * 1e6:.1f} | {r['m'] / tb:.0f} | {r['m'] / tq:.0f} | "
+                   f"{tb / tq:.2f}x |")
   with open(os.path.join(args.out, "w4a16_decode.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

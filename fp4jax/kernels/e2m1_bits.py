@@ -97,8 +97,10 @@ def decode_scaled(data, scales, *, interpret: bool = False):
     raise ValueError(f"decode_scaled: expected uint8 data and bfloat16 scales of one shape, got "
                      f"{data.dtype}{data.shape} and {scales.dtype}{scales.shape}")
   if interpret:
-    s = scales.astype(jnp.float32) * jnp.float32(2.0**-common.E2M1_IN_E4M3_LOG2)
-    return tuple((v.astype(jnp.float32) * s).astype(jnp.bfloat16) for v in common.nibbles_to_e4m3(data))
+    # The E4M3 offset goes on the element (exact), not on the scale (which it could overflow).
+    offset = jnp.float32(2.0**-common.E2M1_IN_E4M3_LOG2)
+    s = scales.astype(jnp.float32)
+    return tuple((v.astype(jnp.float32) * offset * s).astype(jnp.bfloat16) for v in common.nibbles_to_e4m3(data))
   from jax.experimental.pallas import triton as plt  # lazy: GPU-only
 
   out = jax.ShapeDtypeStruct(data.shape, jnp.bfloat16)

@@ -8,7 +8,10 @@ uint8. Each program owns a ``(block_m, block_n)`` output tile
 load the chunk's bytes (``block_n`` contiguous runs), decode the E2M1 codes to
 E4M3 with shifts and masks, upcast, multiply by the block scales (exact in
 bfloat16), and feed one bfloat16 tensor-core product with float32
-accumulation. With ``swap_ab`` the product is ``w @ x.T`` so that a small ``M``
+accumulation. ``Config.decode="bits"`` (the decode default for 4-bit weights)
+instead builds the bfloat16 values from the nibbles' bits in inline PTX
+(:mod:`fp4jax.kernels.e2m1_bits`) and multiplies the low nibbles with the even
+columns of ``x`` and the high ones with the odd. With ``swap_ab`` the product is ``w @ x.T`` so that a small ``M``
 is the MMA's narrow ``N`` side and the decoded weight the register operand.
 
 8-bit weights (MXFP8) go through the same kernel (no nibble decode).
@@ -46,8 +49,8 @@ class Config:
   bit tricks, :mod:`fp4jax.kernels.e2m1_bits`, whose jnp twin runs in
   interpret mode): the low nibbles go into one product with the even columns
   of ``x`` and the high ones into another with the odd columns, so the decoded
-  halves are never interleaved. ``"bits_strided"``: the same with the even and
-  odd columns loaded by strided reads instead of split in registers.
+  halves are never interleaved (interleaving them gave wrong sums on the H200;
+  strided reads of the two column sets measured no faster than this split).
   """
 
   block_m: int = 16
@@ -63,11 +66,14 @@ class Config:
 def default_config(m: int, k: int, n: int, fmt: Format) -> Config:
   """A config that is valid for the shape, from the sweeps in benchmarks/ (H100, then H200).
 
-  Decode (``M <= 16``): ``block_n`` 64, ``block_k`` 128 and ``K`` split 8 ways
-  where it divides (fewer otherwise). One program a 64-column tile left one
-  4-warp program per SM, issue-bound (ncu: 0.58 instructions a scheduler
-  cycle); eight share each tile now (H200, 1 x 8192 x 8192: 47 -> 41 us;
-  1 x 14336 x 4096: 66 -> 37 us; ``benchmarks/results/w4a16_splitk.json``).
+  Decode (``M <= 16``): ``K`` split 8 ways where it divides (fewer
+  otherwise). One program a 64-column tile left one 4-warp program per SM,
+  issue-bound (ncu: 0.58 instructions a scheduler cycle); eight share each tile
+  now (H200, 1 x 8192 x 8192: 47 -> 41 us; 1 x 14336 x 4096: 66 -> 37 us;
+  ``benchmarks/results/w4a16_splitk.json``). 4-bit weights then use the bit
+  decode (about 11 -> 4.7 instructions a weight; 1 x 8192 x 8192: 39 -> 24 us,
+  ``benchmarks/results/w4a16_bits.json``) with 128 x 256 tiles; 8-bit weights
+  64 x 128 tiles.
   ``M <= 64``: one ``block_m`` of rows, ``block_n`` small enough for at least
   128 programs on the 132 SMs, long ``block_k`` chunks; the plain ``x @ w.T``
   orientation measured faster than ``swap_ab``. Prefill: large tiles, so each
@@ -75,10 +81,11 @@ def default_config(m: int, k: int, n: int, fmt: Format) -> Config:
   """
   minimum = max(16, fmt.block_size)
   if m <= 16:
-    block_k = common.pick_block(k, 128, minimum)
+    bits = fmt.elem_bits == 4
+    block_k = common.pick_block(k, 256 if bits else 128, minimum)
     split_k = next((s for s in (8, 4, 2) if block_k and k % (block_k * s) == 0), 1)
-    cfg = Config(block_m=16, block_n=64, block_k=block_k or 0, split_k=split_k, swap_ab=False,
-                 num_warps=4, num_stages=3)
+    cfg = Config(block_m=16, block_n=128 if bits else 64, block_k=block_k or 0, split_k=split_k, swap_ab=False,
+                 num_warps=4, num_stages=3, decode="bits" if bits else "jnp")
   elif m <= 64:
     block_k = common.pick_block(k, 256, minimum)
     block_m = max(16, 1 << (max(m, 1) - 1).bit_length())
@@ -111,11 +118,8 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
     # (block_n, block_k / 2) each: the chunk's even and odd columns of the weight.
     lo, hi = e2m1_bits.decode_scaled(wd, scales, interpret=interpret)
     start = pl.multiple_of(i * bk, bk)
-    if cfg.decode == "bits_strided" and not interpret:  # interpret mode has no strided loads
-      halves = [common.load_rows(x_ref.at[:, pl.ds(start + j, bk // 2, stride=2)], rows_m) for j in (0, 1)]
-    else:
-      x = common.load_rows(x_ref.at[:, pl.ds(start, bk)], rows_m)
-      halves = jnp.unstack(x.reshape(x.shape[0], bk // 2, 2), axis=-1)
+    x = common.load_rows(x_ref.at[:, pl.ds(start, bk)], rows_m)
+    halves = jnp.unstack(x.reshape(x.shape[0], bk // 2, 2), axis=-1)
     for xs, w in zip(halves, (lo, hi)):
       if cfg.swap_ab:
         acc = acc + lax.dot_general(w, xs, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -158,8 +162,8 @@ def _check(x, w_data, w_scales, global_scale, fmt: Format, cfg: Config):
                      f"({n}, {k // fmt.block_size}))")
   if fmt.has_global_scale != (global_scale is not None):
     raise ValueError(f"w4a16: {fmt!r} {'needs' if fmt.has_global_scale else 'has no'} global scale")
-  if cfg.decode not in ("jnp", "bits", "bits_strided"):
-    raise ValueError(f"w4a16: Config.decode must be 'jnp', 'bits' or 'bits_strided', got {cfg.decode!r}")
+  if cfg.decode not in ("jnp", "bits"):
+    raise ValueError(f"w4a16: Config.decode must be 'jnp' or 'bits', got {cfg.decode!r}")
   for name in ("block_m", "block_n", "block_k"):
     v = getattr(cfg, name)
     if v < 16 or v & (v - 1):
