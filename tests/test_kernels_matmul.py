@@ -169,7 +169,7 @@ def test_bits_decode_is_exact_for_every_byte_and_scale_byte(fmt):
     if INTERPRET:  # XLA's CPU flushes float32 subnormals: the one such product, 0.5 * 2**-126, may read 0
       sub = (want != 0) & (np.abs(want.astype(np.float64)) < 2.0**-126)
       assert sub.sum() == (32 if fmt.power_of_two_scales else 0)  # the 32 bytes with a nibble of +-0.5, at scale 2**-126
-      want = np.where(sub & (g == 0), (want * 0).astype(ml_dtypes.bfloat16), want)
+      want = np.where(sub & (g == 0), np.copysign(0.0, want.astype(np.float64)).astype(ml_dtypes.bfloat16), want)
     nan = np.isnan(want.astype(np.float32))
     np.testing.assert_array_equal(np.isnan(g.astype(np.float32)), nan)
     np.testing.assert_array_equal(g.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
