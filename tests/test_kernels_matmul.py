@@ -95,6 +95,8 @@ W4A16_CASES = [
     (fj.NVFP4, 17, 160, 48, F32),
     (fj.MXFP8_E4M3, 3, 96, 80, F32),
     (fj.MXFP8_E4M3, 17, 160, 48, BF16),
+    # K = 48 has no 32-deep chunk: the jnp decode (the bit decode's halves would be 8 deep)
+    (fj.NVFP4, 5, 48, 16, BF16),
     # decode shapes whose K the default config splits (2 and 4 ways)
     (fj.NVFP4, 2, 512, 48, F32),
     (fj.MXFP4, 1, 1024, 32, BF16),
@@ -211,6 +213,7 @@ def test_w4a16_extreme_scales_are_exact():
     (dict(config=wk.Config(block_k=32, split_k=3)), "multiple of block_k"),
     (dict(global_scale=jnp.float32(1.0)), "global scale"),
     (dict(config=wk.Config(decode="lut")), "decode"),
+    (dict(config=wk.Config(block_k=16, decode="bits")), "block_k >= 32"),
 ])
 def test_w4a16_rejects_bad_input(bad, match):
   w = quantized((64, 32), fj.MXFP4, 0, seed=0).with_layout("rows")

@@ -81,8 +81,9 @@ def default_config(m: int, k: int, n: int, fmt: Format) -> Config:
   """
   minimum = max(16, fmt.block_size)
   if m <= 16:
-    bits = fmt.elem_bits == 4
-    block_k = common.pick_block(k, 256 if bits else 128, minimum)
+    # The bit decode splits each chunk into halves of depth block_k / 2, and a product needs >= 16.
+    bits = fmt.elem_bits == 4 and common.pick_block(k, 256, 32) is not None
+    block_k = common.pick_block(k, 256 if bits else 128, 32 if bits else minimum)
     split_k = next((s for s in (8, 4, 2) if block_k and k % (block_k * s) == 0), 1)
     cfg = Config(block_m=16, block_n=128 if bits else 64, block_k=block_k or 0, split_k=split_k, swap_ab=False,
                  num_warps=4, num_stages=3, decode="bits" if bits else "jnp")
@@ -164,6 +165,9 @@ def _check(x, w_data, w_scales, global_scale, fmt: Format, cfg: Config):
     raise ValueError(f"w4a16: {fmt!r} {'needs' if fmt.has_global_scale else 'has no'} global scale")
   if cfg.decode not in ("jnp", "bits"):
     raise ValueError(f"w4a16: Config.decode must be 'jnp' or 'bits', got {cfg.decode!r}")
+  if cfg.decode == "bits" and fmt.elem_bits == 4 and cfg.block_k < 32:
+    raise ValueError(f"w4a16: Config.decode='bits' needs block_k >= 32 (each half of a chunk feeds a product "
+                     f"of depth block_k / 2, at least 16), got block_k={cfg.block_k}")
   for name in ("block_m", "block_n", "block_k"):
     v = getattr(cfg, name)
     if v < 16 or v & (v - 1):
