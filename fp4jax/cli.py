@@ -17,6 +17,7 @@ traceback). No output file is ever left half written.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import json
@@ -329,9 +330,10 @@ class _Signal(BaseException):
     self.signum = signum
 
 
-# Signals received during this run. Python may swallow the exception a handler raises (when the
-# handler runs inside a garbage-collection callback or a __del__, it prints "Exception ignored"
-# and goes on), so the convert loop raises a recorded one again (_check_signals) at each tensor.
+# Signals received during this run. Python swallows the exception a handler raises inside a
+# garbage-collection callback or a __del__ (it prints "Exception ignored" and a traceback, and goes
+# on): there the handler only records the signal, and the convert loop (at each tensor) and the end
+# of every command raise a recorded one (_check_signals).
 _RECEIVED: list[int] = []
 
 
@@ -343,7 +345,18 @@ def _stop(signum: int):
 
 def _raise_signal(signum, frame):
   _RECEIVED.append(signum)
-  _stop(signum)
+  if not _swallows_exceptions(frame):
+    _stop(signum)
+
+
+def _swallows_exceptions(frame) -> bool:
+  """Whether ``frame`` runs inside a garbage-collection callback or a ``__del__``."""
+  callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+      return True
+    frame = frame.f_back
+  return False
 
 
 def _check_signals() -> None:

@@ -220,6 +220,45 @@ def test_a_signal_whose_exception_python_swallowed_still_stops_the_convert(src, 
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put Python's back
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_inside_a_gc_callback_prints_no_traceback_and_stops_the_convert(src, tmp_path, capsys,
+                                                                                  monkeypatch, sig):
+  """Seen on the H200: SIGINT landed in jax's GC callback; Python printed "Exception ignored" and a
+  traceback. There the handler only records the signal; the convert stops at the next tensor."""
+  import gc
+
+  from fp4jax.checkpoints import _safetensors
+
+  dst = tmp_path / "out.safetensors"
+  real_write = _safetensors.Writer.write
+  delivered = []
+
+  def in_gc_callback(phase, info):
+    if phase == "start" and not delivered:
+      delivered.append(sig)
+      cli._raise_signal(sig, sys._getframe())  # what Python does when the signal arrives here
+
+  def write(self, name, array):
+    real_write(self, name, array)
+    gc.callbacks.append(in_gc_callback)
+    try:
+      gc.collect()
+    finally:
+      gc.callbacks.remove(in_gc_callback)
+
+  monkeypatch.setattr(_safetensors.Writer, "write", write)
+  unraisable = []  # what Python would print as "Exception ignored in ..." with a traceback
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  rc, words = SIGNALS[sig]
+  assert cli.main(["convert", str(src), str(dst), "--format", "mxfp4", "--no-progress"]) == rc
+  assert delivered == [sig]
+  assert unraisable == []
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  assert err.splitlines()[-1] == f"fp4jax convert: {words}: {dst} was not written (an existing file is unchanged)"
+  assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
 def test_an_error_mid_convert_is_one_line_and_leaves_no_trace(src, tmp_path, capsys, monkeypatch):
   from fp4jax.checkpoints import _safetensors
 
