@@ -10,7 +10,9 @@ This script, on the GPU:
 3. times the best against the current default at every issue-11 shape, M = 1 and 16, MXFP4 and NVFP4;
 4. times a jitted QDense.apply with the best as the M <= 16 default against nn.Dense in bf16.
 
-Usage: PYTHONPATH=. python benchmarks/experiments/w4a16_bits.py --out DIR [--budget-s S]
+5. with --more, only the follow-ups of more() (pipeline depth and warps at M = 1; M = 32..256).
+
+Usage: PYTHONPATH=. python benchmarks/experiments/w4a16_bits.py --out DIR [--budget-s S] [--more]
 """
 from __future__ import annotations
 
@@ -63,9 +65,13 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=".")
   ap.add_argument("--budget-s", type=float, default=300)
+  ap.add_argument("--more", action="store_true", help="only the follow-up sweeps: stages/warps at M = 1, "
+                  "and the bit decode at M = 32..256")
   args = ap.parse_args()
   end = time.time() + args.budget_s
   os.makedirs(args.out, exist_ok=True)
+  if args.more:
+    return more(args.out, end)
   res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "exact": {}, "sweep": [],
          "shapes": [], "layers": []}
   path = os.path.join(args.out, "w4a16_bits.json")
@@ -121,6 +127,33 @@ def main():
     t = D.layer_times(1, k, n, fj.MXFP4)
     B.log("layers", k, n, {kk: f"{v * 1e6:.1f}us" for kk, v in t.items()})
     res["layers"].append({"k": k, "n": n, "t": t}); save()
+
+
+def more(out, end):
+  """Follow-ups to the first runs (not yet run): does a shallower pipeline or 8 warps lift the occupancy
+  of the decode default (167 registers a thread, 11% occupancy), and does the bit decode also pay at
+  M = 32..256 (issue 11 asks >= 1.5x bf16 at M = 64-256), against the jnp decode's default there."""
+  res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "stages": [], "mid": []}
+  save = lambda: json.dump(res, open(os.path.join(out, "w4a16_bits_more.json"), "w"), indent=1)
+  for bn, bk, sk, nw, ns in [(128, 256, 8, 4, 2), (128, 256, 8, 8, 3), (128, 256, 8, 8, 2), (64, 256, 8, 4, 2),
+                             (128, 128, 8, 4, 4), (256, 128, 4, 8, 3)]:
+    if time.time() > end - 120:
+      break
+    cfg = wk.Config(16, bn, bk, sk, False, nw, ns, decode="bits")
+    r = D.case(1, 8192, 8192, fj.MXFP4, {"default": (mma(None), False), "cfg": (mma(cfg), False)})
+    r["config"] = [bn, bk, sk, nw, ns]
+    B.log("stages", r["config"], {k: f"{v * 1e6:.1f}us" for k, v in r["t"].items()}, r["err"])
+    res["stages"].append(r); save()
+  for m, (k, n) in itertools.product((32, 64, 128, 256), ((8192, 8192), (4096, 14336))):
+    if time.time() > end:
+      break
+    bm = min(64, m)
+    methods = {"default": (mma(None), False)}
+    for bn, bk, sk, nw in ((64, 256, 1, 4), (128, 256, 1, 8), (128, 128, 2, 4), (64, 256, 4, 4)):
+      methods[f"bits_{bm}x{bn}x{bk}_s{sk}_w{nw}"] = (mma(wk.Config(bm, bn, bk, sk, False, nw, 3, decode="bits")), False)
+    r = D.case(m, k, n, fj.MXFP4, methods)
+    B.log("mid", m, k, n, {kk: f"{v * 1e6:.1f}us" for kk, v in r["t"].items()}, r["err"])
+    res["mid"].append(r); save()
 
 
 if __name__ == "__main__":
