@@ -8,12 +8,16 @@ its sign to bit 15, its exponent and mantissa bits to bits 8..6, which reads as
 ``E2M1(code) * 2**-126`` (E2M1's subnormal 0.5 lands on bfloat16's subnormal
 ``2**-127``, so one pattern fits every code). Two ``mul.rn.bf16x2`` by
 ``2**126`` and by the block scale finish it, both exact while the product is in
-bfloat16's range. Per byte (two weights): a byte permute shared by two bytes,
-about seven shifts and masks, four packed multiplies.
+bfloat16's range. Per two bytes (four weights): a byte permute, about nine
+shifts and masks, four packed multiplies; in the kernel, 4.7 instructions a
+weight in all (ncu, ``benchmarks/results/w4a16_bits_ncu.txt``).
+
+Why two multiplies: one by ``2**126 * scale`` would overflow bfloat16 for E8M0
+scales above ``2**1``, and E2M1's subnormal needs the ``2**-126`` pattern.
 
 Inline PTX runs only on NVIDIA GPUs (sm_90 for the bfloat16 multiply); Pallas
-interpret mode and the CPU use the jnp decode, and the GPU test suite checks the
-two bit for bit over every byte and every scale byte.
+interpret mode uses a jnp twin (``interpret=True``). Tests check both, bit for
+bit, over every byte and every scale byte against numpy float64.
 """
 
 from __future__ import annotations
