@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import fp4jax as fj
 from fp4jax import kernels
@@ -175,6 +177,46 @@ def test_bits_decode_is_exact_for_every_byte_and_scale_byte(fmt):
     nan = np.isnan(want.astype(np.float32))
     np.testing.assert_array_equal(np.isnan(g.astype(np.float32)), nan)
     np.testing.assert_array_equal(g.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
+@st.composite
+def w4a16_calls(draw):
+  """(fmt, m, k, n, config): odd shapes and any valid tile config, both decodes, both orientations."""
+  fmt = draw(st.sampled_from([fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3]))
+  k = fmt.block_size * draw(st.sampled_from([1, 2, 3, 4, 6, 8, 16]))
+  block_k = draw(st.sampled_from([b for b in (16, 32, 64, 128, 256) if b >= fmt.block_size and k % b == 0] or [0]))
+  assume(block_k)
+  split_k = draw(st.sampled_from([s for s in (1, 2, 3, 4) if k % (block_k * s) == 0]))
+  decode = draw(st.sampled_from(["jnp", "bits"])) if fmt.elem_bits == 4 and block_k >= 32 else "jnp"
+  cfg = wk.Config(block_m=draw(st.sampled_from([16, 32, 64])), block_n=draw(st.sampled_from([16, 32, 64, 128])),
+                  block_k=block_k, split_k=split_k, swap_ab=draw(st.booleans()),
+                  num_warps=draw(st.sampled_from([4, 8])), decode=decode)
+  return fmt, draw(st.sampled_from([1, 2, 3, 5, 16, 17, 40])), k, draw(st.sampled_from([1, 3, 16, 48, 130])), cfg
+
+
+@settings(settings.get_profile("fuzz" if INTERPRET else "fuzz-gpu"))
+@given(call=w4a16_calls(), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_w4a16_matches_float64(call, seed):
+  """Random shapes and configs (the bit decode compiled on the GPU, its jnp twin in interpret mode),
+  every code, scales over many binades, NaN-poisoned output: float32 accumulation of the float64 product."""
+  fmt, m, k, n, cfg = call
+  rng = np.random.default_rng(seed)
+  codes = rng.integers(0, 1 << fmt.elem_bits, (k, n)).astype(np.uint8)
+  if fmt.elem_bits == 8:
+    codes[(codes & 0x7F) == 0x7F] = 0x30  # no NaN elements: the comparison wants finite sums
+  lo, hi = (100, 150) if fmt.power_of_two_scales else (0x08, 0x77)  # E8M0 2**-27..2**23; E4M3 finite, > 0
+  scales = rng.integers(lo, hi, (k // fmt.block_size, n)).astype(np.uint8)
+  values = jnp.asarray(codes).astype(jnp.uint4) if fmt.elem_bits == 4 else jnp.asarray(codes)
+  w = fj.QArray(jax.lax.bitcast_convert_type(values, fmt.elem_dtype),
+                jax.lax.bitcast_convert_type(jnp.asarray(scales), fmt.scale_dtype),
+                jnp.float32(rng.uniform(0.5, 2)) if fmt.has_global_scale else None, fmt, -2)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  p = w.with_layout("rows")
+  shape = (m, n) if cfg.split_k == 1 else (cfg.split_k, m, n)
+  out = wk.w4a16_matmul(x, p.values, p.scales, p.global_scale, fmt=fmt, out_dtype=jnp.float32, config=cfg,
+                        interpret=INTERPRET, out_buffer=poisoned(shape, jnp.float32))
+  x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
+  assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), F32)
 
 
 def test_w4a16_nan_scale_poisons_its_columns_only():
