@@ -25,7 +25,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import matmul as B  # noqa: E402
 import w4a16_decode as D  # noqa: E402
 import fp4jax as fj  # noqa: E402
-from fp4jax.kernels import e2m1_bits, w4a16_matmul as wk  # noqa: E402
+from fp4jax.kernels import e2m1_bits, matmul_common as common, w4a16_matmul as wk  # noqa: E402
 from w4a16_splitk import mma  # noqa: E402
 
 E2M1 = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float64)
@@ -37,7 +37,7 @@ def decode_all(fmt):
 
   data = np.tile(np.arange(256, dtype=np.uint8), (256, 1))
   sbytes = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 256, axis=1)
-  scales = e2m1_bits.scale_to_bf16(jnp.asarray(sbytes), fmt)
+  scales = common.scale_to_f32(jnp.asarray(sbytes), fmt).astype(jnp.bfloat16)
 
   def kernel(d_ref, s_ref, lo_ref, hi_ref):
     lo_ref[...], hi_ref[...] = e2m1_bits.decode_scaled(d_ref[...], s_ref[...])

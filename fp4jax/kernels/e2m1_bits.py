@@ -24,15 +24,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from fp4jax.formats import Format
 from fp4jax.kernels import matmul_common as common
 
-__all__ = ["scale_to_bf16", "decode_scaled"]
-
-_BF16_MANT_BITS = 7
-_BF16_NAN = 0x7FC0
+__all__ = ["decode_scaled"]
 
 # One instance sees four packed bytes ($2: byte j is element j) and four bf16
 # scales ($3: elements 0, 1; $4: elements 2, 3) and writes four values ($0:
@@ -70,21 +65,6 @@ or.b32 v, v, u;
 mul.rn.bf16x2 v, v, k;
 mul.rn.bf16x2 $1, v, $4;
 }}"""
-
-
-def scale_to_bf16(s, fmt: Format):
-  """Scale bytes -> bfloat16 scales, any shape (inside a kernel or in XLA).
-
-  E8M0: the byte is bfloat16's biased exponent (both have bias 127): ``s << 7``;
-  byte 0 (``2**-127``, below the normal range) gives 0 as in
-  :func:`~fp4jax.kernels.matmul_common.scale_to_f32`, 0xFF gives NaN. E4M3: an
-  exact cast.
-  """
-  if fmt.power_of_two_scales:
-    bits = s.astype(jnp.uint16) << _BF16_MANT_BITS
-    bits = jnp.where(s == fmt.scale_nan_byte, jnp.uint16(_BF16_NAN), bits)
-    return lax.bitcast_convert_type(bits, jnp.bfloat16)
-  return lax.bitcast_convert_type(s, fmt.scale_dtype).astype(jnp.bfloat16)
 
 
 def decode_scaled(data, scales, *, interpret: bool = False):

@@ -115,7 +115,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
   def bits_body(i, acc):
     wd = common.load_rows(w_ref.at[:, pl.ds(pl.multiple_of(i * bytes_k, bytes_k), bytes_k)], rows_n)
     ws = common.load_rows(s_ref.at[:, pl.ds(pl.multiple_of(i * nb, nb), nb)], rows_n)
-    scales = common.expand_blocks(e2m1_bits.scale_to_bf16(ws, fmt), fmt.block_size // 2)
+    scales = common.expand_blocks(common.scale_to_f32(ws, fmt).astype(jnp.bfloat16), fmt.block_size // 2)
     # (block_n, block_k / 2) each: the chunk's even and odd columns of the weight.
     lo, hi = e2m1_bits.decode_scaled(wd, scales, interpret=interpret)
     start = pl.multiple_of(i * bk, bk)
