@@ -11,8 +11,9 @@ bfloat16), and feed one bfloat16 tensor-core product with float32
 accumulation. ``Config.decode="bits"`` (the decode default for 4-bit weights)
 instead builds the bfloat16 values from the nibbles' bits in inline PTX
 (:mod:`fp4jax.kernels.e2m1_bits`) and multiplies the low nibbles with the even
-columns of ``x`` and the high ones with the odd. With ``swap_ab`` the product is ``w @ x.T`` so that a small ``M``
-is the MMA's narrow ``N`` side and the decoded weight the register operand.
+columns of ``x`` and the high ones with the odd. With ``swap_ab`` the product
+is ``w @ x.T`` so that a small ``M`` is the MMA's narrow ``N`` side and the
+decoded weight the register operand.
 
 8-bit weights (MXFP8) go through the same kernel (no nibble decode).
 """
@@ -82,8 +83,10 @@ def default_config(m: int, k: int, n: int, fmt: Format) -> Config:
   minimum = max(16, fmt.block_size)
   if m <= 16:
     # The bit decode splits each chunk into halves of depth block_k / 2, and a product needs >= 16.
-    bits = fmt.elem_bits == 4 and common.pick_block(k, 256, 32) is not None
-    block_k = common.pick_block(k, 256 if bits else 128, 32 if bits else minimum)
+    block_k = common.pick_block(k, 256, 32) if fmt.elem_bits == 4 else None
+    bits = block_k is not None
+    if not bits:
+      block_k = common.pick_block(k, 128, minimum)
     split_k = next((s for s in (8, 4, 2) if block_k and k % (block_k * s) == 0), 1)
     cfg = Config(block_m=16, block_n=128 if bits else 64, block_k=block_k or 0, split_k=split_k, swap_ab=False,
                  num_warps=4, num_stages=3, decode="bits" if bits else "jnp")
@@ -112,34 +115,27 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
   rows_m = common.row_mask(1, cfg.block_m, m)
   rows_n = common.row_mask(0, cfg.block_n, n)
 
-  def bits_body(i, acc):
-    wd = common.load_rows(w_ref.at[:, pl.ds(pl.multiple_of(i * bytes_k, bytes_k), bytes_k)], rows_n)
-    ws = common.load_rows(s_ref.at[:, pl.ds(pl.multiple_of(i * nb, nb), nb)], rows_n)
-    scales = common.expand_blocks(common.scale_to_f32(ws, fmt).astype(jnp.bfloat16), fmt.block_size // 2)
-    # (block_n, block_k / 2) each: the chunk's even and odd columns of the weight.
-    lo, hi = e2m1_bits.decode_scaled(wd, scales, interpret=interpret)
-    start = pl.multiple_of(i * bk, bk)
-    x = common.load_rows(x_ref.at[:, pl.ds(start, bk)], rows_m)
-    halves = jnp.unstack(x.reshape(x.shape[0], bk // 2, 2), axis=-1)
-    for xs, w in zip(halves, (lo, hi)):
-      if cfg.swap_ab:
-        acc = acc + lax.dot_general(w, xs, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-      else:
-        acc = acc + lax.dot_general(xs, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return acc
+  bits = cfg.decode == "bits" and fmt.elem_bits == 4
+
+  def product(x, w):
+    if cfg.swap_ab:
+      return lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
   def body(i, acc):
     x = common.load_rows(x_ref.at[:, pl.ds(pl.multiple_of(i * bk, bk), bk)], rows_m)
     wd = common.load_rows(w_ref.at[:, pl.ds(pl.multiple_of(i * bytes_k, bytes_k), bytes_k)], rows_n)
     ws = common.load_rows(s_ref.at[:, pl.ds(pl.multiple_of(i * nb, nb), nb)], rows_n)
-    w = common.dequantize_tile(wd, ws, fmt, x.dtype)  # (block_n, block_k)
-    if cfg.swap_ab:
-      return acc + lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if not bits:
+      return acc + product(x, common.dequantize_tile(wd, ws, fmt, x.dtype))  # w: (block_n, block_k)
+    scales = common.expand_blocks(common.scale_to_f32(ws, fmt).astype(jnp.bfloat16), fmt.block_size // 2)
+    # (block_n, block_k / 2) each: the chunk's even and odd columns of the weight.
+    lo, hi = e2m1_bits.decode_scaled(wd, scales, interpret=interpret)
+    x_even, x_odd = jnp.unstack(x.reshape(x.shape[0], bk // 2, 2), axis=-1)
+    return acc + product(x_even, lo) + product(x_odd, hi)
 
   shape = (cfg.block_n, cfg.block_m) if cfg.swap_ab else (cfg.block_m, cfg.block_n)
-  bits = cfg.decode != "jnp" and fmt.elem_bits == 4
-  acc = lax.fori_loop(0, k_steps, bits_body if bits else body, jnp.zeros(shape, jnp.float32))
+  acc = lax.fori_loop(0, k_steps, body, jnp.zeros(shape, jnp.float32))
   if cfg.swap_ab:
     acc = acc.T
   if has_global:
