@@ -11,7 +11,7 @@ counted. This script measures two things on a GPU:
 2. speed: bf16 dot vs rebase + FP8 dot (and the FP8 dot alone) at the issue's shapes.
 Usage: python benchmarks/experiments/fp8_rebase.py --out DIR [--quick]
 """
-import argparse, json, os, statistics, sys, time
+import argparse, json, os, statistics, time
 import numpy as np, jax, jax.numpy as jnp
 from jax import lax
 import fp4jax as fj

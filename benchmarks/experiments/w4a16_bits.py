@@ -16,7 +16,7 @@ Usage: PYTHONPATH=. python benchmarks/experiments/w4a16_bits.py --out DIR [--bud
 """
 from __future__ import annotations
 
-import argparse, dataclasses, functools, itertools, json, os, sys, time
+import argparse, dataclasses, itertools, json, os, sys, time
 
 import jax, jax.numpy as jnp, ml_dtypes, numpy as np
 
@@ -107,26 +107,16 @@ def main():
   for (k, n), m, fmt in itertools.product(D.KNS, (1, 16), (fj.MXFP4, fj.NVFP4)):
     if time.time() > end - 60:
       break
-    c = dataclasses.replace(cfg, split_k=next(s for s in (cfg.split_k, 4, 2, 1) if k % (cfg.block_k * s) == 0))
-    r = D.case(m, k, n, fmt, {"default": (mma(None), False), "bits": (mma(c), False)})
+    r = D.case(m, k, n, fmt, {"default": (mma(None), False), "bits": (mma(fit(cfg, k)), False)})
     B.log("shape", fmt.name, m, k, n, {kk: f"{v * 1e6:.1f}us" for kk, v in r["t"].items()}, r["err"])
     res["shapes"].append(r); save()
-  orig = wk.default_config
+  D.layers_with_default(lambda m, k, n, fmt, orig: fit(cfg, k) if m <= 16 and fmt.elem_bits == 4 else orig(m, k, n, fmt),
+                        res["layers"], save, end)
 
-  def patched(m, k, n, fmt):
-    d = orig(m, k, n, fmt)
-    if m > 16 or fmt.elem_bits != 4:
-      return d
-    return dataclasses.replace(cfg, split_k=next(s for s in (cfg.split_k, 4, 2, 1) if k % (cfg.block_k * s) == 0))
 
-  wk.default_config = patched
-  jax.clear_caches()
-  for k, n in D.KNS:
-    if time.time() > end:
-      break
-    t = D.layer_times(1, k, n, fj.MXFP4)
-    B.log("layers", k, n, {kk: f"{v * 1e6:.1f}us" for kk, v in t.items()})
-    res["layers"].append({"k": k, "n": n, "t": t}); save()
+def fit(cfg, k):
+  """``cfg`` with the largest of its split, 4, 2, 1 that divides ``K``."""
+  return dataclasses.replace(cfg, split_k=next(s for s in (cfg.split_k, 4, 2, 1) if k % (cfg.block_k * s) == 0))
 
 
 def more(out, end):

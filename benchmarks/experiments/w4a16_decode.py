@@ -82,6 +82,25 @@ def layer_times(m, k, n, fmt):
           "nn.Dense.apply": B.bench(lambda x, p: nn.Dense(n, dtype=jnp.bfloat16).apply(p, x), B.make_calls(xs, params))}
 
 
+def layers_with_default(default, rows, save, end):
+  """``layer_times`` at M = 1 for each issue-11 shape (MXFP4) until ``end``, appended to ``rows``, with
+  ``default(m, k, n, fmt, orig)`` standing in for the kernel's ``default_config`` (``orig``), restored after."""
+  orig = wk.default_config
+  wk.default_config = lambda m, k, n, fmt: default(m, k, n, fmt, orig)
+  jax.clear_caches()  # the kernel's jit traced with the old default
+  try:
+    for k, n in KNS:
+      if time.time() > end:
+        break
+      t = layer_times(1, k, n, fj.MXFP4)
+      B.log("layers", k, n, {kk: f"{v * 1e6:.1f}us" for kk, v in t.items()})
+      rows.append({"k": k, "n": n, "t": t})
+      save()
+  finally:
+    wk.default_config = orig
+    jax.clear_caches()
+
+
 def stack_times(m, fmt, pairs=4, d=4096, h=14336):
   """A jitted stack of ``2 * pairs`` QDense layers (d -> h -> d pairs, the issue's end-to-end figure)
   decoding ``m`` tokens, against the same stack of nn.Dense in bf16: seconds a step each."""

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse, dataclasses, itertools, json, os, sys, time
 
-import jax
-
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import matmul as B  # noqa: E402
@@ -51,16 +49,10 @@ def main():
     r = D.case(m, k, n, fj.MXFP4, {"default": (mma(None), False), "halves": (mma(h), False)})
     B.log("shape", m, k, n, {kk: f"{v * 1e6:.1f}us" for kk, v in r["t"].items()}, r["err"])
     res["shapes"].append(r); save()
-  orig = wk.default_config
-  wk.default_config = lambda m, k, n, fmt: (dataclasses.replace(orig(m, k, n, fmt), halves=True, block_n=best[0].block_n)
-                                            if m <= 16 and fmt.elem_bits == 4 else orig(m, k, n, fmt))
-  jax.clear_caches()
-  for k, n in D.KNS:
-    if time.time() > end:
-      break
-    t = D.layer_times(1, k, n, fj.MXFP4)
-    B.log("layers", k, n, {kk: f"{v * 1e6:.1f}us" for kk, v in t.items()})
-    res["layers"].append({"k": k, "n": n, "t": t}); save()
+  D.layers_with_default(lambda m, k, n, fmt, orig: (dataclasses.replace(orig(m, k, n, fmt), halves=True,
+                                                                       block_n=best[0].block_n)
+                                                   if m <= 16 and fmt.elem_bits == 4 else orig(m, k, n, fmt)),
+                        res["layers"], save, end)
 
 
 if __name__ == "__main__":

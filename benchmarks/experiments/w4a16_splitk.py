@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse, itertools, json, os, sys, time
 
-import jax, jax.numpy as jnp
-
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import matmul as B  # noqa: E402
@@ -62,17 +60,11 @@ def main():
     r["config"] = list(dataclass_tuple(c))
     B.log("shape", m, k, n, {kk: f"{v * 1e6:.1f}us" for kk, v in r["t"].items()}, r["err"])
     res["shapes"].append(r); save()
-  orig = wk.default_config
-  wk.default_config = lambda m, k, n, fmt: (wk.Config(16, cfg.block_n, cfg.block_k, cfg.split_k, False, cfg.num_warps,
-                                                      cfg.num_stages) if m <= 16 and k % (cfg.block_k * cfg.split_k) == 0
-                                            else orig(m, k, n, fmt))
-  jax.clear_caches()  # the kernel's jit traced with the old default above
-  for k, n in D.KNS:
-    if time.time() > end:
-      break
-    t = D.layer_times(1, k, n, fj.MXFP4)
-    B.log("layers", k, n, {kk: f"{v * 1e6:.1f}us" for kk, v in t.items()})
-    res["layers"].append({"k": k, "n": n, "t": t}); save()
+  D.layers_with_default(lambda m, k, n, fmt, orig: (wk.Config(16, cfg.block_n, cfg.block_k, cfg.split_k, False,
+                                                              cfg.num_warps, cfg.num_stages)
+                                                   if m <= 16 and k % (cfg.block_k * cfg.split_k) == 0
+                                                   else orig(m, k, n, fmt)),
+                        res["layers"], save, end)
 
 
 def dataclass_tuple(c):
