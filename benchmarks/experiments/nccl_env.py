@@ -1,14 +1,18 @@
-"""Does NCCL's protocol choice limit the 2-GPU ratios of benchmarks/multi_gpu.py? (issue 12)
+"""Do NCCL's settings limit the 2-GPU ratios of benchmarks/multi_gpu.py? (issue 12)
 
 A profile of the data-parallel QAT step on 2 H200s (benchmarks/experiments/dp_qat.py) showed its
 117 MB gradient all-reduces running NCCL's ``RING_LL`` kernels, the low-latency protocol, whose
 8-byte flagged stores move about half the link rate; the psum table measured 213 GB/s. This script
 runs, in one process, the parts of multi_gpu.py the missed goals rest on: the psum sizes, the
 tensor-parallel prefill (1 and 2 GPUs) and the QAT step (1 GPU, DP with the same per-GPU batch).
-Run it once per ``NCCL_PROTO`` setting (NCCL reads it when the communicator is made):
+Run it once per setting of NCCL's environment (NCCL reads it when the communicator is made), e.g.:
 
-  for p in "" Simple LL128; do NCCL_PROTO=$p PYTHONPATH=. python benchmarks/experiments/nccl_proto.py \\
+  for p in "" Simple LL128; do NCCL_PROTO=$p PYTHONPATH=. python benchmarks/experiments/nccl_env.py \\
       --out DIR/$p; done
+
+Measured (H200 x2, 2026-11-30): NCCL_PROTO unset / Simple / LL128 gave the same psum rate (217 / 217 /
+197 GB/s at 117 MB) and the same ratios, so the protocol is not the limit (the "RING_LL" in the
+profiled kernel's name did not mean the LL protocol was chosen; why NCCL names it so was not checked).
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ def main(argv=None):
   devs = jax.devices()
   meshes = {n: Mesh(np.array(devs[:n]), ("tp",), axis_types=(AxisType.Auto,)) for n in (1, 2)}
   run = Run(a)
-  run.data["meta"]["nccl_proto"] = os.environ.get("NCCL_PROTO", "")
-  log(f"NCCL_PROTO={run.data['meta']['nccl_proto']!r}")
+  run.data["meta"]["nccl_env"] = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
+  log(f"NCCL environment: {run.data['meta']['nccl_env']}")
   MG.interconnect_section(run, meshes)
   MG.tp_section(run, meshes, fj.MXFP4)
   layouts = MG.qat_layouts(meshes, a.qat_tokens)
@@ -54,7 +58,7 @@ def main(argv=None):
   for name in ("1 GPU", "2 GPUs DP, same per-GPU batch"):
     run.guarded(f"QAT {name}", MG.qat_case, run, a.qat_modes[0], name, layouts[name], base)
   run.write()
-  summary = {"nccl_proto": run.data["meta"]["nccl_proto"],
+  summary = {"nccl_env": run.data["meta"]["nccl_env"],
              "psum": [(r["shape"], round(r["median_s"] * 1e6, 1), round(r["algbw_GBps"], 1))
                       for r in run.data["interconnect"]],
              "tp": [(r["m"], r["label"], round(r["median_s"] * 1e3, 3)) for r in run.data["tp"]],
