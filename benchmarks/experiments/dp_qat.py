@@ -8,6 +8,11 @@ automatic partitioning with XLA options that let the all-reduces overlap the bac
 explicit ``shard_map`` data-parallel step (local grads, one psum per weight), and reads a profiler
 trace of each (per-kernel time, NCCL time overlapped with other kernels).
 
+``--sr-barrier`` puts ``lax.optimization_barrier`` on the stochastic-rounding uniforms (a patch of
+``jax.random.uniform`` in this process), so that XLA cannot fuse the threefry hash into the
+transposing quantize fusions; the profile of the same-global-batch step showed one such fusion at
+7.2 ms a step. ``--cases`` picks cases by index (``--list`` prints them).
+
 Usage (2 GPUs): PYTHONPATH=. python benchmarks/experiments/dp_qat.py --out DIR [--modes nvfp4,mxfp4]
 CPU smoke: JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
   PYTHONPATH=. python benchmarks/experiments/dp_qat.py --small --out /tmp/dp
@@ -77,11 +82,17 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--budget-s", type=float, default=300)
   p.add_argument("--small", action="store_true")
+  p.add_argument("--sr-barrier", action="store_true")
+  p.add_argument("--cases", default="", help="comma-separated case indices (default: all)")
+  p.add_argument("--no-profile", action="store_true")
   p.add_argument("--out", required=True)
   a = p.parse_args(argv)
   if a.small:
     a.d, a.ffn, a.tokens, a.samples, a.steps = 256, 512, 256, 2, 2
   os.makedirs(a.out, exist_ok=True)
+  if a.sr_barrier:
+    uniform = jax.random.uniform
+    jax.random.uniform = lambda *args, **kw: lax.optimization_barrier(uniform(*args, **kw))
   devs = jax.devices()
   meshes = {n: Mesh(np.array(devs[:n]), ("tp",)) for n in (1, 2)}
   base = tuple(np.asarray(w) for w in (
@@ -105,7 +116,10 @@ def main(argv=None):
              ("DP per-GPU batch", 2, 2 * a.tokens, "shard_map", "lhs+prio"),
              ("DP per-GPU batch", 2, 2 * a.tokens, "jit", "lhs+prio+overlap2"),
              ("DP global batch", 2, a.tokens, "jit", "default"),
-             ("DP global batch", 2, a.tokens, "shard_map", "default")]
+             ("DP global batch", 2, a.tokens, "shard_map", "default"),
+             ("1 GPU, half the tokens", 1, a.tokens // 2, "jit", "default")]
+    if a.cases:
+      cases = [cases[int(i)] for i in a.cases.split(",")]
     for name, n, tokens, how, opt in cases:
       if time.perf_counter() - t_start > a.budget_s:
         log(f"budget: skipped {mode} {name} {how} {opt}")
@@ -131,8 +145,9 @@ def main(argv=None):
         compiled = jitted.lower(params, *batches[0], keys[0]).compile()
         compile_s = time.perf_counter() - t0
         tag = f"{mode}_{name}_{how}_{opt}".replace(" ", "_").replace("+", "_")
-        with open(os.path.join(a.out, f"{tag}.hlo.txt"), "w") as f:
-          f.write(compiled.as_text())
+        if not a.no_profile:
+          with open(os.path.join(a.out, f"{tag}.hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
         state = {"p": params}
 
         def call(i):
@@ -141,8 +156,9 @@ def main(argv=None):
           return loss
 
         timing = bench(call, a.samples, n=a.steps)
-        prof = profile(call, n=2, out_dir=os.path.join(a.out, "trace_" + tag))
+        prof = {} if a.no_profile else profile(call, n=2, out_dir=os.path.join(a.out, "trace_" + tag))
         row = {"mode": mode, "case": name, "devices": n, "tokens": tokens, "how": how, "options": opt,
+               "sr_barrier": a.sr_barrier,
                "compile_s": compile_s, **timing, "tokens_per_s": tokens / timing["median_s"],
                "collectives": [str(c) for c in sharding.hlo_collectives(compiled.as_text())], "profile": prof}
         results.append(row)
@@ -155,10 +171,11 @@ def main(argv=None):
         results.append({"mode": mode, "case": name, "how": how, "options": opt, "error": f"{type(e).__name__}: {str(e)[:800]}"})
         log(f"{mode} {name} {how} {opt}: {type(e).__name__}: {str(e)[:300]}")
       save()
-  one = {r["mode"]: r["tokens_per_s"] for r in results if r.get("devices") == 1}
+  one = {r["mode"]: r["tokens_per_s"] for r in results if r.get("devices") == 1 and r["tokens"] == a.tokens}
   for r in results:
     if "tokens_per_s" in r and r["mode"] in one:
-      print(f"| {r['mode']} | {r['case']} | {r['how']} | {r['options']} | {r['median_s'] * 1e3:.2f} ms | "
+      print(f"| {r['mode']} | {r['case']} | {r['tokens']} | {r['how']} | {r['options']} | sr_barrier={a.sr_barrier} | "
+            f"{r['median_s'] * 1e3:.2f} ms | "
             f"{r['tokens_per_s'] / one[r['mode']]:.3f}x |")
   return 0
 
