@@ -11,7 +11,13 @@ trace of each (per-kernel time, NCCL time overlapped with other kernels).
 ``--sr-barrier`` puts ``lax.optimization_barrier`` on the stochastic-rounding uniforms (a patch of
 ``jax.random.uniform`` in this process), so that XLA cannot fuse the threefry hash into the
 transposing quantize fusions; the profile of the same-global-batch step showed one such fusion at
-7.2 ms a step. ``--cases`` picks cases by index (``--list`` prints them).
+7.2 ms a step. ``--last-axis`` (a patch of ``fp4jax.qat.dot._backward_operand``) quantizes each backward operand
+along its last axis: the operand is transposed behind an optimization barrier first (one bf16
+copy), so that XLA has no blocked-along-a-leading-axis quantize to lay out. Found on one GPU: the
+4096-token step (23.9 ms) is slower than the 8192-token one (18.3 ms); at 4096 XLA lays the
+blocked-along-tokens codes out transposed (f4e2m1fn[14336,256,16]) and writes them from transpose
+fusions with the threefry hash inside, one of them 7.2 ms a step; at 8192 it keeps them in the
+input's order ([512,16,14336]) in loop fusions. ``--cases`` picks cases by index (``--list`` prints them).
 
 Usage (2 GPUs): PYTHONPATH=. python benchmarks/experiments/dp_qat.py --out DIR [--modes nvfp4,mxfp4]
 CPU smoke: JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
@@ -83,6 +89,7 @@ def main(argv=None):
   p.add_argument("--budget-s", type=float, default=300)
   p.add_argument("--small", action="store_true")
   p.add_argument("--sr-barrier", action="store_true")
+  p.add_argument("--last-axis", action="store_true")
   p.add_argument("--cases", default="", help="comma-separated case indices (default: all)")
   p.add_argument("--no-profile", action="store_true")
   p.add_argument("--out", required=True)
@@ -93,6 +100,17 @@ def main(argv=None):
   if a.sr_barrier:
     uniform = jax.random.uniform
     jax.random.uniform = lambda *args, **kw: lax.optimization_barrier(uniform(*args, **kw))
+  if a.last_axis:
+    from fp4jax.qat import dot as qdot
+    backward_operand = qdot._backward_operand
+
+    def last_axis_operand(x, axis, op, cfg, key, dtype, multiple):
+      if axis in (-1, x.ndim - 1):
+        return backward_operand(x, axis, op, cfg, key, dtype, multiple)
+      xt = lax.optimization_barrier(jnp.swapaxes(x, axis, -1))
+      return jnp.swapaxes(backward_operand(xt, xt.ndim - 1, op, cfg, key, dtype, multiple), axis, -1)
+
+    qdot._backward_operand = last_axis_operand
   devs = jax.devices()
   meshes = {n: Mesh(np.array(devs[:n]), ("tp",)) for n in (1, 2)}
   base = tuple(np.asarray(w) for w in (
@@ -158,7 +176,7 @@ def main(argv=None):
         timing = bench(call, a.samples, n=a.steps)
         prof = {} if a.no_profile else profile(call, n=2, out_dir=os.path.join(a.out, "trace_" + tag))
         row = {"mode": mode, "case": name, "devices": n, "tokens": tokens, "how": how, "options": opt,
-               "sr_barrier": a.sr_barrier,
+               "sr_barrier": a.sr_barrier, "last_axis": a.last_axis,
                "compile_s": compile_s, **timing, "tokens_per_s": tokens / timing["median_s"],
                "collectives": [str(c) for c in sharding.hlo_collectives(compiled.as_text())], "profile": prof}
         results.append(row)
@@ -174,7 +192,7 @@ def main(argv=None):
   one = {r["mode"]: r["tokens_per_s"] for r in results if r.get("devices") == 1 and r["tokens"] == a.tokens}
   for r in results:
     if "tokens_per_s" in r and r["mode"] in one:
-      print(f"| {r['mode']} | {r['case']} | {r['tokens']} | {r['how']} | {r['options']} | sr_barrier={a.sr_barrier} | "
+      print(f"| {r['mode']} | {r['case']} | {r['tokens']} | {r['how']} | {r['options']} | sr_barrier={a.sr_barrier} last_axis={a.last_axis} | "
             f"{r['median_s'] * 1e3:.2f} ms | "
             f"{r['tokens_per_s'] / one[r['mode']]:.3f}x |")
   return 0
