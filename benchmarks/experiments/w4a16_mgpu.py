@@ -1,0 +1,227 @@
+"""W4A16 decode (M <= 16) as a Pallas Mosaic GPU kernel: the decoded weight is wgmma's register operand.
+
+Issue 11. The Pallas-Triton kernel (fp4jax/kernels/w4a16_matmul.py, "bits" decode) stops at 24-25 us for
+1 x 8192^2 MXFP4 against a 10.9 us HBM floor: ncu puts it latency- and issue-bound, 167 registers a thread,
+and the decoded tile goes through shared memory (4.4-way bank conflicts) to reach the MMA. Here, per CTA
+and K step (swap AB: the weight rows are the MMA's M side, the tokens its N side):
+
+  TMA   weight bytes (64 rows x tile_k nibbles, viewed as int4), block scales (tile_k/32 x 64 bytes),
+        x (Mpad x tile_k bf16) into shared memory, ``stages`` steps in flight;
+  regs  per 32-deep K block: load the nibbles in WGMMA_UPCAST_4X, move them to the WGMMA layout (still
+        4-bit: one shuffle), widen to int16, build the bfloat16 bits of E2M1 x 2^-126 (sign -> bit 15,
+        exponent and mantissa -> bits 8..6, as fp4jax/kernels/e2m1_bits.py), multiply by 2^126 and by
+        the block scale broadcast along the row;
+  wgmma acc (64 x Mpad, float32) += A (64 x 32, registers) @ x^T (32 x Mpad, shared memory).
+
+Status (2026-11-30): written on a machine without a GPU. It lowers for CUDA there on jax 0.10.2 and 0.11.2
+(``--lower``), and Pallas' Mosaic GPU interpreter runs it against the float64 product (``--interpret``): the
+"select" decode is exact (6e-8, float32 accumulation), the "mul" decode loses the +-0.5 codes there because
+XLA on the CPU flushes bfloat16 subnormals. Not yet compiled, checked or timed on a GPU: ``--out`` does all
+three (both decodes, three tile_k / depth settings, five shapes, XLA's bf16 dot for scale). Nothing here is
+tuned: one warpgroup a CTA, a wgmma_wait after every 32-deep block, no split-K. Usage:
+
+  PYTHONPATH=. python benchmarks/experiments/w4a16_mgpu.py --lower        # CPU: lowers for CUDA
+  PYTHONPATH=. python benchmarks/experiments/w4a16_mgpu.py --interpret    # CPU: small shapes, vs float64
+  PYTHONPATH=. python benchmarks/experiments/w4a16_mgpu.py --out DIR      # GPU: exactness and timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+ROWS = 64  # weight rows a warpgroup owns (the wgmma M side)
+KB = 32  # MXFP4's block: one scale per 32 weights along K
+
+
+def _e8m0_to_bf16(s):
+  """uint8 E8M0 bytes (any layout) -> bfloat16 2**(s - 127); 0xFF -> NaN. Byte 0 (2**-127) is bfloat16's
+  subnormal 0x0040 = exactly 2**-127: the byte shifted into the exponent field covers every other byte."""
+  s16 = s.astype(jnp.int16)
+  bits = jnp.where(s16 == 0, jnp.int16(0x0040), s16 << 7)
+  bits = jnp.where(s16 == 255, jnp.int16(0x7FC0), bits)
+  return lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
+def _decode(v, decode):
+  """Sign-extended int16 nibbles -> bfloat16 E2M1 values.
+
+  ``"mul"``: the pattern of fp4jax/kernels/e2m1_bits.py, E2M1 x 2**-126 (sign -> bit 15, exponent and
+  mantissa -> bits 8..6; the code 0.5 lands on bfloat16's subnormal 2**-127), times 2**126. Exact where
+  the multiply keeps subnormals (PTX mul.rn.bf16x2 does; XLA on the CPU flushes them, so in interpret
+  mode the +-0.5 codes come out 0). ``"select"``: no subnormal: exponent and mantissa bits plus the
+  bias 126 << 7 for codes of magnitude >= 1, and a select for the codes 0 and 0.5.
+  """
+  sign = (v & 8) << 12
+  mag = v & 7
+  if decode == "mul":
+    return lax.bitcast_convert_type(sign | (mag << 6), jnp.bfloat16) * jnp.asarray(2.0**126, jnp.bfloat16)
+  normal = sign | ((mag << 6) + jnp.int16(126 << 7))
+  small = sign | jnp.where(mag == 1, jnp.int16(126 << 7), jnp.int16(0))
+  return lax.bitcast_convert_type(jnp.where(mag < 2, small, normal), jnp.bfloat16)
+
+
+def w4a16_mgpu(x, w_i4, scales_kn, *, tile_k=128, stages=4, decode="mul", interpret=False):
+  """``x (M, K) bf16 @ dequantize(w)`` for an MXFP4 weight given as ``w_i4 (N, K)`` int4 (the "rows" bytes
+  viewed as nibbles: element k of a row in the low nibble of byte k // 2 when k is even) and ``scales_kn
+  (K // 32, N)`` uint8 E8M0. Returns float32 ``(M, N)``."""
+  m, k = x.shape
+  n = w_i4.shape[0]
+  mp = max(8, -(-m // 8) * 8)
+  if mp > 256 or n % ROWS or k % tile_k or tile_k % KB:
+    raise ValueError(f"w4a16_mgpu: shapes x {x.shape}, w {w_i4.shape} do not tile (rows {ROWS}, tile_k {tile_k})")
+  if mp != m:
+    x = jnp.pad(x, ((0, mp - m), (0, 0)))
+  k_steps = k // tile_k
+  x_swizzle = 64  # bytes: 32 bf16, so each 32-deep K block of x is whole swizzle tiles
+  x_transforms = (plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))
+
+  def kernel(x_gmem, w_gmem, s_gmem, o_gmem):
+    ni = lax.axis_index("n")
+
+    def acc_scope(acc_ref):
+      def step(_, x_smem, w_smem, s_smem):
+        for j in range(tile_k // KB):
+          # The interpreter takes plain loads (layouts do not change values there).
+          if interpret:
+            q, s = w_smem[:, pl.ds(j * KB, KB)], s_smem[j]
+          else:
+            q = plgpu.load(w_smem.at[:, pl.ds(j * KB, KB)], (), layout=plgpu.Layout.WGMMA_UPCAST_4X, optimized=False)
+            # The relayout moves nibbles (8 to a 32-bit register, one shuffle); widening comes after.
+            q = plgpu.layout_cast(q, plgpu.Layout.WGMMA)
+            s = plgpu.load(s_smem.at[j], (), layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+          a = _decode(q.astype(jnp.int16), decode)
+          a = a * lax.broadcast_in_dim(_e8m0_to_bf16(s), (ROWS, KB), (0,))
+          if interpret:
+            # The interpreter's wgmma reads A from shared memory only and takes no transposed ref:
+            # stage the decoded block and the x block (transposed) in shared memory.
+            def staged(a_smem, b_smem, a=a, j=j):
+              a_smem[...] = a
+              b_smem[...] = x_smem[:, pl.ds(j * KB, KB)].T
+              plgpu.wgmma(acc_ref, a_smem, b_smem)
+            pl.run_scoped(staged, plgpu.SMEM((ROWS, KB), jnp.bfloat16), plgpu.SMEM((KB, mp), jnp.bfloat16))
+          else:
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_smem.at[:, pl.ds(j * KB, KB)], (1, 0)))
+          plgpu.wgmma_wait(0)
+
+      plgpu.emit_pipeline(
+          step,
+          grid=(k_steps,),
+          in_specs=[
+              plgpu.BlockSpec((mp, tile_k), lambda kk: (0, kk), transforms=x_transforms),
+              plgpu.BlockSpec((ROWS, tile_k), lambda kk: (ni, kk)),
+              plgpu.BlockSpec((tile_k // KB, ROWS), lambda kk: (kk, ni)),
+          ],
+          max_concurrent_steps=stages,
+      )(x_gmem, w_gmem, s_gmem)
+      return acc_ref[...]
+
+    acc = pl.run_scoped(acc_scope, plgpu.ACC((ROWS, mp)))
+
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((ROWS, mp), jnp.float32))
+    def _store(o_smem):
+      o_smem[...] = acc
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(ni * ROWS, ROWS)])
+      plgpu.wait_smem_to_gmem(0)
+
+  out_t = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((n, mp), jnp.float32),
+      grid=(n // ROWS,),
+      grid_names=("n",),
+      interpret=_gpu_interpret_params() if interpret else None,
+  )(x, w_i4, scales_kn)
+  return out_t[:, :m].T
+
+
+def _gpu_interpret_params():
+  # Pallas' Mosaic GPU interpreter (barriers, TMA, wgmma on the CPU); a private module in jax 0.10/0.11.
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  return InterpretGPUParams()
+
+
+def make_inputs(m, k, n, seed=0):
+  """Random E2M1 codes and E8M0 scales (exponents -8..8), x bf16; also the float64 product."""
+  rng = np.random.default_rng(seed)
+  codes = rng.integers(0, 16, size=(n, k), dtype=np.uint8)
+  sbytes = rng.integers(119, 136, size=(k // KB, n), dtype=np.uint8)
+  xs = rng.standard_normal((m, k)).astype(np.float32)
+  x = jnp.asarray(xs, jnp.bfloat16)
+  e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+  w64 = e2m1[codes] * np.repeat(2.0 ** (sbytes.astype(np.float64) - 127), KB, axis=0).T
+  ref = np.asarray(x, np.float64) @ w64.T
+  # int4 view: two's-complement nibble values; ml_dtypes packs element 2i in the low nibble.
+  w_i4 = jnp.asarray(((codes.astype(np.int8) ^ 8) - 8).astype(np.int8)).astype(jnp.int4)
+  return x, w_i4, jnp.asarray(sbytes), ref
+
+
+def _time(fn, *args, n=200, reps=5):
+  """Median seconds a call over ``reps`` runs of ``n`` back-to-back calls (warm, synced at the end)."""
+  import time
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    for _ in range(n):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    ts.append((time.perf_counter() - t) / n)
+  return float(np.median(ts))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--lower", action="store_true", help="lower both decodes for CUDA (works on a CPU)")
+  p.add_argument("--interpret", action="store_true", help="Mosaic GPU interpret mode on a CPU, vs float64")
+  p.add_argument("--out", help="GPU: exactness and timing, results in OUT/w4a16_mgpu.json")
+  a = p.parse_args(argv)
+  res = {}
+  if a.lower:
+    x, w, s, _ = make_inputs(1, 1024, 256)
+    for decode in ("mul", "select"):
+      text = jax.jit(functools.partial(w4a16_mgpu, decode=decode)).trace(x, w, s).lower(
+          lowering_platforms=("cuda",)).as_text()
+      print(f"lowered for CUDA ({decode}): {len(text)} chars", flush=True)
+  if a.interpret:
+    x, w, s, ref = make_inputs(3, 256, 128)
+    for decode in ("mul", "select"):
+      out = np.asarray(w4a16_mgpu(x, w, s, decode=decode, interpret=True), np.float64)
+      print(f"interpret ({decode}): max error / max |ref| = {np.max(np.abs(out - ref)) / np.max(np.abs(ref)):.2e}",
+            flush=True)
+  if a.out:
+    os.makedirs(a.out, exist_ok=True)
+    for (m, k, n) in [(1, 8192, 8192), (16, 8192, 8192), (1, 4096, 14336), (1, 14336, 4096), (1, 4096, 4096)]:
+      x, w, s, ref = make_inputs(m, k, n)
+      row = {}
+      for decode in ("mul", "select"):
+        for tile_k, stages in ((128, 4), (256, 4), (128, 8)):
+          name = f"{decode}_k{tile_k}_s{stages}"
+          try:
+            fn = jax.jit(functools.partial(w4a16_mgpu, tile_k=tile_k, stages=stages, decode=decode))
+            out = np.asarray(fn(x, w, s), np.float64)
+            row[name] = {"rel_err": float(np.max(np.abs(out - ref)) / np.max(np.abs(ref))),
+                         "us": _time(fn, x, w, s) * 1e6}
+          except Exception as e:  # noqa: BLE001 - record and go on
+            row[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+      wb = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.bfloat16)
+      row["xla_bf16_us"] = _time(jax.jit(lambda x, w: x @ w), x, wb) * 1e6
+      res[f"{m}x{k}x{n}"] = row
+      print(f"{m}x{k}x{n}:", json.dumps(row), flush=True)
+      with open(os.path.join(a.out, "w4a16_mgpu.json"), "w") as f:
+        json.dump(res, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
