@@ -18,7 +18,7 @@ Status (2026-11-30): written on a machine without a GPU. It lowers for CUDA ther
 "select" decode is exact (6e-8, float32 accumulation), the "mul" decode loses the +-0.5 codes there because
 XLA on the CPU flushes bfloat16 subnormals. Not yet compiled, checked or timed on a GPU: ``--out`` does all
 three (both decodes, three tile_k / depth settings, five shapes, XLA's bf16 dot for scale). Nothing here is
-tuned: one warpgroup a CTA, a wgmma_wait after every 32-deep block, no split-K. Usage:
+tuned: one warpgroup a CTA, a wgmma_wait after every 32-deep block; split-K by CTAs. Usage:
 
   PYTHONPATH=. python benchmarks/experiments/w4a16_mgpu.py --lower        # CPU: lowers for CUDA
   PYTHONPATH=. python benchmarks/experiments/w4a16_mgpu.py --interpret    # CPU: small shapes, vs float64
@@ -71,23 +71,26 @@ def _decode(v, decode):
   return lax.bitcast_convert_type(jnp.where(mag < 2, small, normal), jnp.bfloat16)
 
 
-def w4a16_mgpu(x, w_i4, scales_kn, *, tile_k=128, stages=4, decode="mul", interpret=False):
+def w4a16_mgpu(x, w_i4, scales_kn, *, tile_k=128, stages=4, split_k=1, decode="mul", interpret=False):
   """``x (M, K) bf16 @ dequantize(w)`` for an MXFP4 weight given as ``w_i4 (N, K)`` int4 (the "rows" bytes
   viewed as nibbles: element k of a row in the low nibble of byte k // 2 when k is even) and ``scales_kn
-  (K // 32, N)`` uint8 E8M0. Returns float32 ``(M, N)``."""
+  (K // 32, N)`` uint8 E8M0. Returns float32 ``(M, N)``. ``split_k`` CTAs share each 64-row tile along K
+  (float32 partial sums, added by XLA): N / 64 CTAs alone leave most SMs one warpgroup."""
   m, k = x.shape
   n = w_i4.shape[0]
   mp = max(8, -(-m // 8) * 8)
-  if mp > 256 or n % ROWS or k % tile_k or tile_k % KB:
-    raise ValueError(f"w4a16_mgpu: shapes x {x.shape}, w {w_i4.shape} do not tile (rows {ROWS}, tile_k {tile_k})")
+  if mp > 256 or n % ROWS or k % (tile_k * split_k) or tile_k % KB:
+    raise ValueError(f"w4a16_mgpu: shapes x {x.shape}, w {w_i4.shape} do not tile (rows {ROWS}, tile_k {tile_k}, "
+                     f"split_k {split_k})")
   if mp != m:
     x = jnp.pad(x, ((0, mp - m), (0, 0)))
-  k_steps = k // tile_k
+  k_steps = k // (tile_k * split_k)
   x_swizzle = 64  # bytes: 32 bf16, so each 32-deep K block of x is whole swizzle tiles
   x_transforms = (plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))
 
   def kernel(x_gmem, w_gmem, s_gmem, o_gmem):
     ni = lax.axis_index("n")
+    si = lax.axis_index("k")
 
     def acc_scope(acc_ref):
       def step(_, x_smem, w_smem, s_smem):
@@ -118,9 +121,9 @@ def w4a16_mgpu(x, w_i4, scales_kn, *, tile_k=128, stages=4, decode="mul", interp
           step,
           grid=(k_steps,),
           in_specs=[
-              plgpu.BlockSpec((mp, tile_k), lambda kk: (0, kk), transforms=x_transforms),
-              plgpu.BlockSpec((ROWS, tile_k), lambda kk: (ni, kk)),
-              plgpu.BlockSpec((tile_k // KB, ROWS), lambda kk: (kk, ni)),
+              plgpu.BlockSpec((mp, tile_k), lambda kk: (0, si * k_steps + kk), transforms=x_transforms),
+              plgpu.BlockSpec((ROWS, tile_k), lambda kk: (ni, si * k_steps + kk)),
+              plgpu.BlockSpec((tile_k // KB, ROWS), lambda kk: (si * k_steps + kk, ni)),
           ],
           max_concurrent_steps=stages,
       )(x_gmem, w_gmem, s_gmem)
@@ -132,17 +135,17 @@ def w4a16_mgpu(x, w_i4, scales_kn, *, tile_k=128, stages=4, decode="mul", interp
     def _store(o_smem):
       o_smem[...] = acc
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(ni * ROWS, ROWS)])
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * ROWS, ROWS)])
       plgpu.wait_smem_to_gmem(0)
 
   out_t = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((n, mp), jnp.float32),
-      grid=(n // ROWS,),
-      grid_names=("n",),
+      out_type=jax.ShapeDtypeStruct((split_k, n, mp), jnp.float32),
+      grid=(n // ROWS, split_k),
+      grid_names=("n", "k"),
       interpret=_gpu_interpret_params() if interpret else None,
   )(x, w_i4, scales_kn)
-  return out_t[:, :m].T
+  return out_t.sum(axis=0)[:, :m].T
 
 
 def _gpu_interpret_params():
@@ -190,25 +193,27 @@ def main(argv=None):
   if a.lower:
     x, w, s, _ = make_inputs(1, 1024, 256)
     for decode in ("mul", "select"):
-      text = jax.jit(functools.partial(w4a16_mgpu, decode=decode)).trace(x, w, s).lower(
+      text = jax.jit(functools.partial(w4a16_mgpu, decode=decode, split_k=4)).trace(x, w, s).lower(
           lowering_platforms=("cuda",)).as_text()
       print(f"lowered for CUDA ({decode}): {len(text)} chars", flush=True)
   if a.interpret:
     x, w, s, ref = make_inputs(3, 256, 128)
-    for decode in ("mul", "select"):
-      out = np.asarray(w4a16_mgpu(x, w, s, decode=decode, interpret=True), np.float64)
-      print(f"interpret ({decode}): max error / max |ref| = {np.max(np.abs(out - ref)) / np.max(np.abs(ref)):.2e}",
-            flush=True)
+    for decode, split_k in (("mul", 1), ("select", 1), ("select", 2)):
+      out = np.asarray(w4a16_mgpu(x, w, s, decode=decode, split_k=split_k, interpret=True), np.float64)
+      err = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
+      print(f"interpret ({decode}, split_k {split_k}): max error / max |ref| = {err:.2e}", flush=True)
   if a.out:
     os.makedirs(a.out, exist_ok=True)
     for (m, k, n) in [(1, 8192, 8192), (16, 8192, 8192), (1, 4096, 14336), (1, 14336, 4096), (1, 4096, 4096)]:
       x, w, s, ref = make_inputs(m, k, n)
       row = {}
       for decode in ("mul", "select"):
-        for tile_k, stages in ((128, 4), (256, 4), (128, 8)):
-          name = f"{decode}_k{tile_k}_s{stages}"
+        for tile_k, stages, split_k in ((128, 4, 1), (256, 4, 1), (128, 8, 1), (128, 4, 4), (256, 4, 4),
+                                        (128, 4, 8)):
+          name = f"{decode}_k{tile_k}_s{stages}_split{split_k}"
           try:
-            fn = jax.jit(functools.partial(w4a16_mgpu, tile_k=tile_k, stages=stages, decode=decode))
+            fn = jax.jit(functools.partial(w4a16_mgpu, tile_k=tile_k, stages=stages, split_k=split_k,
+                                           decode=decode))
             out = np.asarray(fn(x, w, s), np.float64)
             row[name] = {"rel_err": float(np.max(np.abs(out - ref)) / np.max(np.abs(ref))),
                          "us": _time(fn, x, w, s) * 1e6}
