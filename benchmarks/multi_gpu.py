@@ -15,8 +15,10 @@ One process, one command. Every ratio compares programs compiled and timed in th
    there is no all-gather (of a weight or anything else) and that every all-reduce is at most one
    ``(M, d)`` activation. Prefill variants on 2 GPUs (``--prefill-variants``): XLA's
    latency-hiding scheduler (``xla_gpu_enable_latency_hiding_scheduler``, a per-program compile
-   option), and 2 chunks of tokens whose all-reduces XLA may not combine, so one chunk's
-   all-reduce can overlap the other's GEMMs. For information (compiled, not timed or checked): the
+   option); N chunks of tokens whose all-reduces XLA may not combine, so one chunk's all-reduce
+   can overlap the other's GEMMs; and "exchange": each all-reduce replaced by two ``ppermute``
+   exchanges of half the rows, each with independent GEMMs to hide behind
+   (``multi_gpu_support.exchange_stack``; the same bytes, the same bf16 sums). For information (compiled, not timed or checked): the
    same stack under plain ``jit`` with NamedShardings (automatic partitioning), where XLA gathers
    the operands of what it cannot partition (the kernels' byte matrices).
 2. **NVFP4's global amax** of a sharded tensor: one all-reduce (max) of a scalar, under ``jit``
@@ -72,8 +74,8 @@ from fp4jax import sharding
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qat_step  # noqa: E402  (benchmarks/qat_step.py: the QAT block and its step)
 from multi_gpu_support import (  # noqa: E402  (the model, timing, HLO and report helpers)
-    EPS_BF16, LHS, NO_COMBINE, Program, Run, Stack, backend_dot, bench, grad_bound, is_q, log, make_params,
-    param_shardings, param_specs, rel_err, render, same_bits, summarize, tp_spec)
+    EPS_BF16, LHS, NO_COMBINE, Program, Run, Stack, backend_dot, bench, exchange_stack, grad_bound, is_q, log,
+    make_params, param_shardings, param_specs, rel_err, render, same_bits, summarize, tp_spec)
 
 
 # ---- 0. the interconnect -----------------------------------------------------------------
@@ -106,6 +108,8 @@ def interconnect_section(run, meshes):
 
 # ---- 1. tensor-parallel inference --------------------------------------------------------
 def tp_case(run, meshes, params_by_mesh, fmt, m, label, mesh_n, chunks=1, lhs=False):
+  """``chunks``: 1, a number of row chunks (each its own all-reduces), or "exchange" (2 GPUs:
+  ``exchange_stack``, the all-reduces replaced by ppermutes of half the rows)."""
   a = run.args
   mesh = meshes[mesh_n]
   params = params_by_mesh[mesh_n]
@@ -113,6 +117,8 @@ def tp_case(run, meshes, params_by_mesh, fmt, m, label, mesh_n, chunks=1, lhs=Fa
   model = Stack(a.d, a.ffn // tp, a.pairs, "tp", backend_dot(a.backend))
 
   def local(p, x):
+    if chunks == "exchange":
+      return exchange_stack(p, x, a.d, a.ffn // tp, a.pairs, "tp", backend_dot(a.backend))
     if chunks == 1:
       return model.apply(p, x)
     return jnp.concatenate([model.apply(p, c) for c in jnp.split(x, chunks)])
@@ -121,7 +127,7 @@ def tp_case(run, meshes, params_by_mesh, fmt, m, label, mesh_n, chunks=1, lhs=Fa
                      check_vma=False)  # fp4jax's Pallas kernels' outputs carry no varying-axes type yet
   rep = NamedSharding(mesh, P())
   xs = [jax.device_put(jax.random.normal(jax.random.key(10 + i), (m, a.d), jnp.bfloat16), rep) for i in range(2)]
-  options = {**(LHS if lhs else {}), **(NO_COMBINE if chunks > 1 else {})}
+  options = {**(LHS if lhs else {}), **(NO_COMBINE if chunks not in (1, "exchange") else {})}
   compiled = Program(fn, (param_shardings(params, mesh), rep), rep, (params, xs[0]), options=options)
   compile_s, cols = compiled.compile_s, compiled.collectives
   state = {"x": xs[1]}
@@ -135,8 +141,10 @@ def tp_case(run, meshes, params_by_mesh, fmt, m, label, mesh_n, chunks=1, lhs=Fa
   row = {"fmt": fmt.name, "m": m, "label": label, "devices": tp, "chunks": chunks, "lhs": lhs,
          "compile_s": compile_s, "collectives": summarize(cols), **timing,
          "tokens_per_s": m / timing["median_s"], "finite": bool(jnp.all(jnp.isfinite(first)))}
-  bad = [str(c) for c in cols if c.op not in ("all-reduce", "reduce-scatter") or c.elements > m * a.d]
-  run.check(f"TP {fmt.name} M={m} {label}: only activation all-reduces / reduce-scatters, no all-gather",
+  # Activations only: all-reduces / reduce-scatters of at most (M, d), exchanges of (M/2, d) rows.
+  bad = [str(c) for c in cols if not ((c.op in ("all-reduce", "reduce-scatter") and c.elements <= m * a.d)
+                                      or (c.op == "collective-permute" and c.elements <= m * a.d // 2))]
+  run.check(f"TP {fmt.name} M={m} {label}: only activation all-reduces / reduce-scatters / exchanges, no all-gather",
             not bad, "; ".join(row["collectives"]) or "no collectives")
   run.check(f"TP {fmt.name} M={m} {label}: finite output", row["finite"])
   run.data["tp"].append(row)
@@ -180,10 +188,17 @@ def tp_section(run, meshes, fmt):
                 err <= tol, f"relative error {err:.2e}, bound {tol:.2e}")
     if kind == "prefill":
       for chunks, lhs in a.prefill_variants:
-        label = (f"2 GPUs, {chunks} chunk{'s, GPU all-reduce combining off' if chunks > 1 else ''}"
-                 f"{' + LHS' if lhs else ''}")
-        run.guarded(f"TP {fmt.name} M={m} {label}", tp_case, run, meshes, params_by_mesh, fmt, m, label, 2,
-                    chunks, lhs)
+        if chunks == "exchange":
+          label = f"2 GPUs, row exchanges instead of all-reduces{' + LHS' if lhs else ''}"
+        else:
+          label = (f"2 GPUs, {chunks} chunk{'s, GPU all-reduce combining off' if chunks > 1 else ''}"
+                   f"{' + LHS' if lhs else ''}")
+        out = run.guarded(f"TP {fmt.name} M={m} {label}", tp_case, run, meshes, params_by_mesh, fmt, m, label, 2,
+                          chunks, lhs)
+        if out is not None and outs[1] is not None:
+          err, tol = rel_err(out, outs[1]), 2 * a.pairs * EPS_BF16
+          run.check(f"TP {fmt.name} M={m} {label}: output equals 1-GPU output to bf16 rounding",
+                    err <= tol, f"relative error {err:.2e}, bound {tol:.2e}")
   if fmt == a.formats[0]:
     for m in (min(a.decode_m), max(a.prefill_m)):
       run.guarded(f"auto-partitioned {fmt.name} M={m}", tp_auto_case, run, meshes, params_by_mesh, fmt, m)
@@ -370,14 +385,14 @@ def ints(s):
 
 
 def variants(s):
-  """``"1+lhs,2+lhs"`` -> [(1, True), (2, True)]."""
+  """``"1+lhs,2+lhs,exchange"`` -> [(1, True), (2, True), ("exchange", False)]."""
   out = []
   for v in s.split(","):
     if v:
       n, _, flag = v.partition("+")
-      if flag not in ("", "lhs"):
-        raise ValueError(f"prefill variant {v!r}: expected CHUNKS or CHUNKS+lhs")
-      out.append((int(n), flag == "lhs"))
+      if flag not in ("", "lhs") or not (n.isdigit() or n == "exchange"):
+        raise ValueError(f"prefill variant {v!r}: expected CHUNKS, exchange, or either +lhs")
+      out.append((int(n) if n.isdigit() else n, flag == "lhs"))
   return out
 
 
@@ -389,8 +404,8 @@ def main(argv=None):
   p.add_argument("--formats", default="mxfp4,nvfp4")
   p.add_argument("--decode-m", type=ints, default=[1, 16])
   p.add_argument("--prefill-m", type=ints, default=[4096])
-  p.add_argument("--prefill-variants", type=variants, default=variants("1+lhs,2+lhs"),
-                 help="extra 2-GPU prefill programs: CHUNKS[+lhs], comma-separated")
+  p.add_argument("--prefill-variants", type=variants, default=variants("1+lhs,exchange,exchange+lhs"),
+                 help="extra 2-GPU prefill programs: CHUNKS[+lhs] or exchange[+lhs], comma-separated")
   p.add_argument("--qat-modes", default="nvfp4,mxfp4", help="modes of benchmarks/qat_step.py")
   p.add_argument("--qat-tokens", type=int, default=8192, help="tokens a step (1 GPU; DP's global batch)")
   p.add_argument("--qat-steps", type=int, default=5, help="back-to-back steps a sample")

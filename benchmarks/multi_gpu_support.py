@@ -83,6 +83,34 @@ class Stack(nn.Module):
     return x
 
 
+def exchange_stack(params, x, d, ffn, pairs, axis_name, dot_general=None):
+  """The Stack's local shard on 2 devices, each all-reduce replaced by two exchanges of half the rows.
+
+  Device ``r`` keeps the rows ``R_r`` (its half of the tokens) current. Per pair it computes the up
+  projection of its own rows, then of the peer's (received meanwhile); the down projection of the
+  peer's rows first, sent with ``ppermute`` while it computes its own rows' down projection; adds the
+  peer's partial sums for its rows; and sends its updated rows to the peer, which needs them for the
+  next pair. Bytes as the all-reduce (two exchanges of ``M/2 x d``), but each one has independent
+  GEMMs to hide behind. With 2 devices the partial sums add in one bfloat16 rounding, as ``psum``.
+  """
+  kw = dict(use_bias=False, dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16, dot_general=dot_general)
+  up, down = QDense(ffn, **kw), QDense(d, **kw)
+  r = lax.axis_index(axis_name)
+  swap = [(0, 1), (1, 0)]
+  halves = x.reshape(2, x.shape[0] // 2, d)
+  own = lax.dynamic_index_in_dim(halves, r, keepdims=False)
+  other = lax.dynamic_index_in_dim(halves, 1 - r, keepdims=False)
+  for i in range(pairs):
+    p = params["params"][f"pair_{i}"]
+    h_own = nn.silu(up.apply({"params": p["up"]}, rms_norm(own)))
+    h_other = nn.silu(up.apply({"params": p["up"]}, rms_norm(other)))
+    received = lax.ppermute(down.apply({"params": p["down"]}, h_other), axis_name, swap)
+    own = own + (down.apply({"params": p["down"]}, h_own) + received)
+    other = lax.ppermute(own, axis_name, swap)
+  first, second = jnp.where(r == 0, own, other), jnp.where(r == 0, other, own)
+  return jnp.concatenate([first, second])
+
+
 def make_params(d, ffn, pairs, fmt):
   """A linen ``{"params": ...}`` tree of QArray kernels (blocked along their input axis, as
   ``quantize_params`` stores Dense kernels), made on the default device one weight at a time."""
