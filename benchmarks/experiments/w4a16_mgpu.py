@@ -221,6 +221,12 @@ def main(argv=None):
             row[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
       wb = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.bfloat16)
       row["xla_bf16_us"] = _time(jax.jit(lambda x, w: x @ w), x, wb) * 1e6
+      # The kernel takes int4; a QArray holds uint8 bytes: does XLA's uint8 -> int4 view copy them?
+      u8 = lax.bitcast_convert_type(w.reshape(n, k // 2, 2), jnp.uint8)
+      as_i4 = jax.jit(lambda u: lax.bitcast_convert_type(u, jnp.int4).reshape(n, k))
+      row["u8_to_int4_us"] = _time(as_i4, u8) * 1e6
+      hlo = as_i4.lower(u8).compile().as_text()
+      row["u8_to_int4_kernels"] = hlo.count(" copy(") + hlo.count(" fusion(")  # 0: a free view
       res[f"{m}x{k}x{n}"] = row
       print(f"{m}x{k}x{n}:", json.dumps(row), flush=True)
       with open(os.path.join(a.out, "w4a16_mgpu.json"), "w") as f:
