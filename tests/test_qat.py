@@ -382,3 +382,27 @@ def test_einsum_dimension_numbers():
   for bad in ("ab,bc", "ab,bc,cd->ad", "aa,ab->b", "ab,cd->ad"):
     with pytest.raises(ValueError, match="einsum"):
       qat.einsum_dimension_numbers(bad, 2, 2)
+
+
+@pytest.mark.parametrize("hadamard", [None, 16])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_leading_axis_backward_operands_keep_the_direct_values(rounding, hadamard):
+  # The backward GEMMs quantize an operand blocked along a leading axis (the tokens of a weight
+  # gradient) after moving that axis last (fp4jax/qat/dot.py, for XLA's layouts on the GPU); blocks,
+  # scales, padding, the Hadamard signs and the stochastic draws must be those of the direct route.
+  from fp4jax.qat.dot import _backward_operand
+  from fp4jax.qat.fake import fake_quantize_operand
+  from fp4jax.qat.rounding import random_hadamard
+  from fp4jax.reference import pad_axis
+
+  op = OperandConfig(fj.NVFP4, "ceil", rounding)
+  cfg = QatConfig(lhs=op, rhs=op, grad=op, hadamard=hadamard, seed=3)
+  x = normal(40, (40, 3, 24)).astype(jnp.bfloat16)  # 40 rows: padded to 48 along axis 0
+  key = jax.random.key(7)
+  got = jax.jit(lambda x: _backward_operand(x, 0, op, cfg, key, jnp.bfloat16, 16))(x)
+  direct = pad_axis(x, 0, 16)
+  if hadamard:
+    direct = random_hadamard(direct, hadamard, axis=0, seed=3)
+  direct = fake_quantize_operand(direct, op, 0, jnp.bfloat16, key)
+  assert got.shape == (48, 3, 24)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(direct, np.float32))

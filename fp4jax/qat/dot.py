@@ -76,8 +76,10 @@ def _backward_operand(x, axis: int, op: OperandConfig, cfg: QatConfig, key, dtyp
   """
   last = x.ndim - 1
   if axis % x.ndim != last:
-    xt = lax.optimization_barrier(jnp.swapaxes(x, axis, last))
-    return jnp.swapaxes(_backward_operand(xt, last, op, cfg, key, dtype, multiple), axis, last)
+    # moveaxis, not swapaxes: the other axes keep their order, so the blocked view (and with it
+    # every stochastic draw) is the one the direct route would make.
+    xt = lax.optimization_barrier(jnp.moveaxis(x, axis, last))
+    return jnp.moveaxis(_backward_operand(xt, last, op, cfg, key, dtype, multiple), last, axis)
   x = pad_axis(x, axis, multiple)
   if cfg.hadamard:
     x = random_hadamard(x, cfg.hadamard, axis=axis, seed=cfg.seed)
