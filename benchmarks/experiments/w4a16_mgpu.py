@@ -40,17 +40,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+import fp4jax as fj
+from fp4jax.kernels import matmul_common as common
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import matmul as B  # noqa: E402  (benchmarks/matmul.py: the project's timing, inputs rotated beyond L2)
+
 ROWS = 64  # weight rows a warpgroup owns (the wgmma M side)
 KB = 32  # MXFP4's block: one scale per 32 weights along K
-
-
-def _e8m0_to_bf16(s):
-  """uint8 E8M0 bytes (any layout) -> bfloat16 2**(s - 127); 0xFF -> NaN. Byte 0 (2**-127) is bfloat16's
-  subnormal 0x0040 = exactly 2**-127: the byte shifted into the exponent field covers every other byte."""
-  s16 = s.astype(jnp.int16)
-  bits = jnp.where(s16 == 0, jnp.int16(0x0040), s16 << 7)
-  bits = jnp.where(s16 == 255, jnp.int16(0x7FC0), bits)
-  return lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
 def _decode(v, decode):
@@ -104,7 +101,9 @@ def w4a16_mgpu(x, w_i4, scales_kn, *, tile_k=128, stages=4, split_k=1, decode="m
             q = plgpu.layout_cast(q, plgpu.Layout.WGMMA)
             s = plgpu.load(s_smem.at[j], (), layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
           a = _decode(q.astype(jnp.int16), decode)
-          a = a * lax.broadcast_in_dim(_e8m0_to_bf16(s), (ROWS, KB), (0,))
+          # The kernels' own E8M0 rule (0xFF -> NaN, results below float32's normal range -> 0).
+          scale = common.scale_to_f32(s, fj.MXFP4).astype(jnp.bfloat16)
+          a = a * lax.broadcast_in_dim(scale, (ROWS, KB), (0,))
           if interpret:
             # The interpreter's wgmma reads A from shared memory only and takes no transposed ref:
             # stage the decoded block and the x block (transposed) in shared memory.
@@ -169,18 +168,14 @@ def make_inputs(m, k, n, seed=0):
   return x, w_i4, jnp.asarray(sbytes), ref
 
 
-def _time(fn, *args, n=200, reps=5):
-  """Median seconds a call over ``reps`` runs of ``n`` back-to-back calls (warm, synced at the end)."""
-  import time
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    for _ in range(n):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t) / n)
-  return float(np.median(ts))
+def _weight_sets(w, s, nbytes):
+  """``w``, ``s`` and enough distinct random copies that the sets exceed the L2 (timings rotate them)."""
+  out = [(w, s)]
+  for i in range(1, B.n_sets(nbytes)):
+    kw, ks = jax.random.split(jax.random.key(1000 + i))
+    out.append((jax.random.randint(kw, w.shape, -8, 8, jnp.int8).astype(jnp.int4),
+                jax.random.randint(ks, s.shape, 119, 136, jnp.int32).astype(jnp.uint8)))
+  return out
 
 
 def main(argv=None):
@@ -206,6 +201,8 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     for (m, k, n) in [(1, 8192, 8192), (16, 8192, 8192), (1, 4096, 14336), (1, 14336, 4096), (1, 4096, 4096)]:
       x, w, s, ref = make_inputs(m, k, n)
+      sets = _weight_sets(w, s, n * k // 2 + s.size)
+      calls = [(x, *ws) for ws in sets]
       row = {}
       for decode in ("mul", "select"):
         for tile_k, stages, split_k in ((128, 4, 1), (256, 4, 1), (128, 8, 1), (128, 4, 4), (256, 4, 4),
@@ -216,16 +213,16 @@ def main(argv=None):
                                            decode=decode))
             out = np.asarray(fn(x, w, s), np.float64)
             row[name] = {"rel_err": float(np.max(np.abs(out - ref)) / np.max(np.abs(ref))),
-                         "us": _time(fn, x, w, s) * 1e6}
+                         "us": B.bench(fn, calls) * 1e6}
           except Exception as e:  # noqa: BLE001 - record and go on
             row[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-      wb = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.bfloat16)
-      row["xla_bf16_us"] = _time(jax.jit(lambda x, w: x @ w), x, wb) * 1e6
+      wbs = [jax.random.normal(jax.random.key(2000 + i), (k, n), jnp.bfloat16) for i in range(B.n_sets(k * n * 2))]
+      row["xla_bf16_us"] = B.bench(lambda x, w: x @ w, B.make_calls([x] * len(wbs), wbs)) * 1e6
       # The kernel takes int4; a QArray holds uint8 bytes: does XLA's uint8 -> int4 view copy them?
-      u8 = lax.bitcast_convert_type(w.reshape(n, k // 2, 2), jnp.uint8)
+      u8s = [(lax.bitcast_convert_type(wi.reshape(n, k // 2, 2), jnp.uint8),) for wi, _ in sets]
       as_i4 = jax.jit(lambda u: lax.bitcast_convert_type(u, jnp.int4).reshape(n, k))
-      row["u8_to_int4_us"] = _time(as_i4, u8) * 1e6
-      hlo = as_i4.lower(u8).compile().as_text()
+      row["u8_to_int4_us"] = B.bench(as_i4, u8s) * 1e6
+      hlo = as_i4.lower(*u8s[0]).compile().as_text()
       row["u8_to_int4_kernels"] = hlo.count(" copy(") + hlo.count(" fusion(")  # 0: a free view
       res[f"{m}x{k}x{n}"] = row
       print(f"{m}x{k}x{n}:", json.dumps(row), flush=True)
