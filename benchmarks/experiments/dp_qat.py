@@ -11,13 +11,13 @@ trace of each (per-kernel time, NCCL time overlapped with other kernels).
 ``--sr-barrier`` puts ``lax.optimization_barrier`` on the stochastic-rounding uniforms (a patch of
 ``jax.random.uniform`` in this process), so that XLA cannot fuse the threefry hash into the
 transposing quantize fusions; the profile of the same-global-batch step showed one such fusion at
-7.2 ms a step. ``--last-axis`` (a patch of ``fp4jax.qat.dot._backward_operand``) quantizes each backward operand
-along its last axis: the operand is transposed behind an optimization barrier first (one bf16
-copy), so that XLA has no blocked-along-a-leading-axis quantize to lay out. Found on one GPU: the
-4096-token step (23.9 ms) is slower than the 8192-token one (18.3 ms); at 4096 XLA lays the
-blocked-along-tokens codes out transposed (f4e2m1fn[14336,256,16]) and writes them from transpose
-fusions with the threefry hash inside, one of them 7.2 ms a step; at 8192 it keeps them in the
-input's order ([512,16,14336]) in loop fusions. ``--cases`` picks cases by index (``--list`` prints them).
+7.2 ms a step. Found with it on one GPU: the 4096-token step (23.9 ms) was slower than the 8192-token one (18.3 ms);
+at 4096 XLA laid the blocked-along-tokens codes out transposed (f4e2m1fn[14336,256,16]) and wrote
+them from transpose fusions with the threefry hash inside, one of them 7.2 ms a step; at 8192 it kept
+them in the input's order ([512,16,14336]) in loop fusions. A ``--last-axis`` patch of
+``fp4jax.qat.dot._backward_operand`` (quantize such operands after moving the axis last behind an
+optimization barrier) measured 11.4 ms (commit ffdfe18); fp4jax does that itself since cf70679, so
+the patch is gone. ``--cases`` picks cases by index (``--list`` prints them).
 
 Usage (2 GPUs): PYTHONPATH=. python benchmarks/experiments/dp_qat.py --out DIR [--modes nvfp4,mxfp4]
 CPU smoke: JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
@@ -27,6 +27,7 @@ CPU smoke: JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+import multi_gpu as MG  # noqa: E402  (its QAT parameters and batches)
 import qat_step  # noqa: E402
 from gpu_profile import profile  # noqa: E402
 from multi_gpu_support import LHS, bench, log  # noqa: E402
@@ -58,9 +60,7 @@ OPTIONS = {
 def shard_map_step(config_fn, mesh, global_tokens, lr=1e-3):
   """Data-parallel step: each GPU differentiates its shard's share of the global mean loss; one
   psum per weight gradient. NVFP4's tensor amax is pmax-ed over the batch axis (axis_name)."""
-  config = config_fn()
-  import dataclasses
-  config = dataclasses.replace(config, axis_name="tp")
+  config = dataclasses.replace(config_fn(), axis_name="tp")
   loss = qat_step.make_loss(config)
 
   def body(params, x, target, key):
@@ -89,7 +89,6 @@ def main(argv=None):
   p.add_argument("--budget-s", type=float, default=300)
   p.add_argument("--small", action="store_true")
   p.add_argument("--sr-barrier", action="store_true")
-  p.add_argument("--last-axis", action="store_true")
   p.add_argument("--cases", default="", help="comma-separated case indices (default: all)")
   p.add_argument("--no-profile", action="store_true")
   p.add_argument("--out", required=True)
@@ -100,23 +99,9 @@ def main(argv=None):
   if a.sr_barrier:
     uniform = jax.random.uniform
     jax.random.uniform = lambda *args, **kw: lax.optimization_barrier(uniform(*args, **kw))
-  if a.last_axis:
-    from fp4jax.qat import dot as qdot
-    backward_operand = qdot._backward_operand
-
-    def last_axis_operand(x, axis, op, cfg, key, dtype, multiple):
-      if axis in (-1, x.ndim - 1):
-        return backward_operand(x, axis, op, cfg, key, dtype, multiple)
-      xt = lax.optimization_barrier(jnp.swapaxes(x, axis, -1))
-      return jnp.swapaxes(backward_operand(xt, xt.ndim - 1, op, cfg, key, dtype, multiple), axis, -1)
-
-    qdot._backward_operand = last_axis_operand
   devs = jax.devices()
   meshes = {n: Mesh(np.array(devs[:n]), ("tp",)) for n in (1, 2)}
-  base = tuple(np.asarray(w) for w in (
-      jax.random.normal(jax.random.key(0), (a.d, a.ffn)) * a.d**-0.5,
-      jax.random.normal(jax.random.key(1), (a.d, a.ffn)) * a.d**-0.5,
-      jax.random.normal(jax.random.key(2), (a.ffn, a.d)) * a.ffn**-0.5))
+  base = MG.qat_params(a.d, a.ffn)
   results = []
   t_start = time.perf_counter()
 
@@ -153,11 +138,7 @@ def main(argv=None):
         jitted = jax.jit(fn, in_shardings=(psh, bsh, bsh, rep), out_shardings=(psh, rep), donate_argnums=(0,),
                          compiler_options=OPTIONS[opt])
         params = jax.device_put(base, psh)
-        batches = []
-        for i in range(2):
-          k = jax.random.split(jax.random.key(100 + i), 2)
-          batches.append(jax.device_put((jax.random.normal(k[0], (tokens, a.d), jnp.bfloat16),
-                                         jax.random.normal(k[1], (tokens, a.d), jnp.float32)), (bsh, bsh)))
+        batches = [jax.device_put(MG.qat_batch(i, tokens, a.d, jnp.bfloat16), (bsh, bsh)) for i in range(2)]
         keys = [jax.device_put(jax.random.fold_in(jax.random.key(1), i), rep) for i in range(200)]
         t0 = time.perf_counter()
         compiled = jitted.lower(params, *batches[0], keys[0]).compile()
@@ -176,7 +157,7 @@ def main(argv=None):
         timing = bench(call, a.samples, n=a.steps)
         prof = {} if a.no_profile else profile(call, n=2, out_dir=os.path.join(a.out, "trace_" + tag))
         row = {"mode": mode, "case": name, "devices": n, "tokens": tokens, "how": how, "options": opt,
-               "sr_barrier": a.sr_barrier, "last_axis": a.last_axis,
+               "sr_barrier": a.sr_barrier,
                "compile_s": compile_s, **timing, "tokens_per_s": tokens / timing["median_s"],
                "collectives": [str(c) for c in sharding.hlo_collectives(compiled.as_text())], "profile": prof}
         results.append(row)
@@ -192,7 +173,7 @@ def main(argv=None):
   one = {r["mode"]: r["tokens_per_s"] for r in results if r.get("devices") == 1 and r["tokens"] == a.tokens}
   for r in results:
     if "tokens_per_s" in r and r["mode"] in one:
-      print(f"| {r['mode']} | {r['case']} | {r['tokens']} | {r['how']} | {r['options']} | sr_barrier={a.sr_barrier} last_axis={a.last_axis} | "
+      print(f"| {r['mode']} | {r['case']} | {r['tokens']} | {r['how']} | {r['options']} | sr_barrier={a.sr_barrier} | "
             f"{r['median_s'] * 1e3:.2f} ms | "
             f"{r['tokens_per_s'] / one[r['mode']]:.3f}x |")
   return 0
