@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import json
 import math
 import os
@@ -58,12 +59,18 @@ class Pair(nn.Module):
   axis_name: str | None = None
   dot_general: object = None
 
-  @nn.compact
-  def __call__(self, x):
+  def setup(self):
     kw = dict(use_bias=False, dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16,
               dot_general=self.dot_general)
-    h = nn.silu(QDense(self.ffn, name="up", **kw)(rms_norm(x)))
-    y = QDense(self.d, name="down", **kw)(h)
+    self.up = QDense(self.ffn, **kw)
+    self.down = QDense(self.d, **kw)
+
+  def branch(self, x):
+    """``down(silu(up(rms(x))))``: on a shard of ``ffn``, the pair's partial sums."""
+    return self.down(nn.silu(self.up(rms_norm(x))))
+
+  def __call__(self, x):
+    y = self.branch(x)
     if self.axis_name is not None:  # row-parallel down: partial sums over the split ffn axis
       y = lax.psum(y, self.axis_name)
     return x + y
@@ -93,19 +100,16 @@ def exchange_stack(params, x, d, ffn, pairs, axis_name, dot_general=None):
   next pair. Bytes as the all-reduce (two exchanges of ``M/2 x d``), but each one has independent
   GEMMs to hide behind. With 2 devices the partial sums add in one bfloat16 rounding, as ``psum``.
   """
-  kw = dict(use_bias=False, dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16, dot_general=dot_general)
-  up, down = QDense(ffn, **kw), QDense(d, **kw)
+  pair = Pair(d, ffn, None, dot_general)
   r = lax.axis_index(axis_name)
   swap = [(0, 1), (1, 0)]
   halves = x.reshape(2, x.shape[0] // 2, d)
   own = lax.dynamic_index_in_dim(halves, r, keepdims=False)
   other = lax.dynamic_index_in_dim(halves, 1 - r, keepdims=False)
   for i in range(pairs):
-    p = params["params"][f"pair_{i}"]
-    h_own = nn.silu(up.apply({"params": p["up"]}, rms_norm(own)))
-    h_other = nn.silu(up.apply({"params": p["up"]}, rms_norm(other)))
-    received = lax.ppermute(down.apply({"params": p["down"]}, h_other), axis_name, swap)
-    own = own + (down.apply({"params": p["down"]}, h_own) + received)
+    branch = functools.partial(pair.apply, {"params": params["params"][f"pair_{i}"]}, method=Pair.branch)
+    received = lax.ppermute(branch(other), axis_name, swap)
+    own = own + (branch(own) + received)
     other = lax.ppermute(own, axis_name, swap)
   first, second = jnp.where(r == 0, own, other), jnp.where(r == 0, other, own)
   return jnp.concatenate([first, second])
