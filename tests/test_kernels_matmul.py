@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import fp4jax as fj
@@ -39,13 +39,15 @@ def dequant64(q):
   return out
 
 
-def assert_matches(out, ref64, bound64, out_dtype):
-  """``out`` equals ``ref64`` up to float32 accumulation error (``bound64`` = |a| @ |b|) and,
-  for bf16 outputs, one final rounding."""
+def assert_matches(out, a64, b64, out_dtype):
+  """``out`` equals ``a64 @ b64`` up to float32 accumulation error over the K products
+  (``4 K 2**-24 (|a| @ |b|)``) and, for bf16 outputs, one final rounding."""
+  ref64, bound64, k = a64 @ b64, np.abs(a64) @ np.abs(b64), a64.shape[-1]
   out = np.asarray(out).astype(np.float64)
   assert out.shape == ref64.shape
   assert np.all(np.isfinite(out)), "unwritten (poisoned) or non-finite elements"
-  tol = 4 * ref64.shape[-1] * 2.0**-24 * bound64 + 1e-30
+  # K, the length of each sum (not the output's last axis, which a (1, K) x (K, 1) call makes 1).
+  tol = 4 * k * 2.0**-24 * bound64 + 1e-30
   if out_dtype == BF16:
     tol = tol + 2.0**-8 * np.abs(ref64)
   np.testing.assert_array_less(np.abs(out - ref64), tol + 1e-12)
@@ -118,7 +120,7 @@ def test_w4a16_default_config_matches_float64(fmt, m, k, n, out_dtype):
                         interpret=INTERPRET, out_buffer=buf)
   assert out.dtype == out_dtype
   x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
-  assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), out_dtype)
+  assert_matches(out, x64, w64, out_dtype)
 
 
 @pytest.mark.parametrize("cfg,fmt", [
@@ -140,7 +142,7 @@ def test_w4a16_configs(cfg, fmt):
   out = wk.w4a16_matmul(x, p.values, p.scales, p.global_scale, fmt=fmt, out_dtype=jnp.bfloat16,
                         config=cfg, interpret=INTERPRET, out_buffer=poisoned(shape, dtype))
   x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
-  assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), BF16)
+  assert_matches(out, x64, w64, BF16)
 
 
 @pytest.mark.parametrize("fmt", [fj.MXFP4, fj.NVFP4], ids=lambda f: f.name)
@@ -196,6 +198,10 @@ def w4a16_calls(draw):
 
 @settings(settings.get_profile("fuzz" if INTERPRET else "fuzz-gpu"))
 @given(call=w4a16_calls(), seed=st.integers(0, 2**31 - 1))
+# Found on the H200: one (1, 192) x (192, 1) product off by 4.4 float32 ulps of |x| @ |w|, which the
+# tolerance refused while it took the output's last axis (1) for K.
+@example(call=(fj.MXFP8_E4M3, 1, 192, 1, wk.Config(block_m=16, block_n=16, block_k=32, split_k=1, swap_ab=False,
+                                                   num_warps=4, num_stages=3, decode="jnp")), seed=992595)
 def test_fuzz_w4a16_matches_float64(call, seed):
   """Random shapes and configs (the bit decode compiled on the GPU, its jnp twin in interpret mode),
   every code, scales over many binades, NaN-poisoned output: float32 accumulation of the float64 product."""
@@ -216,7 +222,7 @@ def test_fuzz_w4a16_matches_float64(call, seed):
   out = wk.w4a16_matmul(x, p.values, p.scales, p.global_scale, fmt=fmt, out_dtype=jnp.float32, config=cfg,
                         interpret=INTERPRET, out_buffer=poisoned(shape, jnp.float32))
   x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
-  assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), F32)
+  assert_matches(out, x64, w64, F32)
 
 
 def test_w4a16_nan_scale_poisons_its_columns_only():
@@ -245,7 +251,7 @@ def test_w4a16_extreme_scales_are_exact():
   p = w.with_layout("rows")
   out = wk.w4a16_matmul(x, p.values, p.scales, None, fmt=fj.MXFP4, out_dtype=jnp.float32, interpret=INTERPRET)
   x64, w64 = np.asarray(x).astype(np.float64), dequant64(w)
-  assert_matches(out, x64 @ w64, np.abs(x64) @ np.abs(w64), F32)
+  assert_matches(out, x64, w64, F32)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -291,7 +297,7 @@ def test_mx_matches_float64(a_fmt, b_fmt, m, k, n, out_dtype, mma):
   out = mk.mx_matmul(ad, asc, a.global_scale, p.values, p.scales, p.global_scale, a_fmt=a_fmt, b_fmt=b_fmt,
                      out_dtype=out_dtype, config=cfg, interpret=True, out_buffer=poisoned((m, n), out_dtype))
   a64, b64 = dequant64(a), dequant64(b)
-  assert_matches(out, a64 @ b64, np.abs(a64) @ np.abs(b64), out_dtype)
+  assert_matches(out, a64, b64, out_dtype)
 
 
 def test_mx_default_config_prefill_tile():
@@ -304,7 +310,7 @@ def test_mx_default_config_prefill_tile():
   out = mk.mx_matmul(ad, asc, None, p.values, p.scales, None, a_fmt=a.fmt, b_fmt=b.fmt, out_dtype=jnp.float32,
                      interpret=True, out_buffer=poisoned((m, n), F32))
   a64, b64 = dequant64(a), dequant64(b)
-  assert_matches(out, a64 @ b64, np.abs(a64) @ np.abs(b64), F32)
+  assert_matches(out, a64, b64, F32)
 
 
 def test_mx_rejects_bad_input():
