@@ -38,6 +38,7 @@ from fp4jax.kernels.dequantize import _scaled
 from fp4jax.kernels.quantize_pack import _e4m3_scale_code, _pow2_rule_exponent
 from fp4jax.qat import OperandConfig
 from fp4jax.qat.fake import fake_quantize_operand
+from fp4jax.qat.rounding import _stochastic_magnitude
 from fp4jax.reference import global_factors
 from fp4jax.scales import global_encode_numerator
 
@@ -93,18 +94,13 @@ def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, ncols: int, block_m: int
     y = xf * _bits.compute_once(jnp.where(pos, _bits.div_rn(1.0, jnp.where(pos, s, 1.0)), 0.0))
   y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
 
-  # fp4jax.qat.rounding._stochastic_round, its uniform drawn here from the element's flat index.
+  # fp4jax.qat.rounding's rounding, its uniform drawn here from the element's flat index; the sign
+  # stays an integer (Triton may drop the sign of a zero in float arithmetic, kernels/dequantize.py).
   row = pl.program_id(0) * block_m + lax.broadcasted_iota(jnp.int32, (block_m, block_k), 0)
   col = pl.program_id(1) * block_k + lax.broadcasted_iota(jnp.int32, (block_m, block_k), 1)
   idx = (row.astype(jnp.uint32) * np.uint32(ncols) + col.astype(jnp.uint32))
   u = C.split_axis(uniform_from_index(key_ref[0], key_ref[1], idx), 1, bs)
-  mag = jnp.abs(y)
-  emin = int(fmt.elem_finfo.minexp)
-  ex = jnp.maximum((C.f32_to_i32(mag) >> 23) - 127, emin)
-  ulp_exp = ex - fmt.elem_nmant
-  t = _bits.scale_by_pow2(mag, -ulp_exp)
-  lo = jnp.floor(t)
-  r = _bits.scale_by_pow2(lo + (u < t - lo).astype(jnp.float32), ulp_exp)
+  r = _stochastic_magnitude(jnp.abs(y), u, fmt)
   sign = C.f32_to_i32(y) & jnp.int32(-(2**31))
   r = jnp.where(nonfinite, 0.0, r)  # quantize's zero codes in non-finite blocks (their scale is NaN)
   sbytes = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)

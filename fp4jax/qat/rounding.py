@@ -30,15 +30,22 @@ def _stochastic_round(y, fmt: Format, key):
   multiple of ``2**-23``, so ``P(u < frac) == frac`` exactly there; in the
   subnormal binade it is ``frac`` rounded up to a multiple of ``2**-23``.
   """
-  a = jnp.abs(y)
+  u = jax.random.uniform(key, y.shape, jnp.float32)
+  return jnp.copysign(_stochastic_magnitude(jnp.abs(y), u, fmt), y)
+
+
+def _stochastic_magnitude(a, u, fmt: Format):
+  """``|y|`` rounded up to its upper grid neighbour where the uniform ``u < frac(t)``, else down.
+
+  Separate from the draw so that a kernel drawing ``u`` itself rounds exactly as here.
+  """
   emin = int(fmt.elem_finfo.minexp)  # smallest normal exponent of the elements
   e = jnp.maximum(_bits.floor_log2(_bits.f32_bits(a)), emin)
   ulp_exp = e - fmt.elem_nmant
   t = _bits.scale_by_pow2(a, -ulp_exp)
   lo = jnp.floor(t)
-  u = jax.random.uniform(key, y.shape, jnp.float32)
   r = lo + (u < t - lo).astype(jnp.float32)
-  return jnp.copysign(_bits.scale_by_pow2(r, ulp_exp), y)
+  return _bits.scale_by_pow2(r, ulp_exp)
 
 
 def _check_key(key) -> None:
