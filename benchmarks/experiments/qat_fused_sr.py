@@ -71,11 +71,11 @@ def uniform_from_index(k1, k2, idx):
   return lax.bitcast_convert_type(bits, jnp.float32) - np.float32(1.0)
 
 
-def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, ncols: int, block_m: int, block_k: int):
-  bs = fmt.block_size
-  x = C.split_axis(x_ref[...].astype(jnp.float32), 1, bs)  # (block_m, nb, bs)
+def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, axis: int, shape, tile):
+  bs, rax = fmt.block_size, axis + 1  # rax: the within-block axis of the blocked tile
+  x = C.split_axis(x_ref[...].astype(jnp.float32), axis, bs)  # (tr, nb, bs) or (nb, bs, tc)
   abits = C.f32_to_i32(x) & 0x7FFFFFFF
-  amax_bits = jnp.max(abits, axis=2, keepdims=True)
+  amax_bits = jnp.max(abits, axis=rax, keepdims=True)
   nonfinite = amax_bits >= 0x7F800000
   amax_bits = jnp.where(nonfinite | (amax_bits < 0x00800000), 0, amax_bits)
   xf = C.flush_f32(x)
@@ -96,24 +96,28 @@ def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, ncols: int, block_m: int
 
   # fp4jax.qat.rounding's rounding, its uniform drawn here from the element's flat index; the sign
   # stays an integer (Triton may drop the sign of a zero in float arithmetic, kernels/dequantize.py).
-  row = pl.program_id(0) * block_m + lax.broadcasted_iota(jnp.int32, (block_m, block_k), 0)
-  col = pl.program_id(1) * block_k + lax.broadcasted_iota(jnp.int32, (block_m, block_k), 1)
-  idx = (row.astype(jnp.uint32) * np.uint32(ncols) + col.astype(jnp.uint32))
-  u = C.split_axis(uniform_from_index(key_ref[0], key_ref[1], idx), 1, bs)
+  # The draw's index is the element's in the array blocked along its last axis: (R, C) itself for
+  # axis 1, its transpose (C, R) for axis 0 (fp4jax.qat.dot moves a leading block axis last).
+  row = (pl.program_id(0) * tile[0] + lax.broadcasted_iota(jnp.int32, tile, 0)).astype(jnp.uint32)
+  col = (pl.program_id(1) * tile[1] + lax.broadcasted_iota(jnp.int32, tile, 1)).astype(jnp.uint32)
+  idx = row * np.uint32(shape[1]) + col if axis == 1 else col * np.uint32(shape[0]) + row
+  u = C.split_axis(uniform_from_index(key_ref[0], key_ref[1], idx), axis, bs)
   r = _stochastic_magnitude(jnp.abs(y), u, fmt)
   sign = C.f32_to_i32(y) & jnp.int32(-(2**31))
   r = jnp.where(nonfinite, 0.0, r)  # quantize's zero codes in non-finite blocks (their scale is NaN)
   sbytes = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)
   out = _scaled(r, jnp.where(nonfinite, 0, sign), sbytes, fmt, gdec, jnp.float32)
-  o_ref[...] = out.reshape(block_m, block_k).astype(o_ref.dtype)
+  o_ref[...] = out.reshape(tile).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "rule", "dtype", "block_m", "block_k", "interpret"))
-def fused_sr_fake_quant(x, key, *, fmt, rule, dtype=jnp.bfloat16, block_m=32, block_k=256, interpret=False):
-  """fake_quantize_operand(x, OperandConfig(fmt, rule, 'stochastic'), -1, dtype, key) for 2-D ``x``."""
+@functools.partial(jax.jit, static_argnames=("fmt", "rule", "axis", "dtype", "tile", "interpret"))
+def fused_sr_fake_quant(x, key, *, fmt, rule, axis=1, dtype=jnp.bfloat16, tile=(32, 256), interpret=False):
+  """``reference(x, key, fmt, rule, axis, dtype)`` for 2-D ``x`` in one pass: blocks along ``axis``,
+  ``tile`` the (rows, columns) each program reads (the blocked side a multiple of the block)."""
   rows, cols = x.shape
-  if rows % block_m or cols % block_k or block_k % fmt.block_size or rows * cols >= 2**32:
-    raise ValueError(f"qat_fused_sr: shape {x.shape} must tile by ({block_m}, {block_k}), under 2**32 elements")
+  if rows % tile[0] or cols % tile[1] or tile[axis] % fmt.block_size or rows * cols >= 2**32:
+    raise ValueError(f"qat_fused_sr: shape {x.shape} must tile by {tile} with whole blocks along axis {axis}, "
+                     "under 2**32 elements")
   kd = jax.random.key_data(key).astype(jnp.uint32).reshape(2)
   if fmt.has_global_scale:
     # The reference's tensor amax (finite elements, subnormals flushed) and factors, in XLA: one read.
@@ -123,24 +127,28 @@ def fused_sr_fake_quant(x, key, *, fmt, rule, dtype=jnp.bfloat16, block_m=32, bl
     g = jnp.stack([gdec, genc]).astype(jnp.float32)
   else:
     g = jnp.zeros((2,), jnp.float32)
-  kernel = functools.partial(_kernel, fmt=fmt, rule=rule, ncols=cols, block_m=block_m, block_k=block_k)
+  kernel = functools.partial(_kernel, fmt=fmt, rule=rule, axis=axis, shape=x.shape, tile=tile)
   return pl.pallas_call(
       kernel,
-      grid=(rows // block_m, cols // block_k),
-      in_specs=[pl.BlockSpec((block_m, block_k), lambda i, j: (i, j)),
+      grid=(rows // tile[0], cols // tile[1]),
+      in_specs=[pl.BlockSpec(tile, lambda i, j: (i, j)),
                 pl.BlockSpec((2,), lambda i, j: (0,)),
                 pl.BlockSpec((2,), lambda i, j: (0,))],
-      out_specs=pl.BlockSpec((block_m, block_k), lambda i, j: (i, j)),
+      out_specs=pl.BlockSpec(tile, lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct(x.shape, dtype),
       compiler_params=C.compiler_params(4, 2),
       interpret=interpret,
-      name=f"fused_sr_{fmt.name}_{rule}",
+      name=f"fused_sr_{fmt.name}_{rule}_axis{axis}",
   )(x, kd, g)
 
 
-def reference(x, key, fmt, rule, dtype=jnp.bfloat16):
+def reference(x, key, fmt, rule, axis=1, dtype=jnp.bfloat16):
+  """The XLA route of fp4jax.qat.dot._backward_operand for 2-D ``x`` (no padding, no Hadamard)."""
   op = OperandConfig(fmt, rule, "stochastic")
-  return fake_quantize_operand(x, op, -1, dtype, key)
+  if axis == 0:
+    xt = lax.optimization_barrier(jnp.moveaxis(x, 0, 1))
+    return jnp.moveaxis(fake_quantize_operand(xt, op, 1, dtype, key), 1, 0)
+  return fake_quantize_operand(x, op, axis, dtype, key)
 
 
 def _inputs(shape, dtype, seed, specials=False):
@@ -158,6 +166,8 @@ def mismatches(a, b):
 
 
 CASES = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil")]
+#: Tiles timed per block axis: (rows, columns) a program reads; the blocked side holds whole blocks.
+TILES = {1: ((32, 256), (16, 512), (64, 128)), 0: ((256, 32), (128, 64), (64, 128))}
 
 
 def main(argv=None):
@@ -178,40 +188,46 @@ def main(argv=None):
     for fmt, rule in CASES:
       if a.formats and fmt.name not in a.formats.split(","):
         continue
-      for dt in (jnp.bfloat16, jnp.float32):
-        x = _inputs((64, 512), dt, seed=1, specials=True)
-        got = fused_sr_fake_quant(x, key, fmt=fmt, rule=rule, interpret=True)
-        want = reference(x, key, fmt, rule)
+      for dt, axis in ((jnp.bfloat16, 1), (jnp.float32, 1), (jnp.bfloat16, 0), (jnp.float32, 0)):
+        x = _inputs((64, 512) if axis else (512, 64), dt, seed=1, specials=True)
+        tile = (32, 256) if axis else (256, 32)
+        got = fused_sr_fake_quant(x, key, fmt=fmt, rule=rule, axis=axis, tile=tile, interpret=True)
+        want = reference(x, key, fmt, rule, axis)
         # Control: the draws matter (another key moves many elements), so equality above is not luck.
-        other = reference(x, jax.random.fold_in(key, 1), fmt, rule)
-        print(f"{fmt.name} {rule} {jnp.dtype(dt).name}: {mismatches(got, want)} of {x.size} differ "
+        other = reference(x, jax.random.fold_in(key, 1), fmt, rule, axis)
+        print(f"{fmt.name} {rule} {jnp.dtype(dt).name} axis {axis}: {mismatches(got, want)} of {x.size} differ "
               f"(another key: {mismatches(other, want)} differ)", flush=True)
   if a.lower:
-    x = jnp.zeros((256, 1024), jnp.bfloat16)
-    for fmt, rule in CASES:
-      text = jax.jit(functools.partial(fused_sr_fake_quant, fmt=fmt, rule=rule)).trace(x, key).lower(
-          lowering_platforms=("cuda",)).as_text()
-      print(f"lowered for CUDA: {fmt.name} {rule}: {len(text)} chars", flush=True)
+    x = jnp.zeros((1024, 1024), jnp.bfloat16)
+    for (fmt, rule), axis in zip(CASES, (1, 0, 1, 0)):
+      fn = functools.partial(fused_sr_fake_quant, fmt=fmt, rule=rule, axis=axis, tile=TILES[axis][0])
+      text = jax.jit(fn).trace(x, key).lower(lowering_platforms=("cuda",)).as_text()
+      print(f"lowered for CUDA: {fmt.name} {rule} axis {axis}: {len(text)} chars", flush=True)
   if a.out:
     import matmul as B  # benchmarks/matmul.py's bench (one dispatch of many calls, median of samples)
     os.makedirs(a.out, exist_ok=True)
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "threefry_equal": ok}
-    shapes = ((128, 512),) if a.small else ((8192, 4096), (8192, 14336), (4096, 14336))
-    for shape in shapes:
+    # The backward's stochastic operands of benchmarks/qat_step.py (8192 tokens, d 4096, ffn 14336):
+    # dy along d (axis 1), and dy, dh blocked along the tokens (axis 0).
+    cases = [((8192, 4096), 1), ((8192, 4096), 0), ((8192, 14336), 0)]
+    if a.small:
+      cases = [((256, 512), 1), ((512, 256), 0)]
+    for shape, axis in cases:
       xs = [_inputs(shape, jnp.bfloat16, seed=s) for s in range(3)]
       row = {"copy_us": B.bench(lambda v: v + 1, [(v,) for v in xs]) * 1e6}
       for fmt, rule in CASES[::2]:
         name = f"{fmt.name}_{rule}"
-        got = fused_sr_fake_quant(xs[0], key, fmt=fmt, rule=rule, interpret=a.small)
-        row[name + "_mismatches"] = mismatches(got, jax.jit(reference, static_argnums=(2, 3))(xs[0], key, fmt, rule))
-        for bm, bk in ((32, 256), (16, 512), (64, 128)):
-          f = functools.partial(fused_sr_fake_quant, fmt=fmt, rule=rule, block_m=bm, block_k=bk,
-                                interpret=a.small)
-          row[f"{name}_kernel_{bm}x{bk}_us"] = B.bench(lambda v, f=f: f(v, key), [(v,) for v in xs]) * 1e6
-        row[name + "_xla_us"] = B.bench(lambda v, fmt=fmt, rule=rule: reference(v, key, fmt, rule),
+        ref = jax.jit(reference, static_argnums=(2, 3, 4))
+        got = fused_sr_fake_quant(xs[0], key, fmt=fmt, rule=rule, axis=axis, tile=TILES[axis][0],
+                                  interpret=a.small)
+        row[name + "_mismatches"] = mismatches(got, ref(xs[0], key, fmt, rule, axis))
+        for tile in TILES[axis]:
+          f = functools.partial(fused_sr_fake_quant, fmt=fmt, rule=rule, axis=axis, tile=tile, interpret=a.small)
+          row[f"{name}_kernel_{tile[0]}x{tile[1]}_us"] = B.bench(lambda v, f=f: f(v, key), [(v,) for v in xs]) * 1e6
+        row[name + "_xla_us"] = B.bench(lambda v, fmt=fmt, rule=rule: reference(v, key, fmt, rule, axis),
                                         [(v,) for v in xs]) * 1e6
-      res["x".join(map(str, shape))] = row
-      print(shape, json.dumps(row), flush=True)
+      res[f"{shape[0]}x{shape[1]}_axis{axis}"] = row
+      print(shape, axis, json.dumps(row), flush=True)
       with open(os.path.join(a.out, "qat_fused_sr.json"), "w") as f:
         json.dump(res, f, indent=1)
   return 0
