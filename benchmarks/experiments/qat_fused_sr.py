@@ -71,7 +71,7 @@ def uniform_from_index(k1, k2, idx):
   return lax.bitcast_convert_type(bits, jnp.float32) - np.float32(1.0)
 
 
-def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, axis: int, shape, tile):
+def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, stochastic: bool, axis: int, shape, tile):
   bs, rax = fmt.block_size, axis + 1  # rax: the within-block axis of the blocked tile
   x = C.split_axis(x_ref[...].astype(jnp.float32), axis, bs)  # (tr, nb, bs) or (nb, bs, tc)
   abits = C.f32_to_i32(x) & 0x7FFFFFFF
@@ -98,11 +98,14 @@ def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, axis: int, shape, tile):
   # stays an integer (Triton may drop the sign of a zero in float arithmetic, kernels/dequantize.py).
   # The draw's index is the element's in the array blocked along its last axis: (R, C) itself for
   # axis 1, its transpose (C, R) for axis 0 (fp4jax.qat.dot moves a leading block axis last).
-  row = (pl.program_id(0) * tile[0] + lax.broadcasted_iota(jnp.int32, tile, 0)).astype(jnp.uint32)
-  col = (pl.program_id(1) * tile[1] + lax.broadcasted_iota(jnp.int32, tile, 1)).astype(jnp.uint32)
-  idx = row * np.uint32(shape[1]) + col if axis == 1 else col * np.uint32(shape[0]) + row
-  u = C.split_axis(uniform_from_index(key_ref[0], key_ref[1], idx), axis, bs)
-  r = _stochastic_magnitude(jnp.abs(y), u, fmt)
+  if stochastic:
+    row = (pl.program_id(0) * tile[0] + lax.broadcasted_iota(jnp.int32, tile, 0)).astype(jnp.uint32)
+    col = (pl.program_id(1) * tile[1] + lax.broadcasted_iota(jnp.int32, tile, 1)).astype(jnp.uint32)
+    idx = row * np.uint32(shape[1]) + col if axis == 1 else col * np.uint32(shape[0]) + row
+    u = C.split_axis(uniform_from_index(key_ref[0], key_ref[1], idx), axis, bs)
+    r = _stochastic_magnitude(jnp.abs(y), u, fmt)
+  else:  # the forward GEMMs' (and the backward's non-gradient operands') nearest-even rounding
+    r = C.round_to_grid(jnp.abs(y), C.ElemCodec.of(fmt.elem_dtype))[1]
   sign = C.f32_to_i32(y) & jnp.int32(-(2**31))
   r = jnp.where(nonfinite, 0.0, r)  # quantize's zero codes in non-finite blocks (their scale is NaN)
   sbytes = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)
@@ -113,12 +116,13 @@ def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, axis: int, shape, tile):
 @functools.partial(jax.jit, static_argnames=("fmt", "rule", "axis", "dtype", "tile", "interpret"))
 def fused_sr_fake_quant(x, key, *, fmt, rule, axis=1, dtype=jnp.bfloat16, tile=(32, 256), interpret=False):
   """``reference(x, key, fmt, rule, axis, dtype)`` for 2-D ``x`` in one pass: blocks along ``axis``,
-  ``tile`` the (rows, columns) each program reads (the blocked side a multiple of the block)."""
+  ``tile`` the (rows, columns) each program reads (the blocked side a multiple of the block);
+  ``key`` None rounds to nearest even."""
   rows, cols = x.shape
   if rows % tile[0] or cols % tile[1] or tile[axis] % fmt.block_size or rows * cols >= 2**32:
     raise ValueError(f"qat_fused_sr: shape {x.shape} must tile by {tile} with whole blocks along axis {axis}, "
                      "under 2**32 elements")
-  kd = jax.random.key_data(key).astype(jnp.uint32).reshape(2)
+  kd = jnp.zeros((2,), jnp.uint32) if key is None else jax.random.key_data(key).astype(jnp.uint32).reshape(2)
   if fmt.has_global_scale:
     # The reference's tensor amax (finite elements, subnormals flushed) and factors, in XLA: one read.
     bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(0x7FFFFFFF)
@@ -127,7 +131,8 @@ def fused_sr_fake_quant(x, key, *, fmt, rule, axis=1, dtype=jnp.bfloat16, tile=(
     g = jnp.stack([gdec, genc]).astype(jnp.float32)
   else:
     g = jnp.zeros((2,), jnp.float32)
-  kernel = functools.partial(_kernel, fmt=fmt, rule=rule, axis=axis, shape=x.shape, tile=tile)
+  kernel = functools.partial(_kernel, fmt=fmt, rule=rule, stochastic=key is not None, axis=axis, shape=x.shape,
+                             tile=tile)
   return pl.pallas_call(
       kernel,
       grid=(rows // tile[0], cols // tile[1]),
@@ -138,13 +143,13 @@ def fused_sr_fake_quant(x, key, *, fmt, rule, axis=1, dtype=jnp.bfloat16, tile=(
       out_shape=jax.ShapeDtypeStruct(x.shape, dtype),
       compiler_params=C.compiler_params(4, 2),
       interpret=interpret,
-      name=f"fused_sr_{fmt.name}_{rule}_axis{axis}",
+      name=f"fused_{'sr' if key is not None else 'rn'}_{fmt.name}_{rule}_axis{axis}",
   )(x, kd, g)
 
 
 def reference(x, key, fmt, rule, axis=1, dtype=jnp.bfloat16):
   """The XLA route of fp4jax.qat.dot._backward_operand for 2-D ``x`` (no padding, no Hadamard)."""
-  op = OperandConfig(fmt, rule, "stochastic")
+  op = OperandConfig(fmt, rule, "stochastic" if key is not None else "nearest")
   if axis == 0:
     xt = lax.optimization_barrier(jnp.moveaxis(x, 0, 1))
     return jnp.moveaxis(fake_quantize_operand(xt, op, 1, dtype, key), 1, 0)
@@ -195,8 +200,10 @@ def main(argv=None):
         want = reference(x, key, fmt, rule, axis)
         # Control: the draws matter (another key moves many elements), so equality above is not luck.
         other = reference(x, jax.random.fold_in(key, 1), fmt, rule, axis)
+        near = fused_sr_fake_quant(x, None, fmt=fmt, rule=rule, axis=axis, tile=tile, interpret=True)
         print(f"{fmt.name} {rule} {jnp.dtype(dt).name} axis {axis}: {mismatches(got, want)} of {x.size} differ "
-              f"(another key: {mismatches(other, want)} differ)", flush=True)
+              f"(another key: {mismatches(other, want)} differ); nearest: "
+              f"{mismatches(near, reference(x, None, fmt, rule, axis))} differ", flush=True)
   if a.lower:
     x = jnp.zeros((1024, 1024), jnp.bfloat16)
     for (fmt, rule), axis in zip(CASES, (1, 0, 1, 0)):
@@ -226,6 +233,13 @@ def main(argv=None):
           row[f"{name}_kernel_{tile[0]}x{tile[1]}_us"] = B.bench(lambda v, f=f: f(v, key), [(v,) for v in xs]) * 1e6
         row[name + "_xla_us"] = B.bench(lambda v, fmt=fmt, rule=rule: reference(v, key, fmt, rule, axis),
                                         [(v,) for v in xs]) * 1e6
+        # Nearest rounding (forward operands, the backward's non-gradient ones): first tile only.
+        f = functools.partial(fused_sr_fake_quant, fmt=fmt, rule=rule, axis=axis, tile=TILES[axis][0],
+                              interpret=a.small)
+        row[name + "_nearest_mismatches"] = mismatches(f(xs[0], None), ref(xs[0], None, fmt, rule, axis))
+        row[name + "_nearest_kernel_us"] = B.bench(lambda v, f=f: f(v, None), [(v,) for v in xs]) * 1e6
+        row[name + "_nearest_xla_us"] = B.bench(lambda v, fmt=fmt, rule=rule: reference(v, None, fmt, rule, axis),
+                                                [(v,) for v in xs]) * 1e6
       res[f"{shape[0]}x{shape[1]}_axis{axis}"] = row
       print(shape, axis, json.dumps(row), flush=True)
       with open(os.path.join(a.out, "qat_fused_sr.json"), "w") as f:
