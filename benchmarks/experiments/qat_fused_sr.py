@@ -14,12 +14,14 @@ arithmetic of fp4jax.kernels.quantize_pack / dequantize. It must equal
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --check      # CPU: interpret mode, vs XLA
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --lower      # CPU: lowers for CUDA
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR    # GPU: bits and times, ~2 min
-  PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR --small  # CPU: that path, small
+  PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR --step   # GPU: + the QAT step, ~4 min
+  PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR --small [--step]  # CPU: that path, small
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -37,6 +39,7 @@ from fp4jax.kernels import common as C
 from fp4jax.kernels.dequantize import _scaled
 from fp4jax.kernels.quantize_pack import _e4m3_scale_code, _pow2_rule_exponent
 from fp4jax.qat import OperandConfig
+from fp4jax.qat import dot as qdot
 from fp4jax.qat.fake import fake_quantize_operand
 from fp4jax.qat.rounding import _stochastic_magnitude
 from fp4jax.reference import global_factors
@@ -156,6 +159,78 @@ def reference(x, key, fmt, rule, axis=1, dtype=jnp.bfloat16):
   return fake_quantize_operand(x, op, axis, dtype, key)
 
 
+@contextlib.contextmanager
+def kernels_in_qat(interpret=False):
+  """fp4jax.qat.dot with this kernel for every 2-D operand it takes (forward and backward), else as is."""
+  orig_fq, orig_bwd = qdot.fake_quantize_operand, qdot._backward_operand
+
+  def usable(x, op, axis, axis_name):
+    return (x.ndim == 2 and op.fmt is not None and axis_name is None and op.rule in ("floor", "ceil", "nearest")
+            and (op.rule != "nearest" or not op.fmt.power_of_two_scales) and x.dtype in (jnp.bfloat16, jnp.float32)
+            and all(n % t == 0 for n, t in zip(x.shape, TILES[axis][0])) and x.size < 2**32)
+
+  def fake_quantize_operand_(x, op, axis, dtype, key=None, axis_name=None):
+    ax = axis % x.ndim
+    if not usable(x, op, ax, axis_name):
+      return orig_fq(x, op, axis, dtype, key, axis_name)
+    draw = key if key is not None and op.stochastic else None
+    return fused_sr_fake_quant(x, draw, fmt=op.fmt, rule=op.rule, axis=ax, dtype=dtype, tile=TILES[ax][0],
+                               interpret=interpret)
+
+  def backward_operand_(x, axis, op, cfg, key, dtype, multiple):
+    ax = axis % x.ndim
+    if cfg.hadamard or x.shape[ax] % multiple or not usable(x, op, ax, cfg.axis_name):
+      return orig_bwd(x, axis, op, cfg, key, dtype, multiple)
+    return fake_quantize_operand_(x, op, ax, dtype, key)  # read in place: no transpose pass
+
+  # jax caches traces (custom_vjp's forward and backward among them) by function, not by the module
+  # globals they read: without clearing, a step traced before the patch would run unpatched inside it.
+  jax.clear_caches()
+  qdot.fake_quantize_operand, qdot._backward_operand = fake_quantize_operand_, backward_operand_
+  try:
+    yield
+  finally:
+    qdot.fake_quantize_operand, qdot._backward_operand = orig_fq, orig_bwd
+    jax.clear_caches()
+
+
+def step_section(a):
+  """benchmarks/qat_step.py's step with the XLA route and with the kernels, one process."""
+  import qat_step
+  d, ffn, tokens = (128, 256, 256) if a.small else (4096, 14336, 8192)
+  samples, steps = (2, 2) if a.small else (5, 5)
+  out = {}
+  for mode in ("bf16", "mxfp4", "nvfp4"):
+    row = {}
+    for name, ctx in (("xla", contextlib.nullcontext()), ("kernels", kernels_in_qat(a.small))):
+      with ctx:
+        med, lo, hi, comp, loss = qat_step.bench(mode, d, ffn, tokens, samples, steps, "threefry2x32", False)
+        # One step from the same state in both: how far the kernels' step is from the XLA route's.
+        # Not bit-equal by default: XLA fuses the fake quantization of h = silu(x W1) * (x W3) into h's
+        # producer and skips h's bf16 rounding there (xla_allow_excess_precision, on by default); the
+        # kernel reads h as stored. With XLA_FLAGS=--xla_allow_excess_precision=false the CPU steps agree.
+        cfg = qat_step.MODES[mode]() if qat_step.MODES[mode] else None
+        k = jax.random.split(jax.random.key(0), 3)
+        params = tuple(jax.random.normal(kk, sh) * sh[0]**-0.5 for kk, sh in zip(k, ((d, ffn), (d, ffn), (ffn, d))))
+        x = jax.random.normal(jax.random.key(5), (tokens, d), jnp.bfloat16)
+        t = jax.random.normal(jax.random.key(6), (tokens, d), jnp.float32)
+        new, value = qat_step.make_step(cfg)(params, x, t, jax.random.key(9))
+      row[name] = {"ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "compile_s": comp,
+                   "one_step": (float(value), [np.asarray(p) for p in new])}
+      if mode == "bf16":
+        break  # no operand to quantize: the kernels change nothing
+    if "kernels" in row:
+      (lx, px), (lk, pk) = row["xla"].pop("one_step"), row["kernels"].pop("one_step")
+      row["loss_xla_vs_kernels"] = [lx, lk]
+      row["params_bits_equal"] = all(np.array_equal(u, v) for u, v in zip(px, pk))
+      row["params_max_rel_diff"] = max(float(np.max(np.abs(u - v)) / np.max(np.abs(u))) for u, v in zip(px, pk))
+    else:
+      row["xla"].pop("one_step")
+    out[mode] = row
+    print(mode, json.dumps(row), flush=True)
+  return out
+
+
 def _inputs(shape, dtype, seed, specials=False):
   kx, ks = jax.random.split(jax.random.key(seed))
   x = jax.random.normal(kx, shape, jnp.float32) * jnp.exp2(jax.random.randint(ks, shape[:1] + (1,), -20, 20))
@@ -181,6 +256,7 @@ def main(argv=None):
   p.add_argument("--lower", action="store_true", help="CPU: lower for CUDA")
   p.add_argument("--out", help="GPU: bits and times, OUT/qat_fused_sr.json")
   p.add_argument("--small", action="store_true", help="--out on a CPU: small shapes, interpret mode")
+  p.add_argument("--step", action="store_true", help="with --out: also the QAT step, XLA route vs the kernels")
   p.add_argument("--formats", default="", help="--check only these formats (comma-separated names)")
   a = p.parse_args(argv)
   key = jax.random.fold_in(jax.random.key(7), 3)
@@ -242,6 +318,10 @@ def main(argv=None):
                                                 [(v,) for v in xs]) * 1e6
       res[f"{shape[0]}x{shape[1]}_axis{axis}"] = row
       print(shape, axis, json.dumps(row), flush=True)
+      with open(os.path.join(a.out, "qat_fused_sr.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    if a.step:
+      res["step"] = step_section(a)
       with open(os.path.join(a.out, "qat_fused_sr.json"), "w") as f:
         json.dump(res, f, indent=1)
   return 0
