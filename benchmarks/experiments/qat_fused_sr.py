@@ -12,6 +12,7 @@ arithmetic of fp4jax.kernels.quantize_pack / dequantize. It must equal
 ``fp4jax.qat.fake.fake_quantize_operand`` (the stochastic route) bit for bit, draws included.
 
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --check      # CPU: interpret mode, vs XLA
+  PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --fuzz 1     # CPU: 12 random cases, vs XLA
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --lower      # CPU: lowers for CUDA
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR    # GPU: bits and times, ~2 min
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR --step   # GPU: + the QAT step, ~4 min
@@ -254,6 +255,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--check", action="store_true", help="CPU: interpret mode against the XLA route, bit for bit")
   p.add_argument("--lower", action="store_true", help="CPU: lower for CUDA")
+  p.add_argument("--fuzz", type=int, default=0, help="CPU: 12 random cases from this seed, interpret mode")
   p.add_argument("--out", help="GPU: bits and times, OUT/qat_fused_sr.json")
   p.add_argument("--small", action="store_true", help="--out on a CPU: small shapes, interpret mode")
   p.add_argument("--step", action="store_true", help="with --out: also the QAT step, XLA route vs the kernels")
@@ -280,6 +282,22 @@ def main(argv=None):
         print(f"{fmt.name} {rule} {jnp.dtype(dt).name} axis {axis}: {mismatches(got, want)} of {x.size} differ "
               f"(another key: {mismatches(other, want)} differ); nearest: "
               f"{mismatches(near, reference(x, None, fmt, rule, axis))} differ", flush=True)
+  if a.fuzz:
+    # Random formats, rules, axes, dtypes, tiles, scales spread over many binades, keys: bit for bit.
+    rng = np.random.default_rng(a.fuzz)
+    for trial in range(12):
+      fmt, rule = CASES[rng.integers(len(CASES))]
+      axis, dt = int(rng.integers(2)), (jnp.bfloat16, jnp.float32)[rng.integers(2)]
+      tile = TILES[axis][rng.integers(3)]
+      shape = tuple(int(t * rng.integers(1, 3)) for t in tile)
+      x = _inputs(shape, dt, seed=int(rng.integers(2**31)), specials=bool(rng.integers(2)) and min(shape) >= 64)
+      k = jax.random.key(int(rng.integers(2**31)))
+      stochastic = bool(rng.integers(4))  # 3 in 4 stochastic
+      got = fused_sr_fake_quant(x, k if stochastic else None, fmt=fmt, rule=rule, axis=axis, tile=tile,
+                                interpret=True)
+      want = reference(x, k if stochastic else None, fmt, rule, axis)
+      print(f"fuzz {trial}: {fmt.name} {rule} axis {axis} {jnp.dtype(dt).name} {shape} tile {tile} "
+            f"{'stochastic' if stochastic else 'nearest'}: {mismatches(got, want)} differ", flush=True)
   if a.lower:
     x = jnp.zeros((1024, 1024), jnp.bfloat16)
     for (fmt, rule), axis in zip(CASES, (1, 0, 1, 0)):
