@@ -40,6 +40,7 @@ def main():
   p.add_argument("--direct-route", action="store_true",
                  help="quantize leading-axis backward operands in place, as before cf70679")
   p.add_argument("--fresh-only", action="store_true", help="only the fresh check")
+  p.add_argument("--dims", type=int, nargs=3, metavar=("D", "FFN", "TOKENS"), help="instead of the defaults")
   a = p.parse_args()
   if a.direct_route:
     def direct(x, axis, op, cfg, key, dtype, multiple):
@@ -47,7 +48,7 @@ def main():
       return qdot.fake_quantize_operand(x, op, axis, dtype, key, axis_name=cfg.axis_name)
     qdot._backward_operand = direct  # _backward_gemm looks it up at trace time
   # The fields multi_gpu's sections read.
-  a.d, a.ffn, a.qat_tokens = (256, 512, 256) if a.small else (4096, 14336, 8192)
+  a.d, a.ffn, a.qat_tokens = a.dims or ((256, 512, 256) if a.small else (4096, 14336, 8192))
   a.samples, a.qat_steps, a.target_s, a.budget_s = 1, 1, 0.01, 1e9
   a.decode_m, a.prefill_m, a.commit, a.devices = [1], [a.qat_tokens // 2], "", 2
   devs = jax.devices()
