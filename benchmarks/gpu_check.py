@@ -14,7 +14,9 @@ can compare the GPU with ``jax.devices("cpu")``), then writes:
   format x rule x input dtype: mismatching codes, scales and global scales,
   CPU XLA vs GPU XLA vs GPU Pallas; the dequantize kernel vs XLA; the matmuls),
   built from the rows ``tests/test_cross_platform.py`` records while it runs;
-* ``DIR/pytest.log`` (the raw log) and ``DIR/junit.xml``.
+* ``DIR/pytest.log`` (the raw log) and ``DIR/junit.xml``; the table's raw rows
+  (``DIR/cross_platform_rows``) are removed once the table is written, unless
+  ``--keep-rows`` (the device tool brings back at most 8 files a call).
 
 The report is rewritten after every stage, so an interrupted run (Ctrl-C,
 SIGTERM, the ``--budget`` running out) still leaves what was measured. The
@@ -182,9 +184,22 @@ def _junit(path):
         el = case.find(kind)
         if el is not None:
           name = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
-          msg = (el.get("message") or el.text or "").strip().splitlines()
-          failures.append((name, (msg[0][:300] if msg else kind)))
+          failures.append((name, _failure_line(el, kind)))
   return counts, failures
+
+
+def _failure_line(el, kind: str) -> str:
+  """The failure's message, or when that says nothing past its exception name (an assert on
+  arrays, hypothesis), the first ``E`` line of the traceback that does."""
+  msg = (el.get("message") or "").strip().splitlines()
+  first = msg[0].strip() if msg else ""
+  if first and not first.endswith(":"):
+    return first[:300]
+  for ln in (el.text or "").splitlines():
+    ln = ln.strip()
+    if ln.startswith("E ") and ln[1:].strip() and not ln[1:].strip().endswith(":"):
+      return (first + " " + ln[1:].strip())[:300] if first else ln[1:].strip()[:300]
+  return first or kind
 
 
 def _summary_line(log_path):
@@ -266,6 +281,7 @@ def main(argv=None):
   ap.add_argument("--budget", type=float, default=420.0, help="seconds for the test suite")
   ap.add_argument("--workers", type=int, default=12, help="pytest-xdist workers")
   ap.add_argument("--cpu-smoke", action="store_true", help="a tiny subset on the CPU: checks this script")
+  ap.add_argument("--keep-rows", action="store_true", help="keep DIR/cross_platform_rows (the table's raw rows)")
   ap.add_argument("tests", nargs="*", help="pytest arguments instead of 'tests'")
   args = ap.parse_args(argv)
 
@@ -284,8 +300,7 @@ def main(argv=None):
   report = Report(os.path.join(args.out, "gpu_tests.md"), args)
   junit, log_path = os.path.join(args.out, "junit.xml"), os.path.join(args.out, "pytest.log")
   report.env = {
-      "Command": "`JAX_PLATFORMS=cuda PYTHONPATH=. python3 benchmarks/gpu_check.py --out DIR`"
-                 + (" (`--cpu-smoke`)" if args.cpu_smoke else ""),
+      "Command": "`python3 benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
       "Commit": _git_commit(args.commit),
       "Started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "JAX_PLATFORMS": env.get("JAX_PLATFORMS", "(unset)"),
@@ -331,6 +346,8 @@ def _finish(report, rows_dir, junit, log_path, rc, seconds, timed_out):
   table = cross_platform_table(_rows(rows_dir))
   report.table, mismatches = table if isinstance(table, tuple) else (table, 0)
   report.write()
+  if not report.args.keep_rows:  # the table holds them; the device tool returns only 8 files a call
+    shutil.rmtree(rows_dir, ignore_errors=True)
   print(f"wrote {report.path}: {summary}; cross-platform mismatches: {mismatches}")
   ok = rc == 0 and not timed_out and mismatches == 0
   return 0 if ok else 1
