@@ -83,9 +83,10 @@ def main():
     check("after interconnect")
   for name, layout in layouts.items():
     MG.qat_case(run, a.mode, name, layout, base)
+  check("after the plain QAT cases")
   for name in ("2 GPUs DP, same global batch", "2 GPUs DP, same per-GPU batch"):
     MG.qat_case(run, a.mode, name + " + LHS", layouts[name], base, lhs=True)
-  check("after the QAT timing cases")
+  check("after the LHS QAT cases")
 
 
 if __name__ == "__main__":
