@@ -305,7 +305,8 @@ def qat_case(run, mode, name, layout, base, lhs=False):
 
 
 def qat_grad_check(run, mode, layouts, base):
-  """Gradients of the float32 step on 1 GPU and on 2 (same global batch), relative errors."""
+  """Gradients of the float32 step on 1 GPU and on 2 (same global batch), relative errors; returns
+  the gradients by layout name."""
   a = run.args
   config = qat_step.MODES[mode]()
   grad = jax.grad(qat_step.make_loss(config, jnp.float32))
@@ -329,6 +330,7 @@ def qat_grad_check(run, mode, layouts, base):
     run.data["qat_grads"].append(row)
     run.check(f"QAT {mode} {name}: float32 gradients equal 1 GPU's to float32 rounding",
               max(errs) <= bound, f"max relative error {max(errs):.2e}, bound 2*n*eps = {bound:.2e} (n={n})")
+  return out
 
 
 def qat_section(run, meshes, mode):

@@ -3,11 +3,12 @@
 In benchmarks/multi_gpu.py's runs at 67009d7 and ac4bcd6 (H200 x2) the float32 NVFP4 gradients of the
 'same global batch' DP step differed from one GPU's by 1.99e-2 (bound 1.95e-3), twice alike; the same
 programs built the same way in a fresh process (multi_gpu_support.Program, plain jit, jit with in or out
-shardings) agreed to 1.2e-6. This script computes the check fresh, after the interconnect section, and
-after every QAT timing case of qat_section (the order multi_gpu.py runs them in), and reports each
-result against the first one-GPU gradients and whether it equals its own first computation bit for bit.
+shardings) agreed to 1.2e-6. This script runs multi_gpu.qat_grad_check fresh, after the interconnect section, after
+qat_section's four plain timing cases and after its two LHS ones (the order multi_gpu.py runs them in), and reports each
+result (multi_gpu.qat_grad_check's own relative errors and check) and whether each layout's gradients
+equal their first computation bit for bit.
 
-  PYTHONPATH=. python benchmarks/experiments/dp_grad_state.py            # H200 x2, ~3 min
+  PYTHONPATH=. python benchmarks/experiments/dp_grad_state.py            # H200 x2, ~5 min
   PYTHONPATH=. python benchmarks/experiments/dp_grad_state.py --fresh-only [--direct-route]
   XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
     PYTHONPATH=. python benchmarks/experiments/dp_grad_state.py --small  # CPU (no interconnect section)
@@ -19,16 +20,14 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh
 
 from fp4jax.qat import dot as qdot
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import multi_gpu as MG  # noqa: E402
-import qat_step  # noqa: E402
-from multi_gpu_support import Program, Run, rel_err  # noqa: E402
+from multi_gpu_support import Run  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -55,29 +54,21 @@ def main():
   meshes = {n: Mesh(np.array(devs[:n]), ("tp",), axis_types=(AxisType.Auto,)) for n in (1, 2)}
   layouts = MG.qat_layouts(meshes, a.qat_tokens)
   base = MG.qat_params(a.d, a.ffn)
-  grad = jax.grad(qat_step.make_loss(qat_step.MODES[a.mode](), jnp.float32))
-  x, t = MG.qat_batch(0, a.qat_tokens, a.d, jnp.float32)
+  run = Run(a)
   first = {}
 
   def check(label):
-    for name in ("1 GPU", "2 GPUs DP, same global batch"):
-      mesh, _, pspecs, bspec = layouts[name]
-      psh = tuple(NamedSharding(mesh, s) for s in pspecs)
-      bsh, rep = NamedSharding(mesh, bspec), NamedSharding(mesh, P())
-      args = (jax.device_put(base, psh), jax.device_put(x, bsh), jax.device_put(t, bsh),
-              jax.device_put(jax.random.key(5), rep))
-      with jax.default_matmul_precision("highest"):  # as multi_gpu.qat_grad_check
-        g = jax.device_get(Program(grad, (psh, bsh, bsh, rep), psh, args)(*args))
+    """multi_gpu.qat_grad_check itself (1 GPU, DP same global batch, TP), then each layout's
+    gradients against its first computation, bit for bit."""
+    grads = MG.qat_grad_check(run, a.mode, layouts, base)
+    for name, g in grads.items():
       first.setdefault(name, g)
-      errs = ", ".join(f"{rel_err(u, v):.2e}" for u, v in zip(g, first["1 GPU"]))
       same = all(np.array_equal(u, v) for u, v in zip(g, first[name]))
-      print(f"[{time.perf_counter() - T0:6.1f}s] {label:>28} | {name:<29} | vs first 1 GPU: {errs} | "
-            f"bits as its first: {same}", flush=True)
+      print(f"[{time.perf_counter() - T0:6.1f}s] {label:>28} | {name:<40} | bits as its first: {same}", flush=True)
 
   check("fresh")
   if a.fresh_only:
     return
-  run = Run(a)
   if not a.small:  # the CPU's in-process collectives can stall in the psum timing loop
     MG.interconnect_section(run, meshes)
     check("after interconnect")
