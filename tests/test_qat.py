@@ -16,6 +16,9 @@ from jax import lax
 import fp4jax as fj
 from fp4jax import qat
 from fp4jax.qat import OperandConfig, QatConfig
+from fp4jax.qat.dot import _backward_operand
+from fp4jax.qat.fake import fake_quantize_operand
+from fp4jax.reference import pad_axis
 
 MM = (((1,), (0,)), ((), ()))  # (M, K) x (K, N)
 
@@ -390,11 +393,6 @@ def test_leading_axis_backward_operands_keep_the_direct_values(rounding, hadamar
   # The backward GEMMs quantize an operand blocked along a leading axis (the tokens of a weight
   # gradient) after moving that axis last (fp4jax/qat/dot.py, for XLA's layouts on the GPU); blocks,
   # scales, padding, the Hadamard signs and the stochastic draws must be those of the direct route.
-  from fp4jax.qat.dot import _backward_operand
-  from fp4jax.qat.fake import fake_quantize_operand
-  from fp4jax.qat.rounding import random_hadamard
-  from fp4jax.reference import pad_axis
-
   op = OperandConfig(fj.NVFP4, "ceil", rounding)
   cfg = QatConfig(lhs=op, rhs=op, grad=op, hadamard=hadamard, seed=3)
   x = normal(40, (40, 3, 24)).astype(jnp.bfloat16)  # 40 rows: padded to 48 along axis 0
@@ -402,7 +400,7 @@ def test_leading_axis_backward_operands_keep_the_direct_values(rounding, hadamar
   got = jax.jit(lambda x: _backward_operand(x, 0, op, cfg, key, jnp.bfloat16, 16))(x)
   direct = pad_axis(x, 0, 16)
   if hadamard:
-    direct = random_hadamard(direct, hadamard, axis=0, seed=3)
+    direct = qat.random_hadamard(direct, hadamard, axis=0, seed=3)
   direct = fake_quantize_operand(direct, op, 0, jnp.bfloat16, key)
   assert got.shape == (48, 3, 24)
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(direct, np.float32))
