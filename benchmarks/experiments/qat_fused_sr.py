@@ -43,7 +43,7 @@ from fp4jax.qat import OperandConfig
 from fp4jax.qat import dot as qdot
 from fp4jax.qat.fake import fake_quantize_operand
 from fp4jax.qat.rounding import _stochastic_magnitude
-from fp4jax.reference import global_factors
+from fp4jax.reference import global_factors, group_amax_bits
 from fp4jax.scales import global_encode_numerator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -129,8 +129,8 @@ def fused_sr_fake_quant(x, key, *, fmt, rule, axis=1, dtype=jnp.bfloat16, tile=(
   kd = jnp.zeros((2,), jnp.uint32) if key is None else jax.random.key_data(key).astype(jnp.uint32).reshape(2)
   if fmt.has_global_scale:
     # The reference's tensor amax (finite elements, subnormals flushed) and factors, in XLA: one read.
-    bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(0x7FFFFFFF)
-    amax = _bits.from_f32_bits(jnp.max(jnp.where(bits < jnp.uint32(0x7F800000), bits, 0)))
+    bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(_bits.F32_ABS_MASK)
+    amax = _bits.from_f32_bits(group_amax_bits(bits, ()).reshape(()))
     genc, gdec = global_factors(amax, fmt, global_encode_numerator(fmt, rule))
     g = jnp.stack([gdec, genc]).astype(jnp.float32)
   else:
