@@ -196,9 +196,9 @@ def _failure_line(el, kind: str) -> str:
   if first and not first.endswith(":"):
     return first[:300]
   for ln in (el.text or "").splitlines():
-    ln = ln.strip()
-    if ln.startswith("E ") and ln[1:].strip() and not ln[1:].strip().endswith(":"):
-      return (first + " " + ln[1:].strip())[:300] if first else ln[1:].strip()[:300]
+    said = ln.strip()[1:].strip() if ln.strip().startswith("E ") else ""
+    if said and not said.endswith(":"):
+      return f"{first} {said}".strip()[:300]
   return first or kind
 
 
