@@ -86,8 +86,7 @@ def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, stochastic: bool, axis: 
   if fmt.power_of_two_scales:
     e = _pow2_rule_exponent(amax_bits, fmt, rule)
     scale_code = e + fmt.scale_bias
-    a = (-e) >> 1  # the reference's scale_by_pow2(x, -e): two normal factors
-    y = xf * C.i32_to_f32((a + 127) << 23) * C.i32_to_f32((-e - a + 127) << 23)
+    y = _bits.scale_by_pow2(xf, -e)  # as the reference's element_units
     gdec = None
   else:
     gdec, genc = g_ref[0], g_ref[1]
