@@ -16,6 +16,8 @@ arithmetic of fp4jax.kernels.quantize_pack / dequantize. It must equal
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --lower      # CPU: lowers for CUDA
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR    # GPU: bits and times, ~2 min
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR --step   # GPU: + the QAT step, ~4 min
+  PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR --step --step-only \
+    --step-modes bf16,mxfp4 --tile0 64x128,128x64 --kernel-formats mxfp4    # GPU: the step alone, ~1 min
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR --small [--step]  # CPU: that path, small
 """
 
@@ -160,21 +162,27 @@ def reference(x, key, fmt, rule, axis=1, dtype=jnp.bfloat16):
 
 
 @contextlib.contextmanager
-def kernels_in_qat(interpret=False):
-  """fp4jax.qat.dot with this kernel for every 2-D operand it takes (forward and backward), else as is."""
+def kernels_in_qat(interpret=False, tiles=None, formats=None):
+  """fp4jax.qat.dot with this kernel for every 2-D operand it takes (forward and backward), else as is.
+
+  ``tiles``: {block axis: tile}, default each axis's first in TILES; ``formats``: names of the
+  formats that take the kernel (default all).
+  """
   orig_fq, orig_bwd = qdot.fake_quantize_operand, qdot._backward_operand
+  tiles = {ax: (tiles or {}).get(ax, TILES[ax][0]) for ax in (0, 1)}
 
   def usable(x, op, axis, axis_name):
     return (x.ndim == 2 and op.fmt is not None and axis_name is None and op.rule in ("floor", "ceil", "nearest")
+            and (formats is None or op.fmt.name in formats)
             and (op.rule != "nearest" or not op.fmt.power_of_two_scales) and x.dtype in (jnp.bfloat16, jnp.float32)
-            and all(n % t == 0 for n, t in zip(x.shape, TILES[axis][0])) and x.size < 2**32)
+            and all(n % t == 0 for n, t in zip(x.shape, tiles[axis])) and x.size < 2**32)
 
   def fake_quantize_operand_(x, op, axis, dtype, key=None, axis_name=None):
     ax = axis % x.ndim
     if not usable(x, op, ax, axis_name):
       return orig_fq(x, op, axis, dtype, key, axis_name)
     draw = key if key is not None and op.stochastic else None
-    return fused_sr_fake_quant(x, draw, fmt=op.fmt, rule=op.rule, axis=ax, dtype=dtype, tile=TILES[ax][0],
+    return fused_sr_fake_quant(x, draw, fmt=op.fmt, rule=op.rule, axis=ax, dtype=dtype, tile=tiles[ax],
                                interpret=interpret)
 
   def backward_operand_(x, axis, op, cfg, key, dtype, multiple):
@@ -199,10 +207,13 @@ def step_section(a):
   import qat_step
   d, ffn, tokens = (128, 256, 256) if a.small else (4096, 14336, 8192)
   samples, steps = (2, 2) if a.small else (5, 5)
+  formats = a.kernel_formats.split(",") if a.kernel_formats else None
+  variants = [("xla", None)] + [(f"kernels_axis0_{t[0]}x{t[1]}", t) for t in a.tile0]
   out = {}
-  for mode in ("bf16", "mxfp4", "nvfp4"):
+  for mode in a.step_modes.split(","):
     row = {}
-    for name, ctx in (("xla", contextlib.nullcontext()), ("kernels", kernels_in_qat(a.small))):
+    for name, tile0 in variants:
+      ctx = contextlib.nullcontext() if tile0 is None else kernels_in_qat(a.small, {0: tile0}, formats)
       with ctx:
         med, lo, hi, comp, loss = qat_step.bench(mode, d, ffn, tokens, samples, steps, "threefry2x32", False)
         # One step from the same state in both: how far the kernels' step is from the XLA route's.
@@ -219,13 +230,14 @@ def step_section(a):
                    "one_step": (float(value), [np.asarray(p) for p in new])}
       if mode == "bf16":
         break  # no operand to quantize: the kernels change nothing
-    if "kernels" in row:
-      (lx, px), (lk, pk) = row["xla"].pop("one_step"), row["kernels"].pop("one_step")
-      row["loss_xla_vs_kernels"] = [lx, lk]
-      row["params_bits_equal"] = all(np.array_equal(u, v) for u, v in zip(px, pk))
-      row["params_max_rel_diff"] = max(float(np.max(np.abs(u - v)) / np.max(np.abs(u))) for u, v in zip(px, pk))
-    else:
-      row["xla"].pop("one_step")
+    lx, px = row["xla"].pop("one_step")
+    for name, _ in variants[1:]:
+      if name in row:
+        lk, pk = row[name].pop("one_step")
+        row[name]["loss_xla_vs_kernels"] = [lx, lk]
+        row[name]["params_bits_equal"] = all(np.array_equal(u, v) for u, v in zip(px, pk))
+        row[name]["params_max_rel_diff"] = max(float(np.max(np.abs(u - v)) / np.max(np.abs(u)))
+                                               for u, v in zip(px, pk))
     out[mode] = row
     print(mode, json.dumps(row), flush=True)
   return out
@@ -250,6 +262,11 @@ CASES = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVF
 TILES = {1: ((32, 256), (16, 512), (64, 128)), 0: ((256, 32), (128, 64), (64, 128))}
 
 
+def tiles_arg(s):
+  """"64x128,128x64" -> [(64, 128), (128, 64)]"""
+  return [tuple(int(n) for n in t.split("x")) for t in s.split(",") if t]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--check", action="store_true", help="CPU: interpret mode against the XLA route, bit for bit")
@@ -259,6 +276,11 @@ def main(argv=None):
   p.add_argument("--small", action="store_true", help="--out on a CPU: small shapes, interpret mode")
   p.add_argument("--step", action="store_true", help="with --out: also the QAT step, XLA route vs the kernels")
   p.add_argument("--formats", default="", help="--check only these formats (comma-separated names)")
+  p.add_argument("--step-only", action="store_true", help="with --out --step: skip the per-operand times")
+  p.add_argument("--step-modes", default="bf16,mxfp4,nvfp4", help="benchmarks/qat_step.py modes --step times")
+  p.add_argument("--tile0", type=tiles_arg, default=[TILES[0][0]],
+                 help="--step: the kernels' tiles for operands blocked along axis 0, each its own variant (64x128,...)")
+  p.add_argument("--kernel-formats", default="", help="--step: only these formats take the kernel (names)")
   a = p.parse_args(argv)
   key = jax.random.fold_in(jax.random.key(7), 3)
   kd = jax.random.key_data(key).astype(jnp.uint32)
@@ -312,6 +334,8 @@ def main(argv=None):
     cases = [((8192, 4096), 1), ((8192, 4096), 0), ((8192, 14336), 0)]
     if a.small:
       cases = [((256, 512), 1), ((512, 256), 0)]
+    if a.step_only:
+      cases = []
     for shape, axis in cases:
       xs = [_inputs(shape, jnp.bfloat16, seed=s) for s in range(3)]
       row = {"copy_us": B.bench(lambda v: v + 1, [(v,) for v in xs]) * 1e6}
