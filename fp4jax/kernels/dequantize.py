@@ -51,7 +51,7 @@ def _decode(code, codec: C.ElemCodec, dtype):
   return v, sign
 
 
-def _scaled(v, sign, sbytes, fmt: Format, gdec, out_dtype):
+def scale_magnitudes(v, sign, sbytes, fmt: Format, gdec, out_dtype):
   """``decode_blocks`` then the saturating cast, for magnitudes ``v`` and sign bits ``sign``."""
   if fmt.power_of_two_scales:
     e = sbytes - fmt.scale_bias
@@ -105,15 +105,15 @@ def dequantize_kernel(*refs, fmt: Format, tiling: C.Tiling, pack_axis, words: bo
     else:  # columns packed along the last axis: neighbouring columns' scales
       bsz = fmt.block_size
       s_lo, s_hi = (jnp.expand_dims(t, rax) for t in lax.unstack(C.split_axis(sbytes, 1, 2), axis=-1))
-    out_lo = _scaled(*decode(C.split_axis(lo, kax, bsz)), s_lo, fmt, gdec, out_dtype)
-    out_hi = _scaled(*decode(C.split_axis(hi, kax, bsz)), s_hi, fmt, gdec, out_dtype)
+    out_lo = scale_magnitudes(*decode(C.split_axis(lo, kax, bsz)), s_lo, fmt, gdec, out_dtype)
+    out_hi = scale_magnitudes(*decode(C.split_axis(hi, kax, bsz)), s_hi, fmt, gdec, out_dtype)
     half = lambda o: lax.bitcast_convert_type(o, jnp.uint16).astype(jnp.uint32)
     word = half(out_lo) | (half(out_hi) << 16)
     tiling.store(out_ref, word.reshape(out_ref.shape))
     return
   codes = raw if pack_axis is None else C.unpack_pairs(raw, pack_axis)
   v, sign = decode(C.split_axis(codes, kax, fmt.block_size))
-  out = _scaled(v, sign, jnp.expand_dims(sbytes, rax), fmt, gdec, out_dtype)
+  out = scale_magnitudes(v, sign, jnp.expand_dims(sbytes, rax), fmt, gdec, out_dtype)
   tiling.store(out_ref, out.reshape(out_ref.shape))
 
 

@@ -59,7 +59,7 @@ default_config = C.default_tiles
 
 
 # ---- the scale rules on per-block values ------------------------------------------
-def _pow2_rule_exponent(amax_bits, fmt: Format, rule: str):
+def pow2_rule_exponent(amax_bits, fmt: Format, rule: str):
   """E8M0 floor / ceil exponents from int32 amax bits (scales.py's formulas)."""
   e = (amax_bits >> 23) - 127 - fmt.elem_emax
   if rule == "ceil" or rule == "mse":
@@ -67,7 +67,7 @@ def _pow2_rule_exponent(amax_bits, fmt: Format, rule: str):
   return jnp.clip(e, fmt.scale_exp_min, fmt.scale_exp_max)
 
 
-def _e4m3_scale_code(amax_bits, genc, fmt: Format, rule: str):
+def e4m3_scale_code(amax_bits, genc, fmt: Format, rule: str):
   """NVFP4 block scale codes (int32 0..0x7E) for "floor" / "ceil" / "nearest"."""
   sc = C.ElemCodec.of(fmt.scale_dtype)
   amax = C.i32_to_f32(amax_bits)
@@ -91,7 +91,14 @@ def _encode_pow2(x, e, codec, fmt):
 
 
 def _encode_e4m3(x, code_s, gdec, codec, fmt):
-  """Element codes and rounded |values| for NVFP4 block scale codes ``code_s``.
+  """Element codes and rounded |values| for NVFP4 block scale codes ``code_s``."""
+  y = e4m3_units(x, code_s, gdec, fmt)
+  code, r = C.round_to_grid(jnp.minimum(jnp.abs(y), np.float32(fmt.elem_max)), codec)
+  return code | C.sign_code(C.f32_to_i32(y), codec), r
+
+
+def e4m3_units(x, code_s, gdec, fmt):
+  """Element units ``flush(x) / (s * g)`` for NVFP4 block scale codes ``code_s`` (unclipped).
 
   As ``fp4jax.scales.element_factor``: ``1 / (s * g)`` with the product flushed
   and the reciprocal correctly rounded (the same integer division).
@@ -101,9 +108,7 @@ def _encode_e4m3(x, code_s, gdec, codec, fmt):
   # compute_once: in interpret mode XLA would otherwise fuse the division into every element's
   # loss terms, and jax 0.11's CPU compiler then takes minutes on the "mse" search.
   enc = _bits.compute_once(jnp.where(pos, _bits.div_rn(1.0, jnp.where(pos, s, 1.0)), 0.0))
-  y = C.flush_f32(x) * enc
-  code, r = C.round_to_grid(jnp.minimum(jnp.abs(y), np.float32(fmt.elem_max)), codec)
-  return code | C.sign_code(C.f32_to_i32(y), codec), r
+  return C.flush_f32(x) * enc
 
 
 def _mse_loss(target, dq, axis):
@@ -118,6 +123,17 @@ def _unit_target(x, amax_bits, genc=None):
 
 
 # ---- the kernel ----------------------------------------------------------------------
+def block_amax_bits(x, rax: int):
+  """int32 bits of each block's amax along ``rax`` (kept), 0 where the block is non-finite or
+  all subnormal / zero; and where it is non-finite."""
+  abits = C.f32_to_i32(x) & 0x7FFFFFFF
+  amax_bits = jnp.max(abits, axis=rax, keepdims=True)
+  nonfinite = amax_bits >= 0x7F800000
+  # Flushing after the max: only a block of subnormals and zeros has a
+  # subnormal max, and the reference sees zeros there.
+  return jnp.where(nonfinite | (amax_bits < 0x00800000), 0, amax_bits), nonfinite
+
+
 def quantize_pack_kernel(*refs, fmt: Format, rule: str, tiling: C.Tiling, pack_axis, has_global: bool):
   """One tile: ``x`` -> codes (packed two a byte for 4-bit elements) and scale bytes.
 
@@ -134,18 +150,13 @@ def quantize_pack_kernel(*refs, fmt: Format, rule: str, tiling: C.Tiling, pack_a
   codec = C.ElemCodec.of(fmt.elem_dtype)
 
   x = C.split_axis(tiling.load(x_ref).astype(jnp.float32), tiling.kax, fmt.block_size)
-  abits = C.f32_to_i32(x) & 0x7FFFFFFF
-  amax_bits = jnp.max(abits, axis=rax, keepdims=True)
-  nonfinite = amax_bits >= 0x7F800000
-  # Flushing after the max: only a block of subnormals and zeros has a
-  # subnormal max, and the reference sees zeros there.
-  amax_bits = jnp.where(nonfinite | (amax_bits < 0x00800000), 0, amax_bits)
+  amax_bits, nonfinite = block_amax_bits(x, rax)
 
   if fmt.power_of_two_scales:
     if rule == "mse":
       e, codes = _mse_pow2(x, amax_bits, fmt, codec, rax)
     else:
-      e = _pow2_rule_exponent(amax_bits, fmt, rule)
+      e = pow2_rule_exponent(amax_bits, fmt, rule)
       codes, _ = _encode_pow2(x, e, codec, fmt)
     scale_code = e + fmt.scale_bias
   else:
@@ -153,7 +164,7 @@ def quantize_pack_kernel(*refs, fmt: Format, rule: str, tiling: C.Tiling, pack_a
     if rule == "mse":
       scale_code, codes = _mse_e4m3(x, amax_bits, gdec, genc, fmt, codec, rax)
     else:
-      scale_code = _e4m3_scale_code(amax_bits, genc, fmt, rule)
+      scale_code = e4m3_scale_code(amax_bits, genc, fmt, rule)
       codes, _ = _encode_e4m3(x, scale_code, gdec, codec, fmt)
   scale_code = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)
   codes = jnp.where(nonfinite, 0, codes)  # the reference zeroes non-finite blocks
@@ -165,7 +176,7 @@ def quantize_pack_kernel(*refs, fmt: Format, rule: str, tiling: C.Tiling, pack_a
 
 def _mse_pow2(x, amax_bits, fmt, codec, rax):
   unit, target = _unit_target(x, amax_bits)
-  anchor = _pow2_rule_exponent(amax_bits, fmt, "ceil") + fmt.scale_bias
+  anchor = pow2_rule_exponent(amax_bits, fmt, "ceil") + fmt.scale_bias
   best_loss = best_e = best_codes = None
   offsets, _ = search_window(fmt, False)
   for off in offsets:
@@ -185,7 +196,7 @@ def _mse_pow2(x, amax_bits, fmt, codec, rax):
 def _mse_e4m3(x, amax_bits, gdec, genc, fmt, codec, rax):
   sc = C.ElemCodec.of(fmt.scale_dtype)
   unit, target = _unit_target(x, amax_bits, genc)
-  anchor = jnp.maximum(_e4m3_scale_code(amax_bits, genc, fmt, "ceil"), fmt.scale_min_normal_byte)
+  anchor = jnp.maximum(e4m3_scale_code(amax_bits, genc, fmt, "ceil"), fmt.scale_min_normal_byte)
   offsets, with_zero = search_window(fmt, False)
   assert not with_zero and offsets.step == 1
 

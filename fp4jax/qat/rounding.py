@@ -15,7 +15,7 @@ from fp4jax.formats import Format
 from fp4jax.qarray import QArray, normalize_axis
 from fp4jax.quantize import as_input, quantize
 from fp4jax.reference import from_blocks, pad_axis, to_blocks
-from fp4jax.scales import element_units, encode_units
+from fp4jax.scales import element_units, encode_units, stochastic_magnitudes
 
 __all__ = ["stochastic_quantize", "random_hadamard", "hadamard_matrix"]
 
@@ -31,21 +31,7 @@ def _stochastic_round(y, fmt: Format, key):
   subnormal binade it is ``frac`` rounded up to a multiple of ``2**-23``.
   """
   u = jax.random.uniform(key, y.shape, jnp.float32)
-  return jnp.copysign(_stochastic_magnitude(jnp.abs(y), u, fmt), y)
-
-
-def _stochastic_magnitude(a, u, fmt: Format):
-  """``|y|`` rounded up to its upper grid neighbour where the uniform ``u < frac(t)``, else down.
-
-  Separate from the draw so that a kernel drawing ``u`` itself rounds exactly as here.
-  """
-  emin = int(fmt.elem_finfo.minexp)  # smallest normal exponent of the elements
-  e = jnp.maximum(_bits.floor_log2(_bits.f32_bits(a)), emin)
-  ulp_exp = e - fmt.elem_nmant
-  t = _bits.scale_by_pow2(a, -ulp_exp)
-  lo = jnp.floor(t)
-  r = lo + (u < t - lo).astype(jnp.float32)
-  return _bits.scale_by_pow2(r, ulp_exp)
+  return jnp.copysign(stochastic_magnitudes(jnp.abs(y), u, fmt), y)
 
 
 def _check_key(key) -> None:

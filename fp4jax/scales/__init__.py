@@ -77,7 +77,7 @@ from typing import Any, Callable
 
 from fp4jax.formats import Format
 from fp4jax.scales.elements import (decode_blocks, decode_elements, element_units, encode_elements,
-                                    encode_units, scale_exponent)
+                                    encode_units, scale_exponent, stochastic_magnitudes)
 from fp4jax.scales.fixed import (RULE_NEEDS_POW2, BlockContext, ceil_rule, even_rule, floor_rule,
                                  nearest_rule)
 from fp4jax.scales.search import (block_hessians, dequant_unit_factor, four_over_six_rule, loss_unit_target,
@@ -93,6 +93,7 @@ __all__ = [
     "element_units",
     "encode_elements",
     "encode_units",
+    "stochastic_magnitudes",
     "decode_elements",
     "decode_blocks",
     "block_hessians",

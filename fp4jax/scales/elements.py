@@ -23,6 +23,7 @@ __all__ = [
     "scale_exponent",
     "pow2_scales",
     "encode_units",
+    "stochastic_magnitudes",
     "decode_elements",
     "element_factor",
     "element_units",
@@ -99,6 +100,24 @@ def encode_units(y, fmt: Format):
   """
   y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
   return ELEMENT_CODECS[fmt.elem_storage][0](y, fmt)
+
+
+def stochastic_magnitudes(a, u, fmt: Format):
+  """Float32 magnitudes ``a`` (element units, ``a <= elem_max``) rounded to a grid neighbour by the uniforms ``u``.
+
+  With ``t = a / ulp(a)`` (exact: ulp is a power of two), the result is
+  ``floor(t) * ulp``, or ``(floor(t) + 1) * ulp`` where ``u < frac(t)``: for
+  ``u`` uniform in [0, 1) the upper one with probability ``frac(t)``. Apart
+  from the draw, so a kernel that draws ``u`` itself rounds exactly as the
+  XLA path (``fp4jax.qat.stochastic_quantize``, ``fp4jax.kernels.fake_quant``).
+  """
+  emin = int(fmt.elem_finfo.minexp)  # smallest normal exponent of the elements
+  e = jnp.maximum(_bits.floor_log2(_bits.f32_bits(a)), emin)
+  ulp_exp = e - fmt.elem_nmant
+  t = _bits.scale_by_pow2(a, -ulp_exp)
+  lo = jnp.floor(t)
+  r = lo + (u < t - lo).astype(jnp.float32)
+  return _bits.scale_by_pow2(r, ulp_exp)
 
 
 def decode_elements(values, fmt: Format):
