@@ -19,12 +19,14 @@ time. Usage::
 
   python benchmarks/qat_step.py                 # d=4096, ffn=14336, 8192 tokens (GPU)
   python benchmarks/qat_step.py --tiny          # CPU smoke test
+  python benchmarks/qat_step.py --modes bf16,mxfp4 --backends xla,pallas   # + the fused fake-quant kernel
   python benchmarks/qat_step.py --out benchmarks/results/qat_step.md
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import sys
@@ -84,13 +86,16 @@ def make_step(config, input_grad=False, lr=1e-3):
   return step
 
 
-def bench(mode, d, ffn, tokens, samples, steps, prng, input_grad):
+def bench(mode, d, ffn, tokens, samples, steps, prng, input_grad, backend="xla"):
+  """(median, min, max) seconds a step, compile seconds, last loss; ``backend``: QatConfig.backend."""
   k = jax.random.split(jax.random.key(0), 8)
   params = (jax.random.normal(k[0], (d, ffn)) * d**-0.5, jax.random.normal(k[1], (d, ffn)) * d**-0.5,
             jax.random.normal(k[2], (ffn, d)) * ffn**-0.5)
   xs = [jax.random.normal(k[3 + i], (tokens, d), jnp.bfloat16) for i in range(2)]
   ts = [jax.random.normal(k[5 + i], (tokens, d), jnp.float32) for i in range(2)]
   config = MODES[mode]() if MODES[mode] else None
+  if config is not None:
+    config = dataclasses.replace(config, backend=backend)
   step = make_step(config, input_grad)
   key = jax.random.key(1, impl=prng)
 
@@ -126,6 +131,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=5, help="back-to-back steps per sample")
   p.add_argument("--prng", default="threefry2x32", help="PRNG impl for stochastic rounding")
   p.add_argument("--input-grad", action="store_true", help="also compute dx (9 GEMMs instead of 7)")
+  p.add_argument("--backends", default="xla",
+                 help="QatConfig.backend values, each a row per QAT mode (pallas without a GPU: interpret mode)")
   p.add_argument("--out", help="write the markdown table here")
   a = p.parse_args(argv)
   if a.tiny:
@@ -144,11 +151,17 @@ def main(argv=None):
            "| mode | step ms (median) | min..max ms | x bf16 | GEMM TFLOP/s equiv. | compile s |",
            "|---|---|---|---|---|---|"]
   base = None
-  for m in modes:
-    med, lo, hi, comp, _ = bench(m, a.d, a.ffn, a.tokens, a.samples, a.steps, a.prng, a.input_grad)
+  backends = a.backends.split(",")
+  for b in backends:
+    fj.backend.check_backend(b)
+  runs = [(m, b) for m in modes for b in (backends if MODES[m] else ["xla"])]
+  for m, b in runs:
+    with fj.kernels.interpret_mode(not fj.kernels.on_gpu()):
+      med, lo, hi, comp, _ = bench(m, a.d, a.ffn, a.tokens, a.samples, a.steps, a.prng, a.input_grad, b)
     base = med if m == "bf16" else base
     ratio = f"{med / base:.2f}" if base else "-"
-    lines.append(f"| {m} | {med * 1e3:.2f} | {lo * 1e3:.2f}..{hi * 1e3:.2f} | {ratio} | "
+    label = m if b == "xla" or not MODES[m] else f"{m}, backend={b}"
+    lines.append(f"| {label} | {med * 1e3:.2f} | {lo * 1e3:.2f}..{hi * 1e3:.2f} | {ratio} | "
                  f"{flops / med / 1e12:.0f} | {comp:.1f} |")
     print(lines[-1], flush=True)
     if a.out:  # after every mode, so a run cut short keeps what it measured

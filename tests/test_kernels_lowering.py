@@ -24,6 +24,7 @@ import pytest
 
 import fp4jax as fj
 from fp4jax.kernels import dequantize as dqk
+from fp4jax.kernels import fake_quant as fqk
 from fp4jax.kernels import mx_matmul as mxk
 from fp4jax.kernels import quantize_pack as qk
 from fp4jax.kernels import w4a16_matmul as wk
@@ -127,6 +128,20 @@ def test_dequantize_kernels_lower(fmt, dtype):
     cfg = dqk.Config(block_m=4, block_k=2 * fmt.block_size)  # partial tiles
     _lower(lambda c, s, g: dqk.dequantize_packed(c, s, g, fmt=fmt, axis=axis, dtype=dtype, config=cfg),
            codes, scales, gs)
+
+
+# ---- QAT fake quantization ---------------------------------------------------------------------
+_FAKE = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil")]
+
+
+@pytest.mark.parametrize("fmt,rule", _FAKE, ids=[f"{f.name}-{r}" for f, r in _FAKE])
+def test_fake_quant_kernel_lowers(fmt, rule):
+  # Both block axes, stochastic (the in-kernel threefry) and nearest, bf16 and float32 inputs.
+  for axis, dtype in ((1, jnp.bfloat16), (0, jnp.float32)):
+    x = _x((256, 256), dtype)
+    _lower(lambda x, k: fqk.fake_quantize_2d(x, k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16),
+           x, jax.random.key(0))
+    _lower(lambda x: fqk.fake_quantize_2d(x, None, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16), x)
 
 
 # ---- matmuls -------------------------------------------------------------------------------------

@@ -245,8 +245,9 @@ def test_bad_inputs_raise_value_errors_naming_the_problem():
 
 
 def test_auto_takes_only_gpu_verified_cases(monkeypatch):
-  # Empty since the H200 run recorded in benchmarks/results/gpu_tests.md: every kernel case is verified.
-  assert backend.GPU_UNVERIFIED == {}
+  # Since the H200 run recorded in benchmarks/results/gpu_tests.md every quantize, dequantize and matmul
+  # case is verified; the fused QAT fake-quantization kernel (newer) waits for its GPU suite run.
+  assert set(backend.GPU_UNVERIFIED) == {("fake_quant", "*", "*", "*")}
   assert backend.gpu_verified("quantize", fj.NVFP4, "mse", jnp.float32) and backend.gpu_verified("dequantize", fj.MXFP4)
   # An entry ("*" matches anything) keeps its cases, and only those, off the kernels.
   monkeypatch.setitem(backend.GPU_UNVERIFIED, ("quantize", "nvfp4", "mse", "*"), "a case that a GPU run found inexact")
@@ -260,7 +261,7 @@ def test_auto_takes_only_gpu_verified_cases(monkeypatch):
 
 
 def test_gpu_unverified_table_names_real_cases_each_with_a_reason():
-  ops, rules = {"quantize", "dequantize"}, set(fj.SCALE_RULES)
+  ops, rules = {"quantize", "dequantize", "fake_quant"}, set(fj.SCALE_RULES)
   dtypes = {"float32", "bfloat16", "float16"}
   for (op, fmt, rule, dtype), why in backend.GPU_UNVERIFIED.items():
     assert op in ops and (fmt == "*" or fmt in fj.FORMATS), (op, fmt)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from fp4jax.backend import check_backend
 from fp4jax.formats import Format, get_format
 from fp4jax.scales import SCALE_RULES
 
@@ -78,6 +79,17 @@ class QatConfig:
       is ``lax.pmax``-ed over them (see :func:`fp4jax.quantize`), so the
       global scales are the unsharded ones. ``None`` under plain ``jit``,
       sharded or not.
+    backend: how each 2-D operand is fake-quantized. ``"xla"`` (default): the
+      reference ops, which XLA fuses. ``"pallas"``: the fused kernel
+      (:mod:`fp4jax.kernels.fake_quant`: block scale, rounding with its own
+      threefry draws, dequantize in one pass; the same bits), a ValueError
+      where it cannot run. ``"auto"``: the kernel on a GPU where its bits are
+      confirmed there (``fp4jax.backend.GPU_UNVERIFIED``) and it is the faster
+      (power-of-two-scale formats), else the XLA ops. Operands the kernel does
+      not take (not 2-D, float16, ``axis_name``, shapes no tile divides) stay
+      on the XLA ops under ``"auto"``. Under ``jit`` with arrays sharded over
+      an automatic (``Auto``) mesh XLA cannot split a kernel and gathers its
+      operand: keep ``"xla"`` there, or call it inside ``jax.shard_map``.
   """
 
   lhs: OperandConfig = OperandConfig()
@@ -87,11 +99,13 @@ class QatConfig:
   seed: int = 0
   compute_dtype: Any = None
   axis_name: Any = None
+  backend: str = "xla"
 
   def __post_init__(self):
     for name in ("lhs", "rhs", "grad"):
       if not isinstance(getattr(self, name), OperandConfig):
         raise ValueError(f"QatConfig.{name} must be an OperandConfig, got {getattr(self, name)!r}")
+    check_backend(self.backend)
     h = self.hadamard
     if h is not None and (not isinstance(h, int) or h < 2 or h & (h - 1)):
       raise ValueError(f"QatConfig.hadamard must be None or a power of two >= 2 (16, 32), got {h!r}")

@@ -13,7 +13,7 @@ from jax import lax
 from fp4jax.matmul import scaled_dot_general
 from fp4jax.qarray import QArray, normalize_axis
 from fp4jax.qat.config import OperandConfig, QatConfig
-from fp4jax.qat.fake import fake_quantize_operand
+from fp4jax.qat.fake import fake_quantize_operand, fused_fake_quantize
 from fp4jax.qat.rounding import random_hadamard
 from fp4jax.quantize import quantize
 from fp4jax.reference import pad_axis
@@ -76,6 +76,11 @@ def _backward_operand(x, axis: int, op: OperandConfig, cfg: QatConfig, key, dtyp
   """
   last = x.ndim - 1
   if axis % x.ndim != last:
+    if not cfg.hadamard and op.fmt is not None and x.shape[axis] % multiple == 0:
+      # The fused kernel reads a leading block axis in place, drawing as the transposed route.
+      draw = key if key is not None and op.stochastic else None
+      if (out := fused_fake_quantize(x, op, axis, dtype, draw, cfg.axis_name, cfg.backend)) is not None:
+        return out
     # moveaxis, not swapaxes: the other axes keep their order, so the blocked view (and with it
     # every stochastic draw) is the one the direct route would make.
     xt = lax.optimization_barrier(jnp.moveaxis(x, axis, last))
@@ -83,7 +88,7 @@ def _backward_operand(x, axis: int, op: OperandConfig, cfg: QatConfig, key, dtyp
   x = pad_axis(x, axis, multiple)
   if cfg.hadamard:
     x = random_hadamard(x, cfg.hadamard, axis=axis, seed=cfg.seed)
-  return fake_quantize_operand(x, op, axis, dtype, key, axis_name=cfg.axis_name)
+  return fake_quantize_operand(x, op, axis, dtype, key, axis_name=cfg.axis_name, backend=cfg.backend)
 
 
 def _block_multiple(cfg: QatConfig, *ops: OperandConfig) -> int:
@@ -119,8 +124,8 @@ def _forward_operands(lhs, rhs, dims, cfg, dtype):
   (lc, rc), _ = dims
   if not lc:
     return lhs.astype(dtype), rhs.astype(dtype)
-  return (fake_quantize_operand(lhs, cfg.lhs, lc[-1], dtype, axis_name=cfg.axis_name),
-          fake_quantize_operand(rhs, cfg.rhs, rc[-1], dtype, axis_name=cfg.axis_name))
+  return (fake_quantize_operand(lhs, cfg.lhs, lc[-1], dtype, axis_name=cfg.axis_name, backend=cfg.backend),
+          fake_quantize_operand(rhs, cfg.rhs, rc[-1], dtype, axis_name=cfg.axis_name, backend=cfg.backend))
 
 
 def _qdot_fwd(lhs, rhs, key, dims, cfg, precision, out_dtype):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fp4jax import _bits
+from fp4jax import backend as _backend
 from fp4jax.formats import Format, get_format
 from fp4jax.qarray import as_array, normalize_axis
 from fp4jax.qat.config import STES, OperandConfig
@@ -17,21 +18,25 @@ from fp4jax.quantize import as_input, dequantize, quantize
 from fp4jax.reference import from_blocks, to_blocks
 from fp4jax.scales import SCALE_RULES, element_units
 
-__all__ = ["fake_quant", "fake_quantize_operand"]
+__all__ = ["fake_quant", "fake_quantize_operand", "fused_fake_quantize"]
 
 
-def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None, axis_name=None):
+def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None, axis_name=None, backend="xla"):
   """dequantize(quantize(x)) along ``axis`` (zero-padded to whole blocks), as ``dtype``.
 
-  ``axis_name``: as in :func:`fp4jax.quantize` (NVFP4's amax across ``shard_map`` shards).
+  ``key`` draws the stochastic rounding where ``op`` asks for it. ``axis_name``: as in
+  :func:`fp4jax.quantize` (NVFP4's amax across ``shard_map`` shards). ``backend``: as
+  ``QatConfig.backend``.
   """
   if op.fmt is None:
     return x.astype(dtype)
+  draw = key if key is not None and op.stochastic else None
+  if (out := fused_fake_quantize(x, op, axis, dtype, draw, axis_name, backend)) is not None:
+    return out
   xin = x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
-  # The XLA path, on every backend: XLA fuses quantize and dequantize into one
-  # pass over x, where a separate quantize kernel would write the QArray out.
-  if key is not None and op.stochastic:
-    q = stochastic_quantize(xin, op.fmt, key, axis=axis, scale_rule=op.rule, pad=True, axis_name=axis_name)
+  # The XLA path: XLA fuses quantize and dequantize into one pass over x.
+  if draw is not None:
+    q = stochastic_quantize(xin, op.fmt, draw, axis=axis, scale_rule=op.rule, pad=True, axis_name=axis_name)
   else:
     q = quantize(xin, op.fmt, axis=axis, scale_rule=op.rule, pad=True, backend="xla", axis_name=axis_name)
   out = dequantize(q, jnp.float32, backend="xla")
@@ -39,6 +44,29 @@ def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None, axis
   if out.shape[axis] != n:
     out = lax.slice_in_dim(out, 0, n, axis=axis)
   return out.astype(dtype)
+
+
+def fused_fake_quantize(x, op: OperandConfig, axis: int, dtype, draw, axis_name, backend):
+  """:func:`fake_quantize_operand` through the fused kernel when ``backend`` picks it, else None.
+
+  ``draw``: the key of stochastic rounding, or None (nearest). ``backend="pallas"``
+  raises a ValueError naming why the kernel cannot take the operand.
+  """
+  if backend == "xla":
+    return None
+  if backend == "auto" and not op.fmt.power_of_two_scales:
+    # Slower than XLA's fusion on the H200 for NVFP4 (benchmarks/results/qat_fused_sr.json).
+    return None
+  ax = axis % x.ndim
+  obstacle = _backend.fake_quant_obstacle(x, op.fmt, ax, op.rule, draw, axis_name)
+  plan = _backend.choose("fake_quant", backend, obstacle,
+                         verified=_backend.gpu_verified("fake_quant", op.fmt, op.rule, x.dtype))
+  if plan.impl != "kernel":
+    return None
+  from fp4jax.kernels import fake_quant  # lazy: Pallas loads only when a kernel runs
+
+  return fake_quant.fake_quantize_2d(x, draw, fmt=op.fmt, rule=op.rule, axis=ax, dtype=dtype,
+                                     interpret=plan.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))

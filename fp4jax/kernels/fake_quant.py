@@ -1,0 +1,178 @@
+"""QAT fake quantization of a 2-D operand in one pass: block scale, rounding, dequantize.
+
+``fp4jax.qat`` fake-quantizes every GEMM operand: quantize (block scales, nearest
+or stochastic element rounding) then dequantize back to the compute dtype. On
+the XLA path that is several passes and, with stochastic rounding, a threefry
+hash per element that XLA fuses badly (H200: 240 us against XLA's 353 for an
+8192 x 4096 MXFP4 operand, benchmarks/results/qat_fused_sr.json). This kernel
+reads each tile once and writes the dequantized values:
+
+* the block scales of ``kernels/quantize_pack.py`` (its rules, its arithmetic);
+* nearest-even rounding, or ``fp4jax.scales.stochastic_magnitudes`` with a
+  uniform it draws itself: jax's partitionable threefry2x32 of the element's
+  flat index in the array blocked along its last axis, so the draws are the
+  ones ``jax.random.uniform(key, blocked_shape)`` makes on the XLA path;
+* the scaling of ``kernels/dequantize.py``.
+
+It equals ``fp4jax.qat.fake.fake_quantize_operand`` on the XLA path bit for bit,
+draws included (tests/test_kernels_fake_quant.py). A block axis 0 is read in
+place and drawn with the transposed index: the XLA path's
+``fp4jax.qat.dot._backward_operand`` moves that axis last first.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from fp4jax import _bits
+from fp4jax.formats import Format
+from fp4jax.kernels import common as C
+from fp4jax.kernels.dequantize import scale_magnitudes
+from fp4jax.kernels.quantize_pack import block_amax_bits, e4m3_scale_code, e4m3_units, pow2_rule_exponent
+from fp4jax.reference import global_factors, group_amax_bits
+from fp4jax.scales import global_encode_numerator, stochastic_magnitudes
+
+__all__ = ["supported", "fake_quantize_2d", "pick_tile", "uniform_from_index"]
+
+#: (rows, columns) a program reads, by block axis, in order of preference: the first that
+#: tiles the array runs. The first ones are the fastest measured on the H200
+#: (benchmarks/results/qat_fused_sr.json: 64 x 128 along axis 0 is 2x faster than 256 x 32).
+TILES = {1: ((32, 256), (16, 512), (64, 128), (16, 256), (16, 128), (16, 64), (16, 32)),
+         0: ((64, 128), (128, 64), (256, 32), (64, 64), (32, 64), (32, 32), (16, 32))}
+_FORMATS = ("mxfp4", "nvfp4")
+_RULES = ("floor", "ceil", "nearest")
+_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _rotl(v, r: int):
+  return (v << np.uint32(r)) | (v >> np.uint32(32 - r))
+
+
+def _threefry2x32(k1, k2, x0, x1):
+  """The Threefry-2x32 block (20 rounds) of jax.random's default PRNG, on uint32 arrays."""
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = _rotl(x1, r) ^ x0
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x0, x1
+
+
+def uniform_from_index(k1, k2, idx):
+  """``jax.random.uniform(key, shape).ravel()[idx]`` for uint32 flat indices ``idx < 2**32``.
+
+  ``k1, k2``: the key's two uint32 words. Partitionable threefry (jax's default):
+  element ``i`` hashes the counter ``(0, i)``; its two output words, xor-ed, give
+  the 23 mantissa bits of a float in [1, 2), less 1.
+  """
+  b0, b1 = _threefry2x32(k1, k2, jnp.zeros_like(idx), idx)
+  bits = (b0 ^ b1) >> np.uint32(9) | np.uint32(0x3F800000)
+  return lax.bitcast_convert_type(bits, jnp.float32) - np.float32(1.0)
+
+
+def pick_tile(shape, fmt: Format, axis: int):
+  """The first tile of :data:`TILES` that divides ``shape`` (whole blocks along ``axis``), or None."""
+  for tile in TILES[axis]:
+    if tile[axis] % fmt.block_size == 0 and all(n % t == 0 for n, t in zip(shape, tile)):
+      return tile
+  return None
+
+
+def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool) -> str | None:
+  """None if the kernel takes the case, else why not."""
+  if fmt.name not in _FORMATS:
+    return f"the fused fake-quantization kernel takes {_FORMATS}, not {fmt.name}"
+  if np.dtype(dtype) not in _DTYPES:
+    return f"input dtype {np.dtype(dtype)} (the fused fake-quantization kernel takes float32 or bfloat16)"
+  if rule not in _RULES or (rule == "nearest" and fmt.power_of_two_scales):
+    return f"scale_rule {rule!r} with {fmt.name}"
+  if len(shape) != 2:
+    return f"a {len(shape)}-D operand (the fused fake-quantization kernel takes 2-D ones)"
+  if pick_tile(shape, fmt, axis) is None:
+    return f"shape {tuple(shape)} does not tile by any of {TILES[axis]} with whole blocks along axis {axis}"
+  if np.prod(shape, dtype=np.int64) >= 2**32:
+    return f"shape {tuple(shape)} has 2**32 elements or more (the draws' index is 32-bit)"
+  if stochastic and not jax.config.jax_threefry_partitionable:
+    return "jax_threefry_partitionable is off: the kernel draws as the partitionable threefry does"
+  return None
+
+
+def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, stochastic: bool, axis: int, shape, tile):
+  bs, rax = fmt.block_size, axis + 1  # rax: the within-block axis of the blocked tile
+  x = C.split_axis(x_ref[...].astype(jnp.float32), axis, bs)  # (tr, nb, bs) or (nb, bs, tc)
+  amax_bits, nonfinite = block_amax_bits(x, rax)
+  if fmt.power_of_two_scales:
+    e = pow2_rule_exponent(amax_bits, fmt, rule)
+    scale_code = e + fmt.scale_bias
+    y = _bits.scale_by_pow2(C.flush_f32(x), -e)  # as the reference's element_units
+    gdec = None
+  else:
+    gdec, genc = g_ref[0], g_ref[1]
+    scale_code = e4m3_scale_code(amax_bits, genc, fmt, rule)
+    y = e4m3_units(x, scale_code, gdec, fmt)
+  y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
+  # The sign stays an integer: Triton may drop the sign of a zero in float arithmetic
+  # (kernels/dequantize.py).
+  if stochastic:
+    # The element's flat index in the array blocked along its last axis: (R, C) itself for
+    # axis 1, its transpose (C, R) for axis 0.
+    row = (pl.program_id(0) * tile[0] + lax.broadcasted_iota(jnp.int32, tile, 0)).astype(jnp.uint32)
+    col = (pl.program_id(1) * tile[1] + lax.broadcasted_iota(jnp.int32, tile, 1)).astype(jnp.uint32)
+    idx = row * np.uint32(shape[1]) + col if axis == 1 else col * np.uint32(shape[0]) + row
+    u = C.split_axis(uniform_from_index(key_ref[0], key_ref[1], idx), axis, bs)
+    r = stochastic_magnitudes(jnp.abs(y), u, fmt)
+  else:
+    r = C.round_to_grid(jnp.abs(y), C.ElemCodec.of(fmt.elem_dtype))[1]
+  sign = C.f32_to_i32(y) & jnp.int32(-(2**31))
+  r = jnp.where(nonfinite, 0.0, r)  # quantize's zero codes in non-finite blocks (their scale is NaN)
+  sbytes = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)
+  out = scale_magnitudes(r, jnp.where(nonfinite, 0, sign), sbytes, fmt, gdec, jnp.float32)
+  o_ref[...] = out.reshape(tile).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "rule", "axis", "dtype", "interpret", "tile"))
+def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interpret: bool = False, tile=None):
+  """``dequantize(quantize(x))`` of 2-D ``x`` along ``axis`` as ``dtype``, one pass.
+
+  ``key``: a jax.random key (stochastic rounding, the draws of the XLA path) or None
+  (nearest even). The case must pass :func:`supported`. ``tile``: the (rows, columns)
+  a program reads, default :func:`pick_tile`'s (benchmarks time others).
+  """
+  if why := supported(x.shape, x.dtype, fmt, axis, rule, key is not None):
+    raise ValueError(f"fake_quantize_2d: {why}")
+  tile = tuple(tile) if tile is not None else pick_tile(x.shape, fmt, axis)
+  if tile[axis] % fmt.block_size or any(n % t for n, t in zip(x.shape, tile)):
+    raise ValueError(f"fake_quantize_2d: tile {tile} must divide shape {x.shape} with whole blocks along axis {axis}")
+  kd = jnp.zeros((2,), jnp.uint32) if key is None else jax.random.key_data(key).astype(jnp.uint32).reshape(2)
+  if fmt.has_global_scale:
+    # The reference's tensor amax (finite elements, subnormals flushed) and factors: one read, in XLA.
+    bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(_bits.F32_ABS_MASK)
+    amax = _bits.from_f32_bits(group_amax_bits(bits, ()).reshape(()))
+    genc, gdec = global_factors(amax, fmt, global_encode_numerator(fmt, rule))
+    g = jnp.stack([gdec, genc]).astype(jnp.float32)
+  else:
+    g = jnp.zeros((2,), jnp.float32)
+  kernel = functools.partial(_kernel, fmt=fmt, rule=rule, stochastic=key is not None, axis=axis, shape=x.shape,
+                             tile=tile)
+  return pl.pallas_call(
+      kernel,
+      grid=(x.shape[0] // tile[0], x.shape[1] // tile[1]),
+      in_specs=[pl.BlockSpec(tile, lambda i, j: (i, j)),
+                pl.BlockSpec((2,), lambda i, j: (0,)),
+                pl.BlockSpec((2,), lambda i, j: (0,))],
+      out_specs=pl.BlockSpec(tile, lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct(x.shape, dtype),
+      compiler_params=C.compiler_params(4, 2),
+      interpret=interpret,
+      name=f"fake_quant_{'sr' if key is not None else 'rn'}_{fmt.name}_{rule}_axis{axis}",
+  )(x, kd, g)

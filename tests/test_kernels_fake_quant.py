@@ -1,0 +1,166 @@
+"""The fused QAT fake-quantization kernel against the XLA path, bit for bit, draws included.
+
+On a GPU the compiled kernel runs, else Pallas interpret mode. The reference is
+``fp4jax.qat.fake.fake_quantize_operand`` on the XLA path (for a leading block
+axis: the transposed route of ``fp4jax.qat.dot._backward_operand``), whose
+stochastic draws are ``jax.random.uniform``'s; the kernel hashes the flat index itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fp4jax as fj
+from fp4jax import backend, kernels, qat
+from fp4jax.kernels import fake_quant as fk
+from fp4jax.qat import OperandConfig, QatConfig
+from fp4jax.qat.dot import _backward_operand
+from fp4jax.qat.fake import fake_quantize_operand
+
+INTERPRET = not kernels.on_gpu()
+CASES = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil")]
+
+
+def inputs(shape, dtype, seed, specials=False):
+  """Normal values spread over 40 binades by row (column for a short first axis)."""
+  kx, ks = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, shape, jnp.float32) * jnp.exp2(jax.random.randint(ks, shape[:1] + (1,), -20, 20))
+  if specials:  # a NaN, an Inf, an all-zero block and a float32 subnormal
+    x = x.at[0, 3].set(jnp.nan).at[1, 40].set(jnp.inf).at[2, :32].set(0.0).at[3, 5].set(1e-40)
+  return x.astype(dtype)
+
+
+def xla_route(x, key, fmt, rule, axis, dtype=jnp.bfloat16):
+  """What fp4jax.qat does with ``backend="xla"``: along axis 1 directly, along axis 0 transposed."""
+  op = OperandConfig(fmt, rule, "stochastic" if key is not None else "nearest")
+  if axis == 0:
+    return jnp.moveaxis(fake_quantize_operand(jnp.moveaxis(x, 0, 1), op, 1, dtype, key), 1, 0)
+  return fake_quantize_operand(x, op, 1, dtype, key)
+
+
+def same_bits(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.shape == b.shape and a.dtype == b.dtype
+  nan = np.isnan(a.astype(np.float32)) & np.isnan(b.astype(np.float32))
+  bits = np.uint16 if a.dtype.itemsize == 2 else np.uint32
+  return int(np.sum((a.view(bits) != b.view(bits)) & ~nan))
+
+
+def test_in_kernel_uniforms_are_jax_random_uniform():
+  for seed in (0, 7, 123456):
+    key = jax.random.fold_in(jax.random.key(seed), 3)
+    kd = jax.random.key_data(key).astype(jnp.uint32)
+    idx = jnp.arange(1 << 14, dtype=jnp.uint32)
+    np.testing.assert_array_equal(np.asarray(fk.uniform_from_index(kd[0], kd[1], idx)),
+                                  np.asarray(jax.random.uniform(key, (1 << 14,), jnp.float32)))
+
+
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
+@pytest.mark.parametrize("axis", [1, 0])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("fmt,rule", CASES, ids=[f"{f.name}-{r}" for f, r in CASES])
+def test_kernel_equals_xla_route(fmt, rule, dtype, axis, stochastic):
+  x = inputs((64, 512) if axis else (512, 64), dtype, seed=1, specials=True)
+  key = jax.random.key(5) if stochastic else None
+  got = fk.fake_quantize_2d(x, key, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=INTERPRET)
+  want = xla_route(x, key, fmt, rule, axis)
+  assert same_bits(got, want) == 0
+  if stochastic:  # control: the draws matter, so the equality above is not luck
+    assert same_bits(xla_route(x, jax.random.key(6), fmt, rule, axis), want) > x.size // 20
+
+
+@settings(max_examples=6)
+@given(case=st.sampled_from(CASES), axis=st.sampled_from([0, 1]), tile=st.integers(0, 6),
+       grid=st.tuples(st.integers(1, 2), st.integers(1, 2)), seed=st.integers(0, 2**31 - 1),
+       stochastic=st.booleans(), f32=st.booleans())
+def test_fuzz_kernel_equals_xla_route(case, axis, tile, grid, seed, stochastic, f32):
+  # Every tile the kernel may pick, one or two programs a side, keys and scales spread over binades.
+  fmt, rule = case
+  t = fk.TILES[axis][tile]
+  if t[axis] % fmt.block_size:
+    t = fk.TILES[axis][0]
+  shape = (t[0] * grid[0], t[1] * grid[1])
+  x = inputs(shape, jnp.float32 if f32 else jnp.bfloat16, seed)
+  key = jax.random.key(seed) if stochastic else None
+  got = fk.fake_quantize_2d(x, key, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=INTERPRET)
+  assert same_bits(got, xla_route(x, key, fmt, rule, axis)) == 0
+
+
+def _loss(x, w, cfg, key):
+  y = qat.quantized_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), config=cfg, key=key)
+  return jnp.sum(y.astype(jnp.float32) ** 2)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_qat_backend_pallas_gradients_equal_xla(fmt):
+  # Forward operands (nearest), the gradient (stochastic) along d and the weight gradient's
+  # operands along the tokens (axis 0, read in place): all through the kernel, same bits.
+  x = jax.random.normal(jax.random.key(1), (64, 256), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(2), (256, 128), jnp.bfloat16)
+  cfg = QatConfig.uniform(fmt)
+  grad = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2)
+  want = grad(x, w, cfg, jax.random.key(3))
+  with kernels.interpret_mode(INTERPRET):
+    pallas = dataclasses.replace(cfg, backend="pallas")
+    text = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2).trace(x, w, pallas, jax.random.key(3)).jaxpr.pretty_print()
+    got = grad(x, w, pallas, jax.random.key(3))
+  assert text.count("pallas_call") >= 6  # 2 forward operands, 2 x 2 backward ones
+  for g, h in zip(got, want):
+    assert same_bits(g, h) == 0
+
+
+def test_qat_backend_auto_and_xla_stay_on_xla_where_unverified():
+  x = jnp.ones((64, 256), jnp.bfloat16)
+  w = jnp.ones((256, 128), jnp.bfloat16)
+  assert backend.gpu_unverified_reason("fake_quant", fj.MXFP4) is not None
+  for name in ("xla", "auto"):
+    cfg = QatConfig.uniform("mxfp4", backend=name)
+    text = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2).trace(x, w, cfg, jax.random.key(3)).jaxpr.pretty_print()
+    assert "pallas_call" not in text, name
+
+
+def test_qat_backend_pallas_names_why_it_cannot_run():
+  with kernels.interpret_mode():
+    cfg = QatConfig.uniform("mxfp4", backend="pallas")
+    with pytest.raises(ValueError, match="3-D operand"):
+      _loss(jnp.ones((2, 64, 256), jnp.bfloat16), jnp.ones((256, 128), jnp.bfloat16), cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match="float16"):
+      _loss(jnp.ones((64, 256), jnp.float16), jnp.ones((256, 128), jnp.float16), cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match="does not tile"):
+      _loss(jnp.ones((8, 256), jnp.bfloat16), jnp.ones((256, 128), jnp.bfloat16), cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match="unknown backend"):
+    QatConfig(backend="triton")
+
+
+def test_supported_reasons():
+  assert fk.supported((64, 256), jnp.bfloat16, fj.MXFP4, 1, "ceil", True) is None
+  assert "mxfp8_e4m3" in fk.supported((64, 256), jnp.bfloat16, fj.MXFP8_E4M3, 1, "ceil", False)
+  assert "'nearest'" in fk.supported((64, 256), jnp.bfloat16, fj.MXFP4, 1, "nearest", False)
+  assert "mse" in fk.supported((64, 256), jnp.bfloat16, fj.NVFP4, 1, "mse", False)
+  rbg = jax.random.key(0, impl="rbg")
+  assert "rbg" in backend.fake_quant_obstacle(jnp.ones((64, 256)), fj.MXFP4, 1, "ceil", rbg)
+  assert "axis_name" in backend.fake_quant_obstacle(jnp.ones((64, 256)), fj.MXFP4, 1, "ceil", None, axis_name="x")
+  with jax.threefry_partitionable(False):
+    assert "partitionable" in fk.supported((64, 256), jnp.bfloat16, fj.MXFP4, 1, "ceil", True)
+    assert fk.supported((64, 256), jnp.bfloat16, fj.MXFP4, 1, "ceil", False) is None
+
+
+def test_leading_axis_in_place_equals_the_transposed_route():
+  # _backward_operand with backend="pallas" reads a leading block axis in place.
+  op = OperandConfig(fj.MXFP4, "ceil", "stochastic")
+  x = inputs((256, 128), jnp.bfloat16, seed=4)
+  key = jax.random.key(9)
+  want = _backward_operand(x, 0, op, QatConfig(grad=op), key, jnp.bfloat16, 32)
+  with kernels.interpret_mode(INTERPRET):
+    cfg = QatConfig(grad=op, backend="pallas")
+    text = jax.jit(lambda v: _backward_operand(v, 0, op, cfg, key, jnp.bfloat16, 32)).trace(x).jaxpr.pretty_print()
+    got = _backward_operand(x, 0, op, cfg, key, jnp.bfloat16, 32)
+  assert "pallas_call" in text and "transpose" not in text
+  assert same_bits(got, want) == 0
