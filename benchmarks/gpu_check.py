@@ -264,6 +264,19 @@ def cross_platform_table(rows):
       cells = [_cell([r for r in dgroups[key] if r["pair"] == p]) for p in dpairs]
       total += sum(r["values"] for r in dgroups[key])
       out.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+  fake = [r for r in rows if r["kind"] == "qat fake quantize"]
+  if fake:
+    fpairs = sorted({r["pair"] for r in fake})
+    out += ["", "QAT fake quantization of a 2-D operand (mismatching output elements):", "",
+            "| format | rule | input | rounding | " + " | ".join(fpairs) + " |",
+            "|---|---|---|---|" + "---|" * len(fpairs)]
+    fgroups = collections.defaultdict(list)
+    for r in fake:
+      fgroups[(r["fmt"], r["rule"], f"{r['dtype']}, axis {r['axis']}", r["feature"])].append(r)
+    for key in sorted(fgroups):
+      cells = [_cell([r for r in fgroups[key] if r["pair"] == p]) for p in fpairs]
+      total += sum(r["values"] for r in fgroups[key])
+      out.append("| " + " | ".join(key) + " | " + " | ".join(cells) + " |")
   mm = [r for r in rows if r["kind"] == "scaled_matmul"]
   if mm:
     out += ["", "scaled_matmul (outputs beyond float32 accumulation rounding): " +

@@ -36,6 +36,8 @@ import fp4jax as fj
 import reference as ref
 from fp4jax import kernels
 from fp4jax.kernels import dequantize as dqk
+from fp4jax.qat import OperandConfig
+from fp4jax.qat.fake import fake_quantize_operand
 from fp4jax.scales import ALL_SCALE_RULES, SCALE_RULES, check_rule
 
 
@@ -295,6 +297,37 @@ def test_scaled_matmul_agrees_to_float32_rounding_on_every_path(fmt):
     over = np.abs(out - outs[ref_name]) > bound
     record({"kind": "scaled_matmul", "fmt": fmt.name, "pair": f"{ref_name} vs {name}", "values": int(over.sum())})
     assert not over.any(), f"{name} vs {ref_name}: {over.sum()} outputs beyond float32 accumulation rounding"
+
+
+_FAKE = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil")]
+
+
+@pytest.mark.parametrize("fmt,rule", _FAKE, ids=[f"{f.name}-{r}" for f, r in _FAKE])
+def test_qat_fake_quantization_gives_the_same_bits_on_every_path(fmt, rule):
+  """``fp4jax.qat``'s fake quantization of a 2-D operand, nearest and stochastic (one key), blocked
+  along either axis: the XLA path on each platform and the fused kernel (``backend="pallas"``)."""
+  ps = paths(kernel=True)
+  ref_name = next(iter(ps))
+  rng = np.random.default_rng(_seed(fmt.name, rule, "fake"))
+  shape = (256, 512) if GPU is not None else (64, 256)
+  bad = []
+  for axis, dtype in ((1, jnp.bfloat16), (0, jnp.float32)) + (((1, jnp.float32), (0, jnp.bfloat16)) if GPU else ()):
+    x = make_input(rng, shape, axis, dtype, fmt.block_size)
+    for rounding in ("nearest", "stochastic"):
+      op = OperandConfig(fmt, rule, rounding)
+      outs = {}
+      for name, (device, backend, interpret) in ps.items():
+        with _on(device, interpret):
+          key = jax.device_put(jax.random.key(11), device)
+          outs[name] = fake_quantize_operand(jax.device_put(jnp.asarray(x), device), op, axis, jnp.bfloat16, key,
+                                             backend=backend)
+      for name in list(ps)[1:]:
+        n = mismatches(outs[name], outs[ref_name])
+        record({"kind": "qat fake quantize", "fmt": fmt.name, "rule": rule, "dtype": _name(dtype), "shape": list(shape),
+                "axis": axis, "feature": rounding, "pair": f"{ref_name} vs {name}", "values": n})
+        if n:
+          bad.append((name, axis, _name(dtype), rounding, n))
+  assert not bad, f"{fmt!r} {rule!r}: bits differ from {ref_name}: {bad}"
 
 
 @pytest.mark.skipif(GPU is None or CPU is None, reason="compares the CPU's XLA with the GPU's: needs both platforms")
