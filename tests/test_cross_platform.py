@@ -299,7 +299,7 @@ def test_scaled_matmul_agrees_to_float32_rounding_on_every_path(fmt):
     assert not over.any(), f"{name} vs {ref_name}: {over.sum()} outputs beyond float32 accumulation rounding"
 
 
-_FAKE = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil")]
+_FAKE = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil"), (fj.MXFP8_E4M3, "ceil")]
 
 
 @pytest.mark.parametrize("fmt,rule", _FAKE, ids=[f"{f.name}-{r}" for f, r in _FAKE])

@@ -25,7 +25,8 @@ from fp4jax.qat.dot import _backward_operand
 from fp4jax.qat.fake import fake_quantize_operand
 
 INTERPRET = not kernels.on_gpu()
-CASES = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil")]
+CASES = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil"),
+         (fj.MXFP8_E4M3, "ceil"), (fj.MXFP8_E5M2, "floor")]
 
 
 def inputs(shape, dtype, seed, specials=False):
@@ -126,6 +127,20 @@ def test_qat_backend_auto_and_xla_stay_on_xla_where_unverified():
     assert "pallas_call" not in text, name
 
 
+def test_qat_backend_auto_takes_the_kernel_for_auto_formats_once_verified(monkeypatch):
+  # What "auto" does on a GPU after the GPU suite removes the GPU_UNVERIFIED entry: the kernel for
+  # the formats measured faster (MXFP4), the XLA ops for the others.
+  monkeypatch.delitem(backend.GPU_UNVERIFIED, ("fake_quant", "*", "*", "*"))
+  monkeypatch.setattr(kernels, "on_gpu", lambda: True)
+  x = jnp.ones((64, 256), jnp.bfloat16)
+  w = jnp.ones((256, 128), jnp.bfloat16)
+  with kernels.interpret_mode():
+    for fmt, taken in (("mxfp4", True), ("nvfp4", False), ("mxfp8_e4m3", False)):
+      cfg = QatConfig.uniform(fmt, backend="auto")
+      text = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2).trace(x, w, cfg, jax.random.key(3)).jaxpr.pretty_print()
+      assert ("pallas_call" in text) == taken, fmt
+
+
 def test_qat_backend_pallas_names_why_it_cannot_run():
   with kernels.interpret_mode():
     cfg = QatConfig.uniform("mxfp4", backend="pallas")
@@ -141,7 +156,8 @@ def test_qat_backend_pallas_names_why_it_cannot_run():
 
 def test_supported_reasons():
   assert fk.supported((64, 256), jnp.bfloat16, fj.MXFP4, 1, "ceil", True) is None
-  assert "mxfp8_e4m3" in fk.supported((64, 256), jnp.bfloat16, fj.MXFP8_E4M3, 1, "ceil", False)
+  assert fk.supported((64, 256), jnp.bfloat16, fj.MXFP8_E4M3, 1, "ceil", True) is None
+  assert "mxint8" in fk.supported((64, 256), jnp.bfloat16, fj.MXINT8, 1, "ceil", False)
   assert "'nearest'" in fk.supported((64, 256), jnp.bfloat16, fj.MXFP4, 1, "nearest", False)
   assert "mse" in fk.supported((64, 256), jnp.bfloat16, fj.NVFP4, 1, "mse", False)
   rbg = jax.random.key(0, impl="rbg")

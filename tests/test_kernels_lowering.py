@@ -131,7 +131,8 @@ def test_dequantize_kernels_lower(fmt, dtype):
 
 
 # ---- QAT fake quantization ---------------------------------------------------------------------
-_FAKE = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil")]
+_FAKE = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil"), (fj.MXFP8_E4M3, "ceil"),
+         (fj.MXFP8_E5M2, "floor")]
 
 
 @pytest.mark.parametrize("fmt,rule", _FAKE, ids=[f"{f.name}-{r}" for f, r in _FAKE])

@@ -1,5 +1,7 @@
 """QAT fake quantization of a 2-D operand in one pass: block scale, rounding, dequantize.
 
+For the kernels' formats (``fp4jax.FORMATS``: MXFP4, NVFP4, MXFP8 E4M3 / E5M2).
+
 ``fp4jax.qat`` fake-quantizes every GEMM operand: quantize (block scales, nearest
 or stochastic element rounding) then dequantize back to the compute dtype. On
 the XLA path that is several passes and, with stochastic rounding, a threefry
@@ -31,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from fp4jax import _bits
-from fp4jax.formats import Format
+from fp4jax.formats import FORMATS, Format
 from fp4jax.kernels import common as C
 from fp4jax.kernels.dequantize import scale_magnitudes
 from fp4jax.kernels.quantize_pack import block_amax_bits, e4m3_scale_code, e4m3_units, pow2_rule_exponent
@@ -45,7 +47,6 @@ __all__ = ["supported", "fake_quantize_2d", "pick_tile", "uniform_from_index"]
 #: (benchmarks/results/qat_fused_sr.json: 64 x 128 along axis 0 is 2x faster than 256 x 32).
 TILES = {1: ((32, 256), (16, 512), (64, 128), (16, 256), (16, 128), (16, 64), (16, 32)),
          0: ((64, 128), (128, 64), (256, 32), (64, 64), (32, 64), (32, 32), (16, 32))}
-_FORMATS = ("mxfp4", "nvfp4")
 _RULES = ("floor", "ceil", "nearest")
 _DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -90,8 +91,8 @@ def pick_tile(shape, fmt: Format, axis: int):
 
 def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool) -> str | None:
   """None if the kernel takes the case, else why not."""
-  if fmt.name not in _FORMATS:
-    return f"the fused fake-quantization kernel takes {_FORMATS}, not {fmt.name}"
+  if fmt.name not in FORMATS:
+    return f"the fused fake-quantization kernel takes {tuple(FORMATS)}, not {fmt.name}"
   if np.dtype(dtype) not in _DTYPES:
     return f"input dtype {np.dtype(dtype)} (the fused fake-quantization kernel takes float32 or bfloat16)"
   if rule not in _RULES or (rule == "nearest" and fmt.power_of_two_scales):
