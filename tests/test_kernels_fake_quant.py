@@ -70,18 +70,21 @@ def test_in_kernel_uniforms_are_jax_random_uniform():
 def test_kernel_equals_xla_route(fmt, rule, dtype, axis, stochastic):
   x = inputs((64, 512) if axis else (512, 64), dtype, seed=1, specials=True)
   key = jax.random.key(5) if stochastic else None
-  got = fk.fake_quantize_2d(x, key, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=INTERPRET)
   want = xla_route(x, key, fmt, rule, axis)
-  assert same_bits(got, want) == 0
+  # NVFP4: the block factors from XLA (the default) and from the kernel itself.
+  for block_pass in (True, False) if fmt.has_global_scale else (None,):
+    got = fk.fake_quantize_2d(x, key, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=INTERPRET,
+                              block_pass=block_pass)
+    assert same_bits(got, want) == 0, block_pass
   if stochastic:  # control: the draws matter, so the equality above is not luck
     assert same_bits(xla_route(x, jax.random.key(6), fmt, rule, axis), want) > x.size // 20
 
 
-@settings(max_examples=6)
+@settings(max_examples=8)
 @given(case=st.sampled_from(CASES), axis=st.sampled_from([0, 1]), tile=st.integers(0, 6),
        grid=st.tuples(st.integers(1, 2), st.integers(1, 2)), seed=st.integers(0, 2**31 - 1),
-       stochastic=st.booleans(), f32=st.booleans())
-def test_fuzz_kernel_equals_xla_route(case, axis, tile, grid, seed, stochastic, f32):
+       stochastic=st.booleans(), f32=st.booleans(), block_pass=st.booleans())
+def test_fuzz_kernel_equals_xla_route(case, axis, tile, grid, seed, stochastic, f32, block_pass):
   # Every tile the kernel may pick, one or two programs a side, keys and scales spread over binades.
   fmt, rule = case
   t = fk.TILES[axis][tile]
@@ -90,7 +93,8 @@ def test_fuzz_kernel_equals_xla_route(case, axis, tile, grid, seed, stochastic, 
   shape = (t[0] * grid[0], t[1] * grid[1])
   x = inputs(shape, jnp.float32 if f32 else jnp.bfloat16, seed)
   key = jax.random.key(seed) if stochastic else None
-  got = fk.fake_quantize_2d(x, key, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=INTERPRET)
+  got = fk.fake_quantize_2d(x, key, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=INTERPRET,
+                            block_pass=block_pass)
   assert same_bits(got, xla_route(x, key, fmt, rule, axis)) == 0
 
 

@@ -6,8 +6,9 @@ tests/test_kernels_fake_quant.py (interpret mode on the CPU, compiled on a GPU) 
 tests/test_kernels_lowering.py. What is left here is what a benchmark row does not show:
 
 * ``--out DIR``: each of the QAT step's operand kinds (8192 x 4096 blocked along d and along the tokens,
-  8192 x 14336 along the tokens), stochastic and nearest, MXFP4 (ceil) and NVFP4 (nearest), every tile of
-  ``fake_quant.TILES`` that the shape allows, against the XLA route and a copy; bits against the XLA route;
+  8192 x 14336 along the tokens), stochastic and nearest, MXFP4 (ceil) and NVFP4 (nearest), the first three
+  tiles of ``fake_quant.TILES``, NVFP4 with its block factors from XLA (the default) and from the kernel,
+  against the XLA route and a copy; bits against the XLA route;
 * ``--step``: benchmarks/qat_step.py's step with ``backend="xla"`` and ``"pallas"``, the latter once per
   ``--tile0`` (the tile of the operands blocked along axis 0, put first in ``TILES`` for that run).
 
@@ -74,10 +75,13 @@ def operand_section(a, key):
         row[name + "_mismatches"] = mismatches(
             fk.fake_quantize_2d(xs[0], k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=a.small),
             ref(xs[0], k, fmt, rule, axis))
-        for tile in fk.TILES[axis][:3]:
-          f = jax.jit(lambda v, k, tile=tile, fmt=fmt, rule=rule: fk.fake_quantize_2d(
-              v, k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=a.small, tile=tile))
-          row[f"{name}_kernel_{tile[0]}x{tile[1]}_us"] = B.bench(lambda v, f=f, k=k: f(v, k), [(v,) for v in xs]) * 1e6
+        # NVFP4: block scales and factors from XLA before the kernel (the default) and in it.
+        for block_pass in (True, False) if fmt.has_global_scale else (False,):
+          for tile in fk.TILES[axis][:3]:
+            f = jax.jit(lambda v, k, tile=tile, fmt=fmt, rule=rule, bp=block_pass: fk.fake_quantize_2d(
+                v, k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=a.small, tile=tile, block_pass=bp))
+            tag = f"{tile[0]}x{tile[1]}" + ("_in_kernel" if fmt.has_global_scale and not block_pass else "")
+            row[f"{name}_kernel_{tag}_us"] = B.bench(lambda v, f=f, k=k: f(v, k), [(v,) for v in xs]) * 1e6
         row[name + "_xla_us"] = B.bench(lambda v, k=k, fmt=fmt, rule=rule: ref(v, k, fmt, rule, axis),
                                         [(v,) for v in xs]) * 1e6
     out[f"{shape[0]}x{shape[1]}_axis{axis}"] = row

@@ -36,7 +36,7 @@ from fp4jax import _bits
 from fp4jax.formats import FORMATS, Format
 from fp4jax.kernels import common as C
 from fp4jax.kernels.dequantize import scale_magnitudes
-from fp4jax.kernels.quantize_pack import block_amax_bits, e4m3_scale_code, e4m3_units, pow2_rule_exponent
+from fp4jax.kernels.quantize_pack import block_amax_bits, e4m3_encode_factor, e4m3_scale_code, pow2_rule_exponent
 from fp4jax.reference import global_factors, group_amax_bits
 from fp4jax.scales import global_encode_numerator, stochastic_magnitudes
 
@@ -108,19 +108,26 @@ def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool)
   return None
 
 
-def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, stochastic: bool, axis: int, shape, tile):
+def _kernel(x_ref, key_ref, g_ref, *refs, fmt, rule, stochastic: bool, axis: int, shape, tile, block_pass: bool):
+  """One tile. ``refs``: [per-block encode factors, scale bytes (``block_pass``)], the output."""
   bs, rax = fmt.block_size, axis + 1  # rax: the within-block axis of the blocked tile
   x = C.split_axis(x_ref[...].astype(jnp.float32), axis, bs)  # (tr, nb, bs) or (nb, bs, tc)
-  amax_bits, nonfinite = block_amax_bits(x, rax)
-  if fmt.power_of_two_scales:
-    e = pow2_rule_exponent(amax_bits, fmt, rule)
-    scale_code = e + fmt.scale_bias
-    y = _bits.scale_by_pow2(C.flush_f32(x), -e)  # as the reference's element_units
-    gdec = None
+  gdec = None if fmt.power_of_two_scales else g_ref[0]
+  if block_pass:  # the block scales and factors came from XLA (_block_factors)
+    enc_ref, sb_ref, o_ref = refs
+    scale_code = jnp.expand_dims(sb_ref[...], rax)
+    nonfinite = scale_code == fmt.scale_nan_byte
+    y = C.flush_f32(x) * jnp.expand_dims(enc_ref[...], rax)
   else:
-    gdec, genc = g_ref[0], g_ref[1]
-    scale_code = e4m3_scale_code(amax_bits, genc, fmt, rule)
-    y = e4m3_units(x, scale_code, gdec, fmt)
+    (o_ref,) = refs
+    amax_bits, nonfinite = block_amax_bits(x, rax)
+    if fmt.power_of_two_scales:
+      e = pow2_rule_exponent(amax_bits, fmt, rule)
+      scale_code = e + fmt.scale_bias
+      y = _bits.scale_by_pow2(C.flush_f32(x), -e)  # as the reference's element_units
+    else:
+      scale_code = e4m3_scale_code(amax_bits, g_ref[1], fmt, rule)
+      y = C.flush_f32(x) * e4m3_encode_factor(scale_code, gdec, fmt)
   y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
   # The sign stays an integer: Triton may drop the sign of a zero in float arithmetic
   # (kernels/dequantize.py).
@@ -136,44 +143,65 @@ def _kernel(x_ref, key_ref, g_ref, o_ref, *, fmt, rule, stochastic: bool, axis: 
     r = C.round_to_grid(jnp.abs(y), C.ElemCodec.of(fmt.elem_dtype))[1]
   sign = C.f32_to_i32(y) & jnp.int32(-(2**31))
   r = jnp.where(nonfinite, 0.0, r)  # quantize's zero codes in non-finite blocks (their scale is NaN)
-  sbytes = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)
+  sbytes = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)  # (block_pass: already so)
   out = scale_magnitudes(r, jnp.where(nonfinite, 0, sign), sbytes, fmt, gdec, jnp.float32)
   o_ref[...] = out.reshape(tile).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "rule", "axis", "dtype", "interpret", "tile"))
-def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interpret: bool = False, tile=None):
+def _block_factors(x, fmt: Format, rule: str, axis: int, genc, gdec):
+  """NVFP4's per-block encode factors and scale bytes (the NaN byte for non-finite blocks), in XLA:
+  ``(R, C / B)`` for ``axis`` 1, ``(R / B, C)`` for 0. The kernel's own per-block arithmetic, run
+  once per block here rather than by every thread that holds a piece of the block there."""
+  xb = C.split_axis(x.astype(jnp.float32), axis, fmt.block_size)
+  amax_bits, nonfinite = block_amax_bits(xb, axis + 1)
+  code = e4m3_scale_code(amax_bits, genc, fmt, rule)
+  enc = e4m3_encode_factor(code, gdec, fmt)
+  sbytes = jnp.where(nonfinite, fmt.scale_nan_byte, code)
+  return jnp.squeeze(enc, axis + 1), jnp.squeeze(sbytes, axis + 1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "rule", "axis", "dtype", "interpret", "tile", "block_pass"))
+def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interpret: bool = False, tile=None,
+                     block_pass=None):
   """``dequantize(quantize(x))`` of 2-D ``x`` along ``axis`` as ``dtype``, one pass.
 
   ``key``: a jax.random key (stochastic rounding, the draws of the XLA path) or None
   (nearest even). The case must pass :func:`supported`. ``tile``: the (rows, columns)
-  a program reads, default :func:`pick_tile`'s (benchmarks time others).
+  a program reads, default :func:`pick_tile`'s (benchmarks time others). ``block_pass``:
+  NVFP4's block scales and encode factors from a pass of XLA before the kernel (default for
+  E4M3 scales) instead of in the kernel; power-of-two scales always in the kernel.
   """
   if why := supported(x.shape, x.dtype, fmt, axis, rule, key is not None):
     raise ValueError(f"fake_quantize_2d: {why}")
   tile = tuple(tile) if tile is not None else pick_tile(x.shape, fmt, axis)
   if tile[axis] % fmt.block_size or any(n % t for n, t in zip(x.shape, tile)):
     raise ValueError(f"fake_quantize_2d: tile {tile} must divide shape {x.shape} with whole blocks along axis {axis}")
+  block_pass = not fmt.power_of_two_scales if block_pass is None else block_pass and not fmt.power_of_two_scales
   kd = jnp.zeros((2,), jnp.uint32) if key is None else jax.random.key_data(key).astype(jnp.uint32).reshape(2)
+  operands = [x, kd]
+  in_specs = [pl.BlockSpec(tile, lambda i, j: (i, j)), pl.BlockSpec((2,), lambda i, j: (0,)),
+              pl.BlockSpec((2,), lambda i, j: (0,))]
   if fmt.has_global_scale:
     # The reference's tensor amax (finite elements, subnormals flushed) and factors: one read, in XLA.
     bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(_bits.F32_ABS_MASK)
     amax = _bits.from_f32_bits(group_amax_bits(bits, ()).reshape(()))
     genc, gdec = global_factors(amax, fmt, global_encode_numerator(fmt, rule))
-    g = jnp.stack([gdec, genc]).astype(jnp.float32)
+    operands.append(jnp.stack([gdec, genc]).astype(jnp.float32))
   else:
-    g = jnp.zeros((2,), jnp.float32)
+    operands.append(jnp.zeros((2,), jnp.float32))
+  if block_pass:
+    operands += _block_factors(x, fmt, rule, axis, genc, gdec)
+    btile = (tile[0], tile[1] // fmt.block_size) if axis == 1 else (tile[0] // fmt.block_size, tile[1])
+    in_specs += [pl.BlockSpec(btile, lambda i, j: (i, j))] * 2
   kernel = functools.partial(_kernel, fmt=fmt, rule=rule, stochastic=key is not None, axis=axis, shape=x.shape,
-                             tile=tile)
+                             tile=tile, block_pass=block_pass)
   return pl.pallas_call(
       kernel,
       grid=(x.shape[0] // tile[0], x.shape[1] // tile[1]),
-      in_specs=[pl.BlockSpec(tile, lambda i, j: (i, j)),
-                pl.BlockSpec((2,), lambda i, j: (0,)),
-                pl.BlockSpec((2,), lambda i, j: (0,))],
+      in_specs=in_specs,
       out_specs=pl.BlockSpec(tile, lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct(x.shape, dtype),
       compiler_params=C.compiler_params(4, 2),
       interpret=interpret,
       name=f"fake_quant_{'sr' if key is not None else 'rn'}_{fmt.name}_{rule}_axis{axis}",
-  )(x, kd, g)
+  )(*operands)

@@ -92,23 +92,19 @@ def _encode_pow2(x, e, codec, fmt):
 
 def _encode_e4m3(x, code_s, gdec, codec, fmt):
   """Element codes and rounded |values| for NVFP4 block scale codes ``code_s``."""
-  y = e4m3_units(x, code_s, gdec, fmt)
+  y = C.flush_f32(x) * e4m3_encode_factor(code_s, gdec, fmt)
   code, r = C.round_to_grid(jnp.minimum(jnp.abs(y), np.float32(fmt.elem_max)), codec)
   return code | C.sign_code(C.f32_to_i32(y), codec), r
 
 
-def e4m3_units(x, code_s, gdec, fmt):
-  """Element units ``flush(x) / (s * g)`` for NVFP4 block scale codes ``code_s`` (unclipped).
-
-  As ``fp4jax.scales.element_factor``: ``1 / (s * g)`` with the product flushed
-  and the reciprocal correctly rounded (the same integer division).
-  """
+def e4m3_encode_factor(code_s, gdec, fmt):
+  """``1 / (s * g)`` per NVFP4 block scale code: the product flushed, the reciprocal correctly
+  rounded, 0 for a zero scale (``fp4jax.scales.element_factor``)."""
   s = C.flush_f32(C.decode_magnitude(code_s, C.ElemCodec.of(fmt.scale_dtype)) * gdec)
   pos = s > 0
   # compute_once: in interpret mode XLA would otherwise fuse the division into every element's
   # loss terms, and jax 0.11's CPU compiler then takes minutes on the "mse" search.
-  enc = _bits.compute_once(jnp.where(pos, _bits.div_rn(1.0, jnp.where(pos, s, 1.0)), 0.0))
-  return C.flush_f32(x) * enc
+  return _bits.compute_once(jnp.where(pos, _bits.div_rn(1.0, jnp.where(pos, s, 1.0)), 0.0))
 
 
 def _mse_loss(target, dq, axis):
