@@ -170,8 +170,12 @@ def dequantize_obstacle(q: QArray, dtype) -> str | None:
           or dequantize.supported(q.shape, q.fmt, q.axis, np.dtype(dtype), packed_last=True))
 
 
-def fake_quant_obstacle(x, fmt: Format, axis: int, scale_rule: str, key, axis_name=None) -> str | None:
-  """Why the fused QAT fake-quantization kernel does not take ``x`` (``key``: None rounds to nearest), or None."""
+def fake_quant_obstacle(x, fmt: Format, axis: int, scale_rule: str, key, axis_name=None,
+                        view_shape=None) -> str | None:
+  """Why the fused QAT fake-quantization kernel does not take ``x`` (``key``: None rounds to nearest), or None.
+
+  ``view_shape``: the 2-D view of ``x`` the kernel would read (``axis`` an axis of it); default ``x.shape``.
+  """
   from fp4jax.kernels import fake_quant
 
   if axis_name is not None:
@@ -183,7 +187,8 @@ def fake_quant_obstacle(x, fmt: Format, axis: int, scale_rule: str, key, axis_na
     impl = str(jax.random.key_impl(key)) if typed else "threefry2x32"
     if "threefry" not in impl:
       return f"a {impl} key: the kernel draws as threefry2x32 does"
-  return fake_quant.supported(x.shape, x.dtype, fmt, axis, scale_rule, key is not None)
+  shape = x.shape if view_shape is None else view_shape
+  return fake_quant.supported(shape, x.dtype, fmt, axis, scale_rule, key is not None)
 
 
 def _block_axis(x) -> int:

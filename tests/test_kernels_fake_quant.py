@@ -121,6 +121,24 @@ def test_qat_backend_pallas_gradients_equal_xla(fmt):
     assert same_bits(g, h) == 0
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_qat_backend_pallas_on_3d_activations(fmt):
+  # (batch, tokens, d) activations, as in a Flax model: the forward operand is blocked along its last
+  # axis, the weight gradient's along the tokens (axes 0 and 1, moved last): 2-D views of the kernel.
+  x = jax.random.normal(jax.random.key(1), (2, 32, 256), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(2), (256, 128), jnp.bfloat16)
+  cfg = QatConfig.uniform(fmt)
+  grad = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2)
+  want = grad(x, w, cfg, jax.random.key(3))
+  with kernels.interpret_mode(INTERPRET):
+    pallas = dataclasses.replace(cfg, backend="pallas")
+    text = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2).trace(x, w, pallas, jax.random.key(3)).jaxpr.pretty_print()
+    got = grad(x, w, pallas, jax.random.key(3))
+  assert text.count("pallas_call") >= 6
+  for g, h in zip(got, want):
+    assert same_bits(g, h) == 0
+
+
 def test_qat_backend_auto_and_xla_stay_on_xla_where_unverified():
   x = jnp.ones((64, 256), jnp.bfloat16)
   w = jnp.ones((256, 128), jnp.bfloat16)
@@ -148,8 +166,10 @@ def test_qat_backend_auto_takes_the_kernel_for_auto_formats_once_verified(monkey
 def test_qat_backend_pallas_names_why_it_cannot_run():
   with kernels.interpret_mode():
     cfg = QatConfig.uniform("mxfp4", backend="pallas")
-    with pytest.raises(ValueError, match="3-D operand"):
-      _loss(jnp.ones((2, 64, 256), jnp.bfloat16), jnp.ones((256, 128), jnp.bfloat16), cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match="3-D operand blocked along its axis 1"):
+      dims = (((1,), (0,)), ((), ()))
+      qat.quantized_dot_general(jnp.ones((2, 256, 64), jnp.bfloat16), jnp.ones((256, 128), jnp.bfloat16), dims,
+                                config=cfg, key=jax.random.key(0))
     with pytest.raises(ValueError, match="float16"):
       _loss(jnp.ones((64, 256), jnp.float16), jnp.ones((256, 128), jnp.float16), cfg, jax.random.key(0))
     with pytest.raises(ValueError, match="does not tile"):

@@ -86,8 +86,8 @@ class QatConfig:
       where it cannot run. ``"auto"``: the kernel on a GPU where its bits are
       confirmed there (``fp4jax.backend.GPU_UNVERIFIED``) and it is the faster
       (``fp4jax.qat.fake.AUTO_FORMATS``: MXFP4), else the XLA ops. Operands the kernel does
-      not take (not 2-D, float16, ``axis_name``, shapes no tile divides) stay
-      on the XLA ops under ``"auto"``. Under ``jit`` with arrays sharded over
+      not take (blocked along a middle axis, float16, ``axis_name``, shapes no
+      tile divides) stay on the XLA ops under ``"auto"``. Under ``jit`` with arrays sharded over
       an automatic (``Auto``) mesh XLA cannot split a kernel and gathers its
       operand: keep ``"xla"`` there, or call it inside ``jax.shard_map``.
   """

@@ -76,8 +76,8 @@ def _backward_operand(x, axis: int, op: OperandConfig, cfg: QatConfig, key, dtyp
   """
   last = x.ndim - 1
   if axis % x.ndim != last:
-    if not cfg.hadamard and op.fmt is not None and x.shape[axis] % multiple == 0:
-      # The fused kernel reads a leading block axis in place, drawing as the transposed route.
+    if axis % x.ndim == 0 and not cfg.hadamard and op.fmt is not None and x.shape[axis] % multiple == 0:
+      # The fused kernel reads a first block axis in place, drawing as the transposed route.
       draw = key if key is not None and op.stochastic else None
       if (out := fused_fake_quantize(x, op, axis, dtype, draw, cfg.axis_name, cfg.backend)) is not None:
         return out

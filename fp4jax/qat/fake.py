@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,22 +57,35 @@ def fused_fake_quantize(x, op: OperandConfig, axis: int, dtype, draw, axis_name,
   """:func:`fake_quantize_operand` through the fused kernel when ``backend`` picks it, else None.
 
   ``draw``: the key of stochastic rounding, or None (nearest). ``backend="pallas"``
-  raises a ValueError naming why the kernel cannot take the operand.
+  raises a ValueError naming why the kernel cannot take the operand. An operand of
+  more than two axes blocked along its first or last one goes through as the 2-D view
+  ``(n, rest)`` or ``(rest, n)``: the flat index of each element in the blocked view,
+  and with it every draw, is the same.
   """
   if backend == "xla":
     return None
   if backend == "auto" and op.fmt.name not in AUTO_FORMATS:
     return None
   ax = axis % x.ndim
-  obstacle = _backend.fake_quant_obstacle(x, op.fmt, ax, op.rule, draw, axis_name)
+  view, obstacle = x.shape, None
+  if x.ndim > 2:
+    if ax == 0:
+      view, ax = (x.shape[0], math.prod(x.shape[1:])), 0
+    elif ax == x.ndim - 1:
+      view, ax = (math.prod(x.shape[:-1]), x.shape[-1]), 1
+    else:
+      obstacle = (f"a {x.ndim}-D operand blocked along its axis {ax}: the fused kernel takes operands blocked "
+                  "along their first or last axis")
+  obstacle = obstacle or _backend.fake_quant_obstacle(x, op.fmt, ax, op.rule, draw, axis_name, view_shape=view)
   plan = _backend.choose("fake_quant", backend, obstacle,
                          verified=_backend.gpu_verified("fake_quant", op.fmt, op.rule, x.dtype))
   if plan.impl != "kernel":
     return None
   from fp4jax.kernels import fake_quant  # lazy: Pallas loads only when a kernel runs
 
-  return fake_quant.fake_quantize_2d(x, draw, fmt=op.fmt, rule=op.rule, axis=ax, dtype=dtype,
-                                     interpret=plan.interpret)
+  out = fake_quant.fake_quantize_2d(x.reshape(view), draw, fmt=op.fmt, rule=op.rule, axis=ax, dtype=dtype,
+                                    interpret=plan.interpret)
+  return out.reshape(x.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
