@@ -103,40 +103,35 @@ def _loss(x, w, cfg, key):
   return jnp.sum(y.astype(jnp.float32) ** 2)
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_qat_backend_pallas_gradients_equal_xla(fmt):
-  # Forward operands (nearest), the gradient (stochastic) along d and the weight gradient's
-  # operands along the tokens (axis 0, read in place): all through the kernel, same bits.
-  x = jax.random.normal(jax.random.key(1), (64, 256), jnp.bfloat16)
-  w = jax.random.normal(jax.random.key(2), (256, 128), jnp.bfloat16)
+def _assert_pallas_gradients_equal_xla(x, w, fmt):
+  """The gradients of ``_loss`` with ``backend="pallas"`` and ``"xla"``: the same bits, and at least six
+  kernel calls in the pallas program (2 forward operands, 2 x 2 backward ones)."""
   cfg = QatConfig.uniform(fmt)
   grad = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2)
   want = grad(x, w, cfg, jax.random.key(3))
   with kernels.interpret_mode(INTERPRET):
     pallas = dataclasses.replace(cfg, backend="pallas")
-    text = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2).trace(x, w, pallas, jax.random.key(3)).jaxpr.pretty_print()
+    text = grad.trace(x, w, pallas, jax.random.key(3)).jaxpr.pretty_print()
     got = grad(x, w, pallas, jax.random.key(3))
-  assert text.count("pallas_call") >= 6  # 2 forward operands, 2 x 2 backward ones
+  assert text.count("pallas_call") >= 6
   for g, h in zip(got, want):
     assert same_bits(g, h) == 0
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_qat_backend_pallas_gradients_equal_xla(fmt):
+  # Forward operands (nearest), the gradient (stochastic) along d and the weight gradient's
+  # operands along the tokens (axis 0, read in place): all through the kernel, same bits.
+  _assert_pallas_gradients_equal_xla(jax.random.normal(jax.random.key(1), (64, 256), jnp.bfloat16),
+                                     jax.random.normal(jax.random.key(2), (256, 128), jnp.bfloat16), fmt)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_qat_backend_pallas_on_3d_activations(fmt):
   # (batch, tokens, d) activations, as in a Flax model: the forward operand is blocked along its last
   # axis, the weight gradient's along the tokens (axes 0 and 1, moved last): 2-D views of the kernel.
-  x = jax.random.normal(jax.random.key(1), (2, 32, 256), jnp.bfloat16)
-  w = jax.random.normal(jax.random.key(2), (256, 128), jnp.bfloat16)
-  cfg = QatConfig.uniform(fmt)
-  grad = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2)
-  want = grad(x, w, cfg, jax.random.key(3))
-  with kernels.interpret_mode(INTERPRET):
-    pallas = dataclasses.replace(cfg, backend="pallas")
-    text = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2).trace(x, w, pallas, jax.random.key(3)).jaxpr.pretty_print()
-    got = grad(x, w, pallas, jax.random.key(3))
-  assert text.count("pallas_call") >= 6
-  for g, h in zip(got, want):
-    assert same_bits(g, h) == 0
+  _assert_pallas_gradients_equal_xla(jax.random.normal(jax.random.key(1), (2, 32, 256), jnp.bfloat16),
+                                     jax.random.normal(jax.random.key(2), (256, 128), jnp.bfloat16), fmt)
 
 
 def test_qat_backend_auto_and_xla_stay_on_xla_where_unverified():
