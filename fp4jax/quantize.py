@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp4jax import _bits, backend as backends, qarray
+from fp4jax import backend as backends, qarray
 from fp4jax.formats import Format, get_format
 from fp4jax.prepared import with_layout
 from fp4jax.qarray import (STORAGE_LAYOUTS, QArray, as_array, check_global_scale_shape, float_dtype, normalize_axis,
                            validate_qarray)
-from fp4jax.reference import MAX_GLOBAL_ENCODE, dequantize_reference, global_factors, group_amax_bits, quantize_reference
+from fp4jax.reference import MAX_GLOBAL_ENCODE, dequantize_reference, finite_amax, global_factors, quantize_reference
 from fp4jax.scales import check_rule, global_encode_numerator
 
 __all__ = ["quantize", "dequantize", "global_scale_from_amax", "global_amax", "as_input"]
@@ -130,10 +130,7 @@ def global_amax(x, granularity="tensor", *, axis: int = -1, block_shape=None):
   keep = _keep_axes(granularity, x.ndim, block_axes)
   if math.prod(x.shape) == 0:  # nothing to take the max of: amax 0, as for an all-zero tensor
     return jnp.zeros([x.shape[a] if a in keep else 1 for a in range(x.ndim)] if keep else (), jnp.float32)
-  x = jnp.asarray(x)
-  abs_bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(_bits.F32_ABS_MASK)
-  out = _bits.from_f32_bits(group_amax_bits(abs_bits, keep))
-  return out.reshape(()) if not keep else out
+  return finite_amax(jnp.asarray(x), keep)
 
 
 def _check_global_scale(global_scale, fmt: Format, shape=None, block_axes=()):

@@ -37,7 +37,7 @@ from fp4jax.formats import FORMATS, Format
 from fp4jax.kernels import common as C
 from fp4jax.kernels.dequantize import scale_magnitudes
 from fp4jax.kernels.quantize_pack import block_amax_bits, e4m3_encode_factor, e4m3_scale_code, pow2_rule_exponent
-from fp4jax.reference import global_factors, group_amax_bits
+from fp4jax.reference import finite_amax, global_factors
 from fp4jax.scales import global_encode_numerator, stochastic_magnitudes
 
 __all__ = ["supported", "fake_quantize_2d", "pick_tile", "uniform_from_index"]
@@ -81,12 +81,14 @@ def uniform_from_index(k1, k2, idx):
   return lax.bitcast_convert_type(bits, jnp.float32) - np.float32(1.0)
 
 
+def _fits(tile, shape, fmt: Format, axis: int) -> bool:
+  """Whether ``tile`` divides ``shape`` and holds whole blocks along ``axis``."""
+  return tile[axis] % fmt.block_size == 0 and all(n % t == 0 for n, t in zip(shape, tile))
+
+
 def pick_tile(shape, fmt: Format, axis: int):
   """The first tile of :data:`TILES` that divides ``shape`` (whole blocks along ``axis``), or None."""
-  for tile in TILES[axis]:
-    if tile[axis] % fmt.block_size == 0 and all(n % t == 0 for n, t in zip(shape, tile)):
-      return tile
-  return None
+  return next((tile for tile in TILES[axis] if _fits(tile, shape, fmt, axis)), None)
 
 
 def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool) -> str | None:
@@ -174,7 +176,7 @@ def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interp
   if why := supported(x.shape, x.dtype, fmt, axis, rule, key is not None):
     raise ValueError(f"fake_quantize_2d: {why}")
   tile = tuple(tile) if tile is not None else pick_tile(x.shape, fmt, axis)
-  if tile[axis] % fmt.block_size or any(n % t for n, t in zip(x.shape, tile)):
+  if not _fits(tile, x.shape, fmt, axis):
     raise ValueError(f"fake_quantize_2d: tile {tile} must divide shape {x.shape} with whole blocks along axis {axis}")
   block_pass = not fmt.power_of_two_scales if block_pass is None else block_pass and not fmt.power_of_two_scales
   kd = jnp.zeros((2,), jnp.uint32) if key is None else jax.random.key_data(key).astype(jnp.uint32).reshape(2)
@@ -182,10 +184,8 @@ def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interp
   in_specs = [pl.BlockSpec(tile, lambda i, j: (i, j)), pl.BlockSpec((2,), lambda i, j: (0,)),
               pl.BlockSpec((2,), lambda i, j: (0,))]
   if fmt.has_global_scale:
-    # The reference's tensor amax (finite elements, subnormals flushed) and factors: one read, in XLA.
-    bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(_bits.F32_ABS_MASK)
-    amax = _bits.from_f32_bits(group_amax_bits(bits, ()).reshape(()))
-    genc, gdec = global_factors(amax, fmt, global_encode_numerator(fmt, rule))
+    # The reference's tensor amax and factors: one read, in XLA.
+    genc, gdec = global_factors(finite_amax(x), fmt, global_encode_numerator(fmt, rule))
     operands.append(jnp.stack([gdec, genc]).astype(jnp.float32))
   else:
     operands.append(jnp.zeros((2,), jnp.float32))

@@ -78,8 +78,7 @@ def _backward_operand(x, axis: int, op: OperandConfig, cfg: QatConfig, key, dtyp
   if axis % x.ndim != last:
     if axis % x.ndim == 0 and not cfg.hadamard and op.fmt is not None and x.shape[axis] % multiple == 0:
       # The fused kernel reads a first block axis in place, drawing as the transposed route.
-      draw = key if key is not None and op.stochastic else None
-      if (out := fused_fake_quantize(x, op, axis, dtype, draw, cfg.axis_name, cfg.backend)) is not None:
+      if (out := fused_fake_quantize(x, op, axis, dtype, key, cfg.axis_name, cfg.backend)) is not None:
         return out
     # moveaxis, not swapaxes: the other axes keep their order, so the blocked view (and with it
     # every stochastic draw) is the one the direct route would make.

@@ -37,13 +37,12 @@ def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None, axis
   """
   if op.fmt is None:
     return x.astype(dtype)
-  draw = key if key is not None and op.stochastic else None
-  if (out := fused_fake_quantize(x, op, axis, dtype, draw, axis_name, backend)) is not None:
+  if (out := fused_fake_quantize(x, op, axis, dtype, key, axis_name, backend)) is not None:
     return out
   xin = x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
   # The XLA path: XLA fuses quantize and dequantize into one pass over x.
-  if draw is not None:
-    q = stochastic_quantize(xin, op.fmt, draw, axis=axis, scale_rule=op.rule, pad=True, axis_name=axis_name)
+  if key is not None and op.stochastic:
+    q = stochastic_quantize(xin, op.fmt, key, axis=axis, scale_rule=op.rule, pad=True, axis_name=axis_name)
   else:
     q = quantize(xin, op.fmt, axis=axis, scale_rule=op.rule, pad=True, backend="xla", axis_name=axis_name)
   out = dequantize(q, jnp.float32, backend="xla")
@@ -53,10 +52,10 @@ def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None, axis
   return out.astype(dtype)
 
 
-def fused_fake_quantize(x, op: OperandConfig, axis: int, dtype, draw, axis_name, backend):
+def fused_fake_quantize(x, op: OperandConfig, axis: int, dtype, key, axis_name, backend):
   """:func:`fake_quantize_operand` through the fused kernel when ``backend`` picks it, else None.
 
-  ``draw``: the key of stochastic rounding, or None (nearest). ``backend="pallas"``
+  ``key`` draws the stochastic rounding where ``op`` asks for it. ``backend="pallas"``
   raises a ValueError naming why the kernel cannot take the operand. An operand of
   more than two axes blocked along its first or last one goes through as the 2-D view
   ``(n, rest)`` or ``(rest, n)``: the flat index of each element in the blocked view,
@@ -66,6 +65,7 @@ def fused_fake_quantize(x, op: OperandConfig, axis: int, dtype, draw, axis_name,
     return None
   if backend == "auto" and op.fmt.name not in AUTO_FORMATS:
     return None
+  draw = key if key is not None and op.stochastic else None
   ax = axis % x.ndim
   view, obstacle = x.shape, None
   if x.ndim > 2:

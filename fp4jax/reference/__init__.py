@@ -12,12 +12,12 @@ Nothing here validates arguments; the public API (``fp4jax.quantize``,
 
 from fp4jax.reference.blocks import blocked_global, from_blocks, from_tiles, pad_axis, to_blocks, to_tiles
 from fp4jax.reference.dot import dequantize_operand, scaled_dot_general_reference
-from fp4jax.reference.quantize import (MAX_GLOBAL_ENCODE, dequantize_reference, given_global_encode,
+from fp4jax.reference.quantize import (MAX_GLOBAL_ENCODE, dequantize_reference, finite_amax, given_global_encode,
                                        global_factors, group_amax_bits, quantize_reference)
 
 __all__ = [
     "to_blocks", "from_blocks", "to_tiles", "from_tiles", "pad_axis", "blocked_global",
     "quantize_reference", "dequantize_reference", "global_factors", "given_global_encode",
-    "group_amax_bits", "MAX_GLOBAL_ENCODE",
+    "group_amax_bits", "finite_amax", "MAX_GLOBAL_ENCODE",
     "dequantize_operand", "scaled_dot_general_reference",
 ]

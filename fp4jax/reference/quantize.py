@@ -21,7 +21,7 @@ from fp4jax.qarray import QArray
 from fp4jax.reference.blocks import blocked_global, from_blocks, from_tiles, pad_axis, to_blocks, to_tiles
 from fp4jax.scales import ALL_SCALE_RULES, BlockContext, decode_blocks, encode_elements, global_encode_numerator
 
-__all__ = ["MAX_GLOBAL_ENCODE", "global_factors", "given_global_encode", "group_amax_bits",
+__all__ = ["MAX_GLOBAL_ENCODE", "global_factors", "given_global_encode", "group_amax_bits", "finite_amax",
            "quantize_reference", "dequantize_reference"]
 
 # NVFP4's encode factor elem_max*scale_max/amax is capped so that its
@@ -61,6 +61,14 @@ def group_amax_bits(abs_bits, keep: tuple[int, ...]):
   finite_bits = jnp.where(abs_bits < _bits.F32_INF_BITS, abs_bits, 0)
   reduce = tuple(a for a in range(abs_bits.ndim) if a not in keep)
   return jnp.max(finite_bits, axis=reduce, keepdims=True)
+
+
+def finite_amax(x, keep: tuple[int, ...] = ()):
+  """float32 max of the finite ``|x|`` (float32 subnormals as 0) over every axis not in ``keep``,
+  kept with length 1; a scalar for ``keep=()``. NVFP4's global amax."""
+  abs_bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(_bits.F32_ABS_MASK)
+  out = _bits.from_f32_bits(group_amax_bits(abs_bits, keep))
+  return out if keep else out.reshape(())
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "axis", "scale_rule", "pad", "tile", "keep", "axis_name"))
