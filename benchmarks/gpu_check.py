@@ -233,6 +233,23 @@ def _cell(rs):
   return "/".join(parts) + f" ({n})"
 
 
+def _values_table(rows, title, headers, key_of):
+  """Markdown lines of one kind of rows that count mismatching output elements (``values``):
+  a row per ``key_of(row)``, a column per pair of paths; and the mismatches in all."""
+  if not rows:
+    return [], 0
+  pairs = sorted({r["pair"] for r in rows})
+  out = ["", f"{title} (mismatching output elements):", "",
+         "| " + " | ".join(headers) + " | " + " | ".join(pairs) + " |", "|" + "---|" * (len(headers) + len(pairs))]
+  groups = collections.defaultdict(list)
+  for r in rows:
+    groups[key_of(r)].append(r)
+  for key in sorted(groups):
+    cells = [_cell([r for r in groups[key] if r["pair"] == p]) for p in pairs]
+    out.append("| " + " | ".join(key) + " | " + " | ".join(cells) + " |")
+  return out, sum(r["values"] for r in rows)
+
+
 def cross_platform_table(rows):
   """Markdown tables: mismatching elements per format x rule x input dtype and pair of paths."""
   if not rows:
@@ -252,31 +269,13 @@ def cross_platform_table(rows):
     cells = [_cell([r for r in groups[key] if r["pair"] == p]) for p in pairs]
     total += sum(r.get("values", 0) + r.get("scales", 0) + r.get("global", 0) for r in groups[key])
     out.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
-  deq = [r for r in rows if r["kind"] == "dequantize"]
-  if deq:
-    dpairs = sorted({r["pair"] for r in deq})
-    out += ["", "dequantize of one QArray (mismatching output elements):", "",
-            "| format | output | " + " | ".join(dpairs) + " |", "|---|---|" + "---|" * len(dpairs)]
-    dgroups = collections.defaultdict(list)
-    for r in deq:
-      dgroups[(r["fmt"], r["dtype"])].append(r)
-    for key in sorted(dgroups):
-      cells = [_cell([r for r in dgroups[key] if r["pair"] == p]) for p in dpairs]
-      total += sum(r["values"] for r in dgroups[key])
-      out.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
-  fake = [r for r in rows if r["kind"] == "qat fake quantize"]
-  if fake:
-    fpairs = sorted({r["pair"] for r in fake})
-    out += ["", "QAT fake quantization of a 2-D operand (mismatching output elements):", "",
-            "| format | rule | input | rounding | " + " | ".join(fpairs) + " |",
-            "|---|---|---|---|" + "---|" * len(fpairs)]
-    fgroups = collections.defaultdict(list)
-    for r in fake:
-      fgroups[(r["fmt"], r["rule"], f"{r['dtype']}, axis {r['axis']}", r["feature"])].append(r)
-    for key in sorted(fgroups):
-      cells = [_cell([r for r in fgroups[key] if r["pair"] == p]) for p in fpairs]
-      total += sum(r["values"] for r in fgroups[key])
-      out.append("| " + " | ".join(key) + " | " + " | ".join(cells) + " |")
+  for kind, title, headers, key_of in (
+      ("dequantize", "dequantize of one QArray", ("format", "output"), lambda r: (r["fmt"], r["dtype"])),
+      ("qat fake quantize", "QAT fake quantization of a 2-D operand", ("format", "rule", "input", "rounding"),
+       lambda r: (r["fmt"], r["rule"], f"{r['dtype']}, axis {r['axis']}", r["feature"]))):
+    lines, mismatched = _values_table([r for r in rows if r["kind"] == kind], title, headers, key_of)
+    out += lines
+    total += mismatched
   mm = [r for r in rows if r["kind"] == "scaled_matmul"]
   if mm:
     out += ["", "scaled_matmul (outputs beyond float32 accumulation rounding): " +

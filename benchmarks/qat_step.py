@@ -160,7 +160,7 @@ def main(argv=None):
       med, lo, hi, comp, _ = bench(m, a.d, a.ffn, a.tokens, a.samples, a.steps, a.prng, a.input_grad, b)
     base = med if m == "bf16" else base
     ratio = f"{med / base:.2f}" if base else "-"
-    label = m if b == "xla" or not MODES[m] else f"{m}, backend={b}"
+    label = m if b == "xla" else f"{m}, backend={b}"
     lines.append(f"| {label} | {med * 1e3:.2f} | {lo * 1e3:.2f}..{hi * 1e3:.2f} | {ratio} | "
                  f"{flops / med / 1e12:.0f} | {comp:.1f} |")
     print(lines[-1], flush=True)
