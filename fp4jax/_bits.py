@@ -35,12 +35,35 @@ F32_INF_BITS = 0x7F800000
 
 
 def f32_bits(x):
-  """float32 -> its uint32 bit pattern."""
-  return lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  """The uint32 bit pattern of float32 ``x`` (of the float32 values of a bfloat16 or float16 ``x``)."""
+  return lax.bitcast_convert_type(widen(x), jnp.uint32)
 
 
 def from_f32_bits(bits):
   return lax.bitcast_convert_type(bits.astype(jnp.uint32), jnp.float32)
+
+
+def widen(x):
+  """The float32 values of a float32, bfloat16 or float16 ``x``, read from its bits.
+
+  XLA's GPU compiler removes float32 -> bfloat16 -> float32 convert pairs inside
+  one jit (``xla_allow_excess_precision``, on by default): ``x.astype(float32)``
+  of a bfloat16 ``x`` computed from float32 in the same program may then be the
+  unrounded float32, and what gets quantized is not the array the program holds.
+  On an H200 that changed QAT gradients (the cotangent's bfloat16 rounding was
+  skipped; ``benchmarks/experiments/qat_grad_backends.py``). A shift of the bit
+  pattern is not a convert, so no pass can skip the rounding it reads.
+  """
+  if x.dtype == jnp.bfloat16:
+    return from_f32_bits(lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16)
+  if x.dtype != jnp.float16:
+    return x.astype(jnp.float32)
+  h = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  sign, e, m = (h & 0x8000) << 16, (h >> 10) & 0x1F, h & 0x3FF
+  normal = ((e + (F32_EXP_BIAS - 15)) << F32_MANT_BITS) | (m << 13)
+  special = jnp.uint32(F32_INF_BITS) | (m << 13)  # Inf and NaN, the payload kept
+  subnormal = f32_bits(m.astype(jnp.float32) * jnp.float32(2.0**-24))  # exact: a normal float32
+  return from_f32_bits(sign | jnp.where(e == 0, subnormal, jnp.where(e == 0x1F, special, normal)))
 
 
 def flush_subnormals(x):

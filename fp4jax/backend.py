@@ -66,11 +66,7 @@ def check_backend(backend: str) -> None:
 #: name, scale rule, input dtype)`` -> why, ``"*"`` matching anything. Every other kernel case is
 #: taken. The kernels are built to be bit-exact in every case (``tests/test_cross_platform.py``);
 #: an entry goes when a GPU run of ``benchmarks/gpu_check.py`` shows its case bit-exact there.
-GPU_UNVERIFIED: dict[tuple[str, str, str, str], str] = {
-    ("fake_quant", "*", "*", "*"): "the fused QAT fake-quantization kernel: bit-exact on the H200 as "
-                                   "benchmarks/experiments/qat_fused_sr.py, not yet run in the GPU suite as a "
-                                   "part of fp4jax",
-}
+GPU_UNVERIFIED: dict[tuple[str, str, str, str], str] = {}
 
 
 def gpu_unverified_reason(op: str, fmt: Format | None = None, scale_rule: str | None = None,

@@ -180,3 +180,21 @@ def test_halving_sum_adds_in_its_fixed_tree(n):
   # Along another axis too (the kernels' column layout).
   got0 = np.asarray(jax.jit(lambda t: _bits.halving_sum(t, 0))(np.ascontiguousarray(v.T)))
   np.testing.assert_array_equal(got0, p[:, 0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_widen_is_the_cast_for_every_bit_pattern(dtype):
+  # All 65536 patterns, NaN payloads and signed zeros included, against numpy's (ml_dtypes') cast.
+  x = np.arange(1 << 16, dtype=np.uint16).view(dtype)
+  got = np.asarray(jax.jit(_bits.widen)(jnp.asarray(x))).view(np.uint32)
+  np.testing.assert_array_equal(got, x.astype(np.float32).view(np.uint32))
+
+
+def test_widen_keeps_a_rounding_made_in_the_same_jit():
+  # The bfloat16 rounding of a float32 computed in the same program: on a GPU XLA drops the
+  # f32 -> bf16 -> f32 convert pair of `.astype(bf16).astype(f32)` (excess precision); the bits stay.
+  a = jax.random.normal(jax.random.key(0), (4096,), jnp.float32) * 3.0
+  rounded = np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.sum(rounded != np.asarray(a)) > 4000  # the rounding matters for almost every element
+  got = jax.jit(lambda v: _bits.widen((v * 1.0).astype(jnp.bfloat16)))(a)
+  np.testing.assert_array_equal(np.asarray(got), rounded)

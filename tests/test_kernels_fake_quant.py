@@ -134,25 +134,27 @@ def test_qat_backend_pallas_on_3d_activations(fmt):
                                      jax.random.normal(jax.random.key(2), (256, 128), jnp.bfloat16), fmt)
 
 
-def test_qat_backend_auto_and_xla_stay_on_xla_where_unverified():
-  x = jnp.ones((64, 256), jnp.bfloat16)
-  w = jnp.ones((256, 128), jnp.bfloat16)
-  assert backend.gpu_unverified_reason("fake_quant", fj.MXFP4) is not None
-  for name in ("xla", "auto"):
-    cfg = QatConfig.uniform("mxfp4", backend=name)
-    text = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2).trace(x, w, cfg, jax.random.key(3)).jaxpr.pretty_print()
-    assert "pallas_call" not in text, name
-
-
-def test_qat_backend_auto_takes_the_kernel_for_auto_formats_once_verified(monkeypatch):
-  # What "auto" does on a GPU after the GPU suite removes the GPU_UNVERIFIED entry: the kernel for
-  # the formats measured faster (MXFP4), the XLA ops for the others.
-  monkeypatch.delitem(backend.GPU_UNVERIFIED, ("fake_quant", "*", "*", "*"))
+def test_qat_backend_xla_and_unverified_auto_stay_on_xla(monkeypatch):
+  # "xla" never takes the kernel; "auto" not while GPU_UNVERIFIED holds an entry for it.
+  monkeypatch.setitem(backend.GPU_UNVERIFIED, ("fake_quant", "*", "*", "*"), "a case a GPU run found inexact")
   monkeypatch.setattr(kernels, "on_gpu", lambda: True)
   x = jnp.ones((64, 256), jnp.bfloat16)
   w = jnp.ones((256, 128), jnp.bfloat16)
   with kernels.interpret_mode():
-    for fmt, taken in (("mxfp4", True), ("nvfp4", False), ("mxfp8_e4m3", False)):
+    for name in ("xla", "auto"):
+      cfg = QatConfig.uniform("mxfp4", backend=name)
+      text = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2).trace(x, w, cfg, jax.random.key(3)).jaxpr.pretty_print()
+      assert "pallas_call" not in text, name
+
+
+def test_qat_backend_auto_takes_the_kernel_for_auto_formats(monkeypatch):
+  # What "auto" does on a GPU (the GPU suite has verified the kernel): the kernel for the formats
+  # measured faster (MXFP4, NVFP4), the XLA ops for the others.
+  monkeypatch.setattr(kernels, "on_gpu", lambda: True)
+  x = jnp.ones((64, 256), jnp.bfloat16)
+  w = jnp.ones((256, 128), jnp.bfloat16)
+  with kernels.interpret_mode():
+    for fmt, taken in (("mxfp4", True), ("nvfp4", True), ("mxfp8_e4m3", False)):
       cfg = QatConfig.uniform(fmt, backend="auto")
       text = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2).trace(x, w, cfg, jax.random.key(3)).jaxpr.pretty_print()
       assert ("pallas_call" in text) == taken, fmt

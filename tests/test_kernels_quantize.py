@@ -244,26 +244,32 @@ def test_bad_inputs_raise_value_errors_naming_the_problem():
     qk.quantize_packed(jnp.ones((2, 64)), fj.MXFP4, scale_rule="nearest", interpret=INTERPRET)
 
 
-def test_auto_takes_only_gpu_verified_cases(monkeypatch):
-  # Since the H200 run recorded in benchmarks/results/gpu_tests.md every quantize, dequantize and matmul
-  # case is verified; the fused QAT fake-quantization kernel (newer) waits for its GPU suite run.
-  assert set(backend.GPU_UNVERIFIED) == {("fake_quant", "*", "*", "*")}
-  assert backend.gpu_verified("quantize", fj.NVFP4, "mse", jnp.float32) and backend.gpu_verified("dequantize", fj.MXFP4)
-  # An entry ("*" matches anything) keeps its cases, and only those, off the kernels.
-  monkeypatch.setitem(backend.GPU_UNVERIFIED, ("quantize", "nvfp4", "mse", "*"), "a case that a GPU run found inexact")
-  monkeypatch.setitem(backend.GPU_UNVERIFIED, ("dequantize", "*", "*", "*"), "the dequantize kernel, not yet run on a GPU")
-  assert not backend.gpu_verified("quantize", fj.NVFP4, "mse", jnp.bfloat16)
-  assert backend.gpu_verified("quantize", fj.NVFP4, "nearest", jnp.bfloat16)
-  assert backend.gpu_verified("quantize", fj.MXFP4, "mse", jnp.float32)
-  assert not backend.gpu_verified("dequantize", fj.MXFP8_E4M3)
-  assert "not yet run" in backend.gpu_unverified_reason("dequantize", fj.MXFP4, None, jnp.float32)
-  assert backend.gpu_unverified_reason("quantize", fj.MXFP4, "floor", jnp.float32) is None
-
-
-def test_gpu_unverified_table_names_real_cases_each_with_a_reason():
+def _check_gpu_unverified_table():
+  """Every entry of GPU_UNVERIFIED names a real case ("*": any) and says why."""
   ops, rules = {"quantize", "dequantize", "fake_quant"}, set(fj.SCALE_RULES)
   dtypes = {"float32", "bfloat16", "float16"}
   for (op, fmt, rule, dtype), why in backend.GPU_UNVERIFIED.items():
     assert op in ops and (fmt == "*" or fmt in fj.FORMATS), (op, fmt)
     assert (rule == "*" or rule in rules) and (dtype == "*" or dtype in dtypes), (rule, dtype)
     assert isinstance(why, str) and len(why) > 20
+
+
+def test_auto_takes_only_gpu_verified_cases(monkeypatch):
+  # Since the H200 runs recorded in benchmarks/results/gpu_tests.md every quantize, dequantize, matmul
+  # and QAT fake-quantization case is verified.
+  assert backend.GPU_UNVERIFIED == {}
+  assert backend.gpu_verified("quantize", fj.NVFP4, "mse", jnp.float32) and backend.gpu_verified("dequantize", fj.MXFP4)
+  assert backend.gpu_verified("fake_quant", fj.MXFP4, "ceil", jnp.bfloat16)
+  # An entry ("*" matches anything) keeps its cases, and only those, off the kernels.
+  monkeypatch.setitem(backend.GPU_UNVERIFIED, ("quantize", "nvfp4", "mse", "*"), "a case that a GPU run found inexact")
+  monkeypatch.setitem(backend.GPU_UNVERIFIED, ("dequantize", "*", "*", "*"), "the dequantize kernel, not yet run on a GPU")
+  _check_gpu_unverified_table()
+  assert not backend.gpu_verified("quantize", fj.NVFP4, "mse", jnp.bfloat16)
+  assert backend.gpu_verified("quantize", fj.NVFP4, "nearest", jnp.bfloat16)
+  assert backend.gpu_verified("quantize", fj.MXFP4, "mse", jnp.float32)
+  assert not backend.gpu_verified("dequantize", fj.MXFP8_E4M3)
+  assert "not yet run" in backend.gpu_unverified_reason("dequantize", fj.MXFP4, None, jnp.float32)
+  assert backend.gpu_unverified_reason("quantize", fj.MXFP4, "floor", jnp.float32) is None
+  monkeypatch.setitem(backend.GPU_UNVERIFIED, ("quantize", "mxfp9", "*", "*"), "no such format, a typo to catch")
+  with pytest.raises(AssertionError):
+    _check_gpu_unverified_table()

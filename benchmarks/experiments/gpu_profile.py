@@ -33,7 +33,7 @@ def _intersect(a, b):
   return _union(a) + _union(b) - _union(a + b)
 
 
-def summarize_trace(path, top=12):
+def summarize_trace(path, top=40):
   data = jax.profiler.ProfileData.from_file(path)
   out = {}
   for plane in data.planes:

@@ -154,7 +154,7 @@ def _block_factors(x, fmt: Format, rule: str, axis: int, genc, gdec):
   """NVFP4's per-block encode factors and scale bytes (the NaN byte for non-finite blocks), in XLA:
   ``(R, C / B)`` for ``axis`` 1, ``(R / B, C)`` for 0. The kernel's own per-block arithmetic, run
   once per block here rather than by every thread that holds a piece of the block there."""
-  xb = C.split_axis(x.astype(jnp.float32), axis, fmt.block_size)
+  xb = C.split_axis(_bits.widen(x), axis, fmt.block_size)
   amax_bits, nonfinite = block_amax_bits(xb, axis + 1)
   code = e4m3_scale_code(amax_bits, genc, fmt, rule)
   enc = e4m3_encode_factor(code, gdec, fmt)

@@ -85,7 +85,7 @@ class QatConfig:
       threefry draws, dequantize in one pass; the same bits), a ValueError
       where it cannot run. ``"auto"``: the kernel on a GPU where its bits are
       confirmed there (``fp4jax.backend.GPU_UNVERIFIED``) and it is the faster
-      (``fp4jax.qat.fake.AUTO_FORMATS``: MXFP4), else the XLA ops. Operands the kernel does
+      (``fp4jax.qat.fake.AUTO_FORMATS``: MXFP4, NVFP4), else the XLA ops. Operands the kernel does
       not take (blocked along a middle axis, float16, ``axis_name``, shapes no
       tile divides) stay on the XLA ops under ``"auto"``. Under ``jit`` with arrays sharded over
       an automatic (``Auto``) mesh XLA cannot split a kernel and gathers its

@@ -21,11 +21,11 @@ from fp4jax.scales import SCALE_RULES, element_units
 
 __all__ = ["fake_quant", "fake_quantize_operand", "fused_fake_quantize", "AUTO_FORMATS"]
 
-#: The formats ``QatConfig(backend="auto")`` sends through the fused kernel (on a GPU, once its bits
-#: are confirmed there): those measured faster than XLA's fusion. H200: MXFP4 1.4-2.7x faster per
-#: operand; NVFP4 slower wherever the blocks run along the tokens or the rounding is stochastic
-#: (benchmarks/results/qat_fused_sr.json); MXFP8 not timed yet.
-AUTO_FORMATS = ("mxfp4",)
+#: The formats ``QatConfig(backend="auto")`` sends through the fused kernel on a GPU: those measured
+#: faster than XLA's fusion. H200 (benchmarks/results/qat_fused_sr.json): per operand MXFP4 1.4-2.7x,
+#: NVFP4 (block scales from one XLA pass) 1.4-2.1x; the SwiGLU QAT step MXFP4 16.3 -> 12.4 ms, NVFP4
+#: 18.6 -> 14.4 ms. MXFP8 not timed yet.
+AUTO_FORMATS = ("mxfp4", "nvfp4")
 
 
 def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None, axis_name=None, backend="xla"):
@@ -98,7 +98,7 @@ def _fake_quant_fwd(x, fmt, axis, scale_rule, ste, axis_name):
   out = dequantize(q, x.dtype, backend="xla")
   if ste == "identity":
     return out, None
-  blocks = to_blocks(_bits.flush_subnormals(x.astype(jnp.float32)), q.axis, fmt.block_size)
+  blocks = to_blocks(_bits.flush_subnormals(_bits.widen(x)), q.axis, fmt.block_size)
   y = element_units(blocks, jnp.moveaxis(q.scales, q.axis, -1), fmt, q.global_scale)
   return out, from_blocks(jnp.abs(y) <= fmt.elem_max, q.axis)
 

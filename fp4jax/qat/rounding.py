@@ -71,7 +71,7 @@ def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule
   if math.prod(nearest.shape) == 0:
     return nearest  # no element to round
   fmt, ax = nearest.fmt, nearest.axis
-  xf = _bits.flush_subnormals(x.astype(jnp.float32))
+  xf = _bits.flush_subnormals(_bits.widen(x))
   if pad:
     xf = pad_axis(xf, ax % xf.ndim, fmt.block_size)
   blocks = to_blocks(xf, ax, fmt.block_size)
@@ -120,7 +120,7 @@ def random_hadamard(x, n: int, *, axis: int = -1, seed: int | None = 0):
     raise ValueError(f"random_hadamard: shape {tuple(x.shape)} has length {x.shape[ax]} along axis "
                      f"{axis}, not a multiple of the transform size {n}")
   q = jnp.asarray(hadamard_matrix(n, seed), jnp.float32)
-  blocks = to_blocks(x.astype(jnp.float32), ax, n)
+  blocks = to_blocks(_bits.widen(x), ax, n)
   # HIGHEST: a TF32/bf16 transform would add its own rounding before quantization.
   out = jnp.einsum("...j,ij->...i", blocks, q, precision=lax.Precision.HIGHEST)
   return from_blocks(out, ax)

@@ -66,7 +66,7 @@ def group_amax_bits(abs_bits, keep: tuple[int, ...]):
 def finite_amax(x, keep: tuple[int, ...] = ()):
   """float32 max of the finite ``|x|`` (float32 subnormals as 0) over every axis not in ``keep``,
   kept with length 1; a scalar for ``keep=()``. NVFP4's global amax."""
-  abs_bits = _bits.f32_bits(_bits.flush_subnormals(x.astype(jnp.float32))) & jnp.uint32(_bits.F32_ABS_MASK)
+  abs_bits = _bits.f32_bits(_bits.flush_subnormals(_bits.widen(x))) & jnp.uint32(_bits.F32_ABS_MASK)
   out = _bits.from_f32_bits(group_amax_bits(abs_bits, keep))
   return out if keep else out.reshape(())
 
@@ -77,7 +77,7 @@ def quantize_reference(x, global_scale, hessian, *, fmt: Format, axis: int, scal
   """``fp4jax.quantize`` of checked arguments: ``axis`` negative, ``tile`` the 2-D block side or None,
   ``keep`` the axes a per-group global scale varies along (``()``: one per tensor), ``axis_name``
   the ``shard_map`` mesh axes the global amax is ``lax.pmax``-ed over (None: this array alone)."""
-  x = x.astype(jnp.float32)
+  x = _bits.widen(x)
   if pad:
     x = pad_axis(x, axis, fmt.block_size)
   x = _bits.flush_subnormals(x)

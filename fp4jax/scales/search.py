@@ -261,5 +261,5 @@ def block_hessians(x, block_size: int):
   k = x.shape[-1]
   if k % block_size:
     raise ValueError(f"block_hessians: K={k} (shape {x.shape}) is not a multiple of block size {block_size}")
-  xb = x.reshape(-1, k // block_size, block_size).astype(jnp.float32)
+  xb = _bits.widen(x.reshape(-1, k // block_size, block_size))
   return jnp.einsum("snb,snd->nbd", xb, xb, precision=lax.Precision.HIGHEST)

@@ -1,0 +1,54 @@
+"""Where the QAT step's time goes on a GPU (issue 15): per-kernel times of benchmarks/qat_step.py's step.
+
+For each MODE:BACKEND, runs the step under jax.profiler and writes the busy time and the top kernels
+(by total time over the profiled steps) to OUT/qat_step_profile.json.
+Usage: PYTHONPATH=. python benchmarks/experiments/qat_step_profile.py --out DIR [--runs bf16:xla,mxfp4:pallas]
+"""
+import argparse, dataclasses, json, os, sys
+
+import jax, jax.numpy as jnp
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+import gpu_profile  # noqa: E402
+import qat_step  # noqa: E402
+
+
+def run(mode, backend, d, ffn, tokens, steps):
+  k = jax.random.split(jax.random.key(0), 8)
+  params = (jax.random.normal(k[0], (d, ffn)) * d**-0.5, jax.random.normal(k[1], (d, ffn)) * d**-0.5,
+            jax.random.normal(k[2], (ffn, d)) * ffn**-0.5)
+  x = jax.random.normal(k[3], (tokens, d), jnp.bfloat16)
+  t = jax.random.normal(k[5], (tokens, d), jnp.float32)
+  config = qat_step.MODES[mode]() if qat_step.MODES[mode] else None
+  if config is not None:
+    config = dataclasses.replace(config, backend=backend)
+  step = qat_step.make_step(config)
+  state = {"p": params}
+
+  def call(i):
+    state["p"], v = step(state["p"], x, t, jax.random.key(i))
+    return v
+
+  return gpu_profile.profile(call, steps)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", required=True)
+  p.add_argument("--runs", default="bf16:xla,mxfp4:xla,mxfp4:pallas,nvfp4:pallas")
+  p.add_argument("--small", action="store_true")
+  a = p.parse_args()
+  d, ffn, tokens = (128, 256, 256) if a.small else (4096, 14336, 8192)
+  os.makedirs(a.out, exist_ok=True)
+  res = {}
+  for r in a.runs.split(","):
+    mode, backend = r.split(":")
+    res[r] = run(mode, backend, d, ffn, tokens, 3)
+    print(r, json.dumps(res[r])[:3000], flush=True)
+    with open(os.path.join(a.out, "qat_step_profile.json"), "w") as f:
+      json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
