@@ -7,10 +7,12 @@ tests/test_kernels_lowering.py. What is left here is what a benchmark row does n
 
 * ``--out DIR``: each of the QAT step's operand kinds (8192 x 4096 blocked along d and along the tokens,
   8192 x 14336 along the tokens), stochastic and nearest, MXFP4 (ceil) and NVFP4 (nearest), the first three
-  tiles of ``fake_quant.TILES``, NVFP4 with its block factors from XLA (the default) and from the kernel,
-  against the XLA route and a copy; bits against the XLA route;
+  tiles of ``fake_quant.TILES`` (``--tiles N``), NVFP4 with its block factors from XLA and from the kernel
+  (a table of the 127 codes' factors), against the XLA route and a copy; bits against the XLA route;
+  ``--formats nvfp4`` for one format;
 * ``--step``: benchmarks/qat_step.py's step with ``backend="xla"`` and ``"pallas"``, the latter once per
-  ``--tile0`` (the tile of the operands blocked along axis 0, put first in ``TILES`` for that run).
+  ``--tile0`` (the tile of the operands blocked along axis 0, put first in ``TILES`` for that run), and
+  with ``--step-in-kernel`` NVFP4 once more with its block factors in the kernel.
 
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR             # GPU, ~2 min
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR --step --step-only \\
@@ -69,19 +71,20 @@ def operand_section(a, key):
   for shape, axis in cases:
     xs = [_inputs(shape, jnp.bfloat16, seed=s) for s in range(3)]
     row = {"copy_us": B.bench(lambda v: v + 1, [(v,) for v in xs]) * 1e6}
-    for fmt, rule in CASES:
+    for fmt, rule in [c for c in CASES if c[0].name in a.formats]:
       ref = jax.jit(reference, static_argnums=(2, 3, 4))
       for name, k in ((f"{fmt.name}_{rule}_stochastic", key), (f"{fmt.name}_{rule}_nearest", None)):
-        row[name + "_mismatches"] = mismatches(
-            fk.fake_quantize_2d(xs[0], k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=a.small),
-            ref(xs[0], k, fmt, rule, axis))
-        # NVFP4: block scales and factors from XLA before the kernel (the default) and in it.
+        # NVFP4: block scales and factors from XLA before the kernel and in it (a table of factors).
         for block_pass in (True, False) if fmt.has_global_scale else (False,):
-          for tile in fk.TILES[axis][:3]:
+          tag = "_in_kernel" if fmt.has_global_scale and not block_pass else ""
+          row[name + tag + "_mismatches"] = mismatches(
+              fk.fake_quantize_2d(xs[0], k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=a.small,
+                                  block_pass=block_pass),
+              ref(xs[0], k, fmt, rule, axis))
+          for tile in fk.TILES[axis][:a.tiles]:
             f = jax.jit(lambda v, k, tile=tile, fmt=fmt, rule=rule, bp=block_pass: fk.fake_quantize_2d(
                 v, k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=a.small, tile=tile, block_pass=bp))
-            tag = f"{tile[0]}x{tile[1]}" + ("_in_kernel" if fmt.has_global_scale and not block_pass else "")
-            row[f"{name}_kernel_{tag}_us"] = B.bench(lambda v, f=f, k=k: f(v, k), [(v,) for v in xs]) * 1e6
+            row[f"{name}_kernel_{tile[0]}x{tile[1]}{tag}_us"] = B.bench(lambda v, f=f, k=k: f(v, k), [(v,) for v in xs]) * 1e6
         row[name + "_xla_us"] = B.bench(lambda v, k=k, fmt=fmt, rule=rule: ref(v, k, fmt, rule, axis),
                                         [(v,) for v in xs]) * 1e6
     out[f"{shape[0]}x{shape[1]}_axis{axis}"] = row
@@ -94,20 +97,23 @@ def step_section(a):
   import qat_step
   d, ffn, tokens = (128, 256, 256) if a.small else (4096, 14336, 8192)
   samples, steps = (2, 2) if a.small else (5, 5)
-  out, tiles0 = {}, fk.TILES[0]
+  out, tiles0, block_pass_default = {}, fk.TILES[0], fk.E4M3_BLOCK_PASS
   for mode in a.step_modes.split(","):
-    runs = [("xla", "xla", None)] + ([] if mode == "bf16" else
-                                     [(f"pallas_axis0_{t[0]}x{t[1]}", "pallas", t) for t in a.tile0])
+    runs = [("xla", "xla", None, None)] + ([] if mode == "bf16" else
+                                           [(f"pallas_axis0_{t[0]}x{t[1]}", "pallas", t, None) for t in a.tile0])
+    if mode.startswith("nvfp4") and a.step_in_kernel:
+      runs.append(("pallas_in_kernel", "pallas", None, False))
     row = {}
-    for name, backend, tile0 in runs:
-      # The kernel picks its tile when traced: a new first choice needs fresh traces.
+    for name, backend, tile0, block_pass in runs:
+      # The kernel picks its tile and block pass when traced: a new choice needs fresh traces.
       fk.TILES[0] = tiles0 if tile0 is None else (tile0,) + tuple(t for t in tiles0 if t != tile0)
+      fk.E4M3_BLOCK_PASS = block_pass_default if block_pass is None else block_pass
       jax.clear_caches()
       with kernels.interpret_mode(a.small):
         med, lo, hi, comp, loss = qat_step.bench(mode, d, ffn, tokens, samples, steps, "threefry2x32", False,
                                                  backend)
       row[name] = {"ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "compile_s": comp, "loss": loss}
-    fk.TILES[0] = tiles0
+    fk.TILES[0], fk.E4M3_BLOCK_PASS = tiles0, block_pass_default
     out[mode] = row
     print(mode, json.dumps(row), flush=True)
   return out
@@ -127,6 +133,10 @@ def main(argv=None):
   p.add_argument("--step-modes", default="bf16,mxfp4,nvfp4", help="benchmarks/qat_step.py modes --step times")
   p.add_argument("--tile0", type=tiles_arg, default=[fk.TILES[0][0]],
                  help="--step: the kernel's first-choice tiles for operands blocked along axis 0 (64x128,...)")
+  p.add_argument("--formats", default="mxfp4,nvfp4", help="per-operand times of these formats")
+  p.add_argument("--tiles", type=int, default=3, help="per-operand times of the first N tiles of fake_quant.TILES")
+  p.add_argument("--step-in-kernel", action="store_true",
+                 help="--step: NVFP4 also with its block factors in the kernel (fake_quant.E4M3_BLOCK_PASS off)")
   a = p.parse_args(argv)
   key = jax.random.fold_in(jax.random.key(7), 3)
   os.makedirs(a.out, exist_ok=True)

@@ -47,6 +47,10 @@ __all__ = ["supported", "fake_quantize_2d", "pick_tile", "uniform_from_index"]
 #: (benchmarks/results/qat_fused_sr.json: 64 x 128 along axis 0 is 2x faster than 256 x 32).
 TILES = {1: ((32, 256), (16, 512), (64, 128), (16, 256), (16, 128), (16, 64), (16, 32)),
          0: ((64, 128), (128, 64), (256, 32), (64, 64), (32, 64), (32, 32), (16, 32))}
+#: Where NVFP4's block scales and encode factors come from when ``fake_quantize_2d`` is not told:
+#: True, one XLA pass before the kernel; False, the kernel itself (the factors through a table of
+#: the 127 E4M3 codes). The faster measured on the H200 (benchmarks/results/qat_fused_sr.json).
+E4M3_BLOCK_PASS = True
 _RULES = ("floor", "ceil", "nearest")
 _DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -111,7 +115,8 @@ def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool)
 
 
 def _kernel(x_ref, key_ref, g_ref, *refs, fmt, rule, stochastic: bool, axis: int, shape, tile, block_pass: bool):
-  """One tile. ``refs``: [per-block encode factors, scale bytes (``block_pass``)], the output."""
+  """One tile. ``refs``: [per-block encode factors, scale bytes (``block_pass``) | the encode factor
+  of each E4M3 scale code (NVFP4 without ``block_pass``)], the output."""
   bs, rax = fmt.block_size, axis + 1  # rax: the within-block axis of the blocked tile
   x = C.split_axis(x_ref[...].astype(jnp.float32), axis, bs)  # (tr, nb, bs) or (nb, bs, tc)
   gdec = None if fmt.power_of_two_scales else g_ref[0]
@@ -121,15 +126,18 @@ def _kernel(x_ref, key_ref, g_ref, *refs, fmt, rule, stochastic: bool, axis: int
     nonfinite = scale_code == fmt.scale_nan_byte
     y = C.flush_f32(x) * jnp.expand_dims(enc_ref[...], rax)
   else:
-    (o_ref,) = refs
+    o_ref = refs[-1]
     amax_bits, nonfinite = block_amax_bits(x, rax)
     if fmt.power_of_two_scales:
       e = pow2_rule_exponent(amax_bits, fmt, rule)
       scale_code = e + fmt.scale_bias
       y = _bits.scale_by_pow2(C.flush_f32(x), -e)  # as the reference's element_units
     else:
+      enc_table_ref, o_ref = refs
       scale_code = e4m3_scale_code(amax_bits, g_ref[1], fmt, rule)
-      y = C.flush_f32(x) * e4m3_encode_factor(scale_code, gdec, fmt)
+      # A gather from the 127 factors the wrapper computed: the correctly rounded reciprocal
+      # (a 24-step integer division) once per code, not once per thread holding a block's piece.
+      y = C.flush_f32(x) * enc_table_ref[scale_code]
   y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
   # The sign stays an integer: Triton may drop the sign of a zero in float arithmetic
   # (kernels/dequantize.py).
@@ -170,15 +178,15 @@ def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interp
   ``key``: a jax.random key (stochastic rounding, the draws of the XLA path) or None
   (nearest even). The case must pass :func:`supported`. ``tile``: the (rows, columns)
   a program reads, default :func:`pick_tile`'s (benchmarks time others). ``block_pass``:
-  NVFP4's block scales and encode factors from a pass of XLA before the kernel (default for
-  E4M3 scales) instead of in the kernel; power-of-two scales always in the kernel.
+  NVFP4's block scales and encode factors from a pass of XLA before the kernel instead of in
+  the kernel (default :data:`E4M3_BLOCK_PASS`); power-of-two scales always in the kernel.
   """
   if why := supported(x.shape, x.dtype, fmt, axis, rule, key is not None):
     raise ValueError(f"fake_quantize_2d: {why}")
   tile = tuple(tile) if tile is not None else pick_tile(x.shape, fmt, axis)
   if not _fits(tile, x.shape, fmt, axis):
     raise ValueError(f"fake_quantize_2d: tile {tile} must divide shape {x.shape} with whole blocks along axis {axis}")
-  block_pass = not fmt.power_of_two_scales if block_pass is None else block_pass and not fmt.power_of_two_scales
+  block_pass = (E4M3_BLOCK_PASS if block_pass is None else block_pass) and not fmt.power_of_two_scales
   kd = jnp.zeros((2,), jnp.uint32) if key is None else jax.random.key_data(key).astype(jnp.uint32).reshape(2)
   operands = [x, kd]
   in_specs = [pl.BlockSpec(tile, lambda i, j: (i, j)), pl.BlockSpec((2,), lambda i, j: (0,)),
@@ -193,6 +201,10 @@ def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interp
     operands += _block_factors(x, fmt, rule, axis, genc, gdec)
     btile = (tile[0], tile[1] // fmt.block_size) if axis == 1 else (tile[0] // fmt.block_size, tile[1])
     in_specs += [pl.BlockSpec(btile, lambda i, j: (i, j))] * 2
+  elif not fmt.power_of_two_scales:
+    codes = fmt.scale_nan_byte  # the finite E4M3 scale codes: 0 .. 0x7E
+    operands.append(e4m3_encode_factor(jnp.arange(codes, dtype=jnp.int32), gdec, fmt))
+    in_specs.append(pl.BlockSpec((codes,), lambda i, j: (0,)))
   kernel = functools.partial(_kernel, fmt=fmt, rule=rule, stochastic=key is not None, axis=axis, shape=x.shape,
                              tile=tile, block_pass=block_pass)
   return pl.pallas_call(
