@@ -44,18 +44,20 @@ def from_f32_bits(bits):
 
 
 def widen(x):
-  """The float32 values of a float32, bfloat16 or float16 ``x``, read from its bits.
+  """The float32 values of a float32, bfloat16 or float16 ``x``, whatever the compiler elides.
 
-  XLA's GPU compiler removes float32 -> bfloat16 -> float32 convert pairs inside
-  one jit (``xla_allow_excess_precision``, on by default): ``x.astype(float32)``
-  of a bfloat16 ``x`` computed from float32 in the same program may then be the
-  unrounded float32, and what gets quantized is not the array the program holds.
-  On an H200 that changed QAT gradients (the cotangent's bfloat16 rounding was
-  skipped; ``benchmarks/experiments/qat_grad_backends.py``). A shift of the bit
-  pattern is not a convert, so no pass can skip the rounding it reads.
+  XLA removes float32 -> bfloat16 -> float32 convert pairs inside one jit
+  (``xla_allow_excess_precision``, on by default, on the CPU and the GPU):
+  ``x.astype(float32)`` of a bfloat16 ``x`` computed from float32 in the same
+  program may then be the unrounded float32, and what gets quantized is not the
+  array the program holds (a SwiGLU activation on the CPU; QAT's cotangent on an
+  H200: ``benchmarks/experiments/qat_grad_backends.py``). A ``reduce_precision``
+  to bfloat16 is an arithmetic rounding no pass removes: the identity on a
+  rounded value, the rounding on an unrounded one. float16 goes through its bit
+  pattern instead (``reduce_precision`` flushes float16's subnormals).
   """
   if x.dtype == jnp.bfloat16:
-    return from_f32_bits(lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16)
+    return lax.reduce_precision(x.astype(jnp.float32), exponent_bits=8, mantissa_bits=7)
   if x.dtype != jnp.float16:
     return x.astype(jnp.float32)
   h = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
