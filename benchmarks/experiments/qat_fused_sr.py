@@ -12,7 +12,7 @@ tests/test_kernels_lowering.py. What is left here is what a benchmark row does n
   ``--formats nvfp4`` for one format;
 * ``--step``: benchmarks/qat_step.py's step with ``backend="xla"`` and ``"pallas"``, the latter once per
   ``--tile0`` (the tile of the operands blocked along axis 0, put first in ``TILES`` for that run), and
-  with ``--step-in-kernel`` NVFP4 once more with its block factors in the kernel.
+  with ``--step-in-kernel 01,1`` NVFP4 once more per group of block axes whose factors come from the kernel.
 
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR             # GPU, ~2 min
   PYTHONPATH=. python benchmarks/experiments/qat_fused_sr.py --out DIR --step --step-only \\
@@ -97,17 +97,18 @@ def step_section(a):
   import qat_step
   d, ffn, tokens = (128, 256, 256) if a.small else (4096, 14336, 8192)
   samples, steps = (2, 2) if a.small else (5, 5)
-  out, tiles0, block_pass_default = {}, fk.TILES[0], fk.E4M3_BLOCK_PASS
+  out, tiles0, block_pass_default = {}, fk.TILES[0], dict(fk.E4M3_BLOCK_PASS)
   for mode in a.step_modes.split(","):
     runs = [("xla", "xla", None, None)] + ([] if mode == "bf16" else
                                            [(f"pallas_axis0_{t[0]}x{t[1]}", "pallas", t, None) for t in a.tile0])
-    if mode.startswith("nvfp4") and a.step_in_kernel:
-      runs.append(("pallas_in_kernel", "pallas", None, False))
+    if mode.startswith("nvfp4"):
+      runs += [(f"pallas_in_kernel_axes{''.join(map(str, axes))}", "pallas", None,
+                {ax: ax not in axes for ax in (0, 1)}) for axes in a.step_in_kernel]
     row = {}
     for name, backend, tile0, block_pass in runs:
       # The kernel picks its tile and block pass when traced: a new choice needs fresh traces.
       fk.TILES[0] = tiles0 if tile0 is None else (tile0,) + tuple(t for t in tiles0 if t != tile0)
-      fk.E4M3_BLOCK_PASS = block_pass_default if block_pass is None else block_pass
+      fk.E4M3_BLOCK_PASS = dict(block_pass_default if block_pass is None else block_pass)
       jax.clear_caches()
       with kernels.interpret_mode(a.small):
         med, lo, hi, comp, loss = qat_step.bench(mode, d, ffn, tokens, samples, steps, "threefry2x32", False,
@@ -135,8 +136,9 @@ def main(argv=None):
                  help="--step: the kernel's first-choice tiles for operands blocked along axis 0 (64x128,...)")
   p.add_argument("--formats", default="mxfp4,nvfp4", help="per-operand times of these formats")
   p.add_argument("--tiles", type=int, default=3, help="per-operand times of the first N tiles of fake_quant.TILES")
-  p.add_argument("--step-in-kernel", action="store_true",
-                 help="--step: NVFP4 also with its block factors in the kernel (fake_quant.E4M3_BLOCK_PASS off)")
+  p.add_argument("--step-in-kernel", type=lambda v: [tuple(int(c) for c in t) for t in v.split(",") if t], default=[],
+                 help="--step: NVFP4 also with its block factors in the kernel along these block axes, "
+                      "one run each: '01,1' = both axes, then axis 1 alone (fake_quant.E4M3_BLOCK_PASS)")
   a = p.parse_args(argv)
   key = jax.random.fold_in(jax.random.key(7), 3)
   os.makedirs(a.out, exist_ok=True)

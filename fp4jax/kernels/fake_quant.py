@@ -47,10 +47,12 @@ __all__ = ["supported", "fake_quantize_2d", "pick_tile", "uniform_from_index"]
 #: (benchmarks/results/qat_fused_sr.json: 64 x 128 along axis 0 is 2x faster than 256 x 32).
 TILES = {1: ((32, 256), (16, 512), (64, 128), (16, 256), (16, 128), (16, 64), (16, 32)),
          0: ((64, 128), (128, 64), (256, 32), (64, 64), (32, 64), (32, 32), (16, 32))}
-#: Where NVFP4's block scales and encode factors come from when ``fake_quantize_2d`` is not told:
-#: True, one XLA pass before the kernel; False, the kernel itself (the factors through a table of
-#: the 127 E4M3 codes). The faster measured on the H200 (benchmarks/results/qat_fused_sr.json).
-E4M3_BLOCK_PASS = True
+#: Where NVFP4's block scales and encode factors come from when ``fake_quantize_2d`` is not told,
+#: by block axis: True, one XLA pass before the kernel; False, the kernel itself (the factors through
+#: a table of the 127 E4M3 codes). H200 (benchmarks/experiments/README.md): the table is 40 us
+#: faster an 8192 x 4096 operand along axis 1, 54 us slower with stochastic rounding along axis 0,
+#: and the QAT step with both axes in the kernel 0.85 ms slower; along axis 1 alone not timed yet.
+E4M3_BLOCK_PASS = {0: True, 1: True}
 _RULES = ("floor", "ceil", "nearest")
 _DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -186,7 +188,7 @@ def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interp
   tile = tuple(tile) if tile is not None else pick_tile(x.shape, fmt, axis)
   if not _fits(tile, x.shape, fmt, axis):
     raise ValueError(f"fake_quantize_2d: tile {tile} must divide shape {x.shape} with whole blocks along axis {axis}")
-  block_pass = (E4M3_BLOCK_PASS if block_pass is None else block_pass) and not fmt.power_of_two_scales
+  block_pass = (E4M3_BLOCK_PASS[axis] if block_pass is None else block_pass) and not fmt.power_of_two_scales
   kd = jnp.zeros((2,), jnp.uint32) if key is None else jax.random.key_data(key).astype(jnp.uint32).reshape(2)
   operands = [x, kd]
   in_specs = [pl.BlockSpec(tile, lambda i, j: (i, j)), pl.BlockSpec((2,), lambda i, j: (0,)),
