@@ -19,18 +19,25 @@ reads each tile once and writes the dequantized values:
 It equals ``fp4jax.qat.fake.fake_quantize_operand`` on the XLA path bit for bit,
 draws included (tests/test_kernels_fake_quant.py). A block axis 0 is read in
 place and drawn with the transposed index: the XLA path's
-``fp4jax.qat.dot._backward_operand`` moves that axis last first.
+``fp4jax.qat.dot._backward_operand`` moves that axis last first. Under ``jit``
+with sharded operands each device runs the kernel on its shard
+(``custom_partitioning``), drawing with the whole array's index
+(tests/test_kernels_fake_quant_sharded.py).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fp4jax import _bits
 from fp4jax.formats import FORMATS, Format
@@ -116,9 +123,11 @@ def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool)
   return None
 
 
-def _kernel(x_ref, key_ref, g_ref, *refs, fmt, rule, stochastic: bool, axis: int, shape, tile, block_pass: bool):
-  """One tile. ``refs``: [per-block encode factors, scale bytes (``block_pass``) | the encode factor
-  of each E4M3 scale code (NVFP4 without ``block_pass``)], the output."""
+def _kernel(x_ref, key_ref, g_ref, off_ref, *refs, fmt, rule, stochastic: bool, axis: int, shape, tile,
+            block_pass: bool):
+  """One tile. ``off_ref``: the row and column of ``x``'s first element in the whole array of
+  ``shape`` (not 0 for a shard). ``refs``: [per-block encode factors, scale bytes (``block_pass``) |
+  the encode factor of each E4M3 scale code (NVFP4 without ``block_pass``)], the output."""
   bs, rax = fmt.block_size, axis + 1  # rax: the within-block axis of the blocked tile
   x = C.split_axis(x_ref[...].astype(jnp.float32), axis, bs)  # (tr, nb, bs) or (nb, bs, tc)
   gdec = None if fmt.power_of_two_scales else g_ref[0]
@@ -146,8 +155,8 @@ def _kernel(x_ref, key_ref, g_ref, *refs, fmt, rule, stochastic: bool, axis: int
   if stochastic:
     # The element's flat index in the array blocked along its last axis: (R, C) itself for
     # axis 1, its transpose (C, R) for axis 0.
-    row = (pl.program_id(0) * tile[0] + lax.broadcasted_iota(jnp.int32, tile, 0)).astype(jnp.uint32)
-    col = (pl.program_id(1) * tile[1] + lax.broadcasted_iota(jnp.int32, tile, 1)).astype(jnp.uint32)
+    row = (off_ref[0] + pl.program_id(0) * tile[0] + lax.broadcasted_iota(jnp.int32, tile, 0)).astype(jnp.uint32)
+    col = (off_ref[1] + pl.program_id(1) * tile[1] + lax.broadcasted_iota(jnp.int32, tile, 1)).astype(jnp.uint32)
     idx = row * np.uint32(shape[1]) + col if axis == 1 else col * np.uint32(shape[0]) + row
     u = C.split_axis(uniform_from_index(key_ref[0], key_ref[1], idx), axis, bs)
     r = stochastic_magnitudes(jnp.abs(y), u, fmt)
@@ -185,37 +194,111 @@ def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interp
   """
   if why := supported(x.shape, x.dtype, fmt, axis, rule, key is not None):
     raise ValueError(f"fake_quantize_2d: {why}")
-  tile = tuple(tile) if tile is not None else pick_tile(x.shape, fmt, axis)
-  if not _fits(tile, x.shape, fmt, axis):
+  tile = tuple(tile) if tile is not None else None  # None: pick_tile's, per shard under sharded jit
+  if not _fits(tile or pick_tile(x.shape, fmt, axis), x.shape, fmt, axis):
     raise ValueError(f"fake_quantize_2d: tile {tile} must divide shape {x.shape} with whole blocks along axis {axis}")
   block_pass = (E4M3_BLOCK_PASS[axis] if block_pass is None else block_pass) and not fmt.power_of_two_scales
   kd = jnp.zeros((2,), jnp.uint32) if key is None else jax.random.key_data(key).astype(jnp.uint32).reshape(2)
-  operands = [x, kd]
-  in_specs = [pl.BlockSpec(tile, lambda i, j: (i, j)), pl.BlockSpec((2,), lambda i, j: (0,)),
-              pl.BlockSpec((2,), lambda i, j: (0,))]
+  genc = gdec = None
   if fmt.has_global_scale:
     # The reference's tensor amax and factors: one read, in XLA.
     genc, gdec = global_factors(finite_amax(x), fmt, global_encode_numerator(fmt, rule))
-    operands.append(jnp.stack([gdec, genc]).astype(jnp.float32))
+    g = jnp.stack([gdec, genc]).astype(jnp.float32)
   else:
-    operands.append(jnp.zeros((2,), jnp.float32))
+    g = jnp.zeros((2,), jnp.float32)
   if block_pass:
-    operands += _block_factors(x, fmt, rule, axis, genc, gdec)
+    extra = _block_factors(x, fmt, rule, axis, genc, gdec)
+  elif not fmt.power_of_two_scales:
+    extra = (e4m3_encode_factor(jnp.arange(fmt.scale_nan_byte, dtype=jnp.int32), gdec, fmt),)  # codes 0..0x7E
+  else:
+    extra = ()
+  call = _Call(fmt, rule, key is not None, axis, np.dtype(dtype).name, interpret, tile, block_pass, x.shape)
+  return _partitioned(call, x, kd, g, *extra)
+
+
+class _Call(NamedTuple):
+  """The static part of one kernel call; ``shape``: the whole array's (the draws' index)."""
+  fmt: Format
+  rule: str
+  stochastic: bool
+  axis: int
+  dtype: str
+  interpret: bool
+  tile: tuple | None
+  block_pass: bool
+  shape: tuple
+
+
+def _pallas(call: _Call, x, kd, g, off, *extra):
+  """The kernel over ``x``, the whole array or one shard of it starting at ``off`` (row, column)."""
+  fmt, axis = call.fmt, call.axis
+  tile = call.tile or pick_tile(x.shape, fmt, axis)
+  in_specs = [pl.BlockSpec(tile, lambda i, j: (i, j))] + [pl.BlockSpec((2,), lambda i, j: (0,))] * 3
+  if call.block_pass:
     btile = (tile[0], tile[1] // fmt.block_size) if axis == 1 else (tile[0] // fmt.block_size, tile[1])
     in_specs += [pl.BlockSpec(btile, lambda i, j: (i, j))] * 2
-  elif not fmt.power_of_two_scales:
-    codes = fmt.scale_nan_byte  # the finite E4M3 scale codes: 0 .. 0x7E
-    operands.append(e4m3_encode_factor(jnp.arange(codes, dtype=jnp.int32), gdec, fmt))
-    in_specs.append(pl.BlockSpec((codes,), lambda i, j: (0,)))
-  kernel = functools.partial(_kernel, fmt=fmt, rule=rule, stochastic=key is not None, axis=axis, shape=x.shape,
-                             tile=tile, block_pass=block_pass)
+  elif extra:
+    in_specs.append(pl.BlockSpec(extra[0].shape, lambda i, j: (0,)))
+  kernel = functools.partial(_kernel, fmt=fmt, rule=call.rule, stochastic=call.stochastic, axis=axis,
+                             shape=call.shape, tile=tile, block_pass=call.block_pass)
   return pl.pallas_call(
       kernel,
       grid=(x.shape[0] // tile[0], x.shape[1] // tile[1]),
       in_specs=in_specs,
       out_specs=pl.BlockSpec(tile, lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct(x.shape, dtype),
+      out_shape=jax.ShapeDtypeStruct(x.shape, np.dtype(call.dtype)),
       compiler_params=C.compiler_params(4, 2),
-      interpret=interpret,
-      name=f"fake_quant_{'sr' if key is not None else 'rn'}_{fmt.name}_{rule}_axis{axis}",
-  )(*operands)
+      interpret=call.interpret,
+      name=f"fake_quant_{'sr' if call.stochastic else 'rn'}_{fmt.name}_{call.rule}_axis{axis}",
+  )(x, kd, g, off, *extra)
+
+
+# ---- under jit with sharded operands ------------------------------------------------------
+# XLA cannot split a pallas_call: left alone it gathers the operand onto every device. The tiles
+# are independent (NVFP4's global factors come in from XLA, which reduces them across shards), so
+# each device runs the kernel on its shard, told where the shard starts for the draws' index.
+@functools.partial(custom_partitioning, static_argnums=(0,))
+def _partitioned(call: _Call, x, kd, g, *extra):
+  return _pallas(call, x, kd, g, jnp.zeros((2,), jnp.int32), *extra)
+
+
+def _shard_spec(call: _Call, mesh, sharding, local_shape=None):
+  """x's PartitionSpec if each shard tiles (whole blocks along the block axis), else unsharded."""
+  spec = tuple(getattr(sharding, "spec", None) or ()) + (None,) * 2
+  spec = spec[:2]
+  local = [n // math.prod(mesh.shape[a] for a in _axes(p)) for n, p in zip(call.shape, spec)]
+  tile = call.tile or pick_tile(local, call.fmt, call.axis)
+  if tile is None or not _fits(tile, local, call.fmt, call.axis):
+    return PartitionSpec(None, None)
+  return PartitionSpec(*spec)
+
+
+def _axes(p):
+  return () if p is None else (p,) if isinstance(p, str) else tuple(p)
+
+
+def _infer(call, mesh, arg_shapes, result_shape):
+  return NamedSharding(mesh, _shard_spec(call, mesh, arg_shapes[0].sharding))
+
+
+def _partition(call, mesh, arg_shapes, result_shape):
+  spec = _shard_spec(call, mesh, arg_shapes[0].sharding)
+  x_sharding, whole = NamedSharding(mesh, spec), NamedSharding(mesh, PartitionSpec())
+  extra = [x_sharding if call.block_pass else whole for _ in arg_shapes[3:]]
+
+  def lower(x, kd, g, *extra):
+    off = [jnp.int32(0) if p is None else lax.axis_index(_axes(p)).astype(jnp.int32) * n
+           for p, n in zip(spec, x.shape)]
+    return _pallas(call, x, kd, g, jnp.stack(off), *extra)
+
+  return mesh, lower, x_sharding, (x_sharding, whole, whole, *extra)
+
+
+def _rule(call, mesh, operand_types, result_types):
+  extra = ["i m", "i m"] if call.block_pass else ["n"] * (len(operand_types) - 3)
+  if call.block_pass and call.axis == 0:
+    extra = ["m j", "m j"]
+  return ", ".join(["i j", "k", "l", *extra]) + " -> i j"
+
+
+_partitioned.def_partition(infer_sharding_from_operands=_infer, partition=_partition, sharding_rule=_rule)

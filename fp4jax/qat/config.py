@@ -88,8 +88,8 @@ class QatConfig:
       (``fp4jax.qat.fake.AUTO_FORMATS``: MXFP4, NVFP4), else the XLA ops. Operands the kernel does
       not take (blocked along a middle axis, float16, ``axis_name``, shapes no
       tile divides) stay on the XLA ops under ``"auto"``. Under ``jit`` with arrays sharded over
-      an automatic (``Auto``) mesh XLA cannot split a kernel and gathers its
-      operand: keep ``"xla"`` there, or call it inside ``jax.shard_map``.
+      an automatic (``Auto``) mesh each device runs the kernel on its shard
+      (``custom_partitioning``; the draws are the whole array's).
   """
 
   lhs: OperandConfig = OperandConfig()
