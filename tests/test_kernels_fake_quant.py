@@ -148,8 +148,9 @@ def test_qat_backend_xla_and_unverified_auto_stay_on_xla(monkeypatch):
 
 
 def test_qat_backend_auto_takes_the_kernel_for_auto_formats(monkeypatch):
-  # What "auto" does on a GPU (the GPU suite has verified the kernel): the kernel for the formats
-  # measured faster (MXFP4, NVFP4), the XLA ops for the others.
+  # What "auto" does on a GPU once the GPU suite has verified the kernel (no GPU_UNVERIFIED entry):
+  # the kernel for the formats measured faster (MXFP4, NVFP4), the XLA ops for the others.
+  monkeypatch.delitem(backend.GPU_UNVERIFIED, ("fake_quant", "*", "*", "*"), raising=False)
   monkeypatch.setattr(kernels, "on_gpu", lambda: True)
   x = jnp.ones((64, 256), jnp.bfloat16)
   w = jnp.ones((256, 128), jnp.bfloat16)
