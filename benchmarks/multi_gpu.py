@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -275,7 +276,7 @@ def qat_batch(i, tokens, d, dtype):
 def qat_case(run, mode, name, layout, base, lhs=False):
   a = run.args
   mesh, tokens, pspecs, bspec = layout
-  config = qat_step.MODES[mode]()
+  config = dataclasses.replace(qat_step.MODES[mode](), backend=a.qat_backend)
   step = qat_step.make_step(config)
   psh = tuple(NamedSharding(mesh, s) for s in pspecs)
   bsh, rep = NamedSharding(mesh, bspec), NamedSharding(mesh, P())
@@ -294,7 +295,8 @@ def qat_case(run, mode, name, layout, base, lhs=False):
 
   timing = bench(call, a.samples, n=a.qat_steps)
   loss = float(call(len(keys) - 1))
-  row = {"mode": mode, "layout": name, "devices": mesh.devices.size, "tokens": tokens, "compile_s": compile_s,
+  row = {"mode": mode, "qat_backend": a.qat_backend, "layout": name, "devices": mesh.devices.size, "tokens": tokens,
+         "compile_s": compile_s,
          **timing, "tokens_per_s": tokens / timing["median_s"], "loss": loss, "collectives": summarize(cols)}
   gathers = [str(c) for c in cols if c.op == "all-gather"]
   run.check(f"QAT {mode} {name}: no all-gather", not gathers, "; ".join(row["collectives"]) or "no collectives")
@@ -308,7 +310,7 @@ def qat_grad_check(run, mode, layouts, base):
   """Gradients of the float32 step on 1 GPU and on 2 (same global batch), relative errors; returns
   the gradients by layout name."""
   a = run.args
-  config = qat_step.MODES[mode]()
+  config = dataclasses.replace(qat_step.MODES[mode](), backend=a.qat_backend)
   grad = jax.grad(qat_step.make_loss(config, jnp.float32))
   x, t = qat_batch(0, a.qat_tokens, a.d, jnp.float32)
   key = jax.random.key(5)
@@ -415,6 +417,8 @@ def main(argv=None):
   p.add_argument("--target-s", type=float, default=0.1, help="seconds of back-to-back inference calls a sample")
   p.add_argument("--backend", default="auto", choices=("auto", "xla", "pallas"),
                  help="QDense matmul backend (pallas on a CPU: the kernels in interpret mode)")
+  p.add_argument("--qat-backend", default="xla", choices=("auto", "xla", "pallas"),
+                 help="QatConfig.backend of the QAT steps (pallas: the fused fake-quantization kernel, per shard)")
   p.add_argument("--budget-s", type=float, default=360, help="start no new case after this many seconds")
   p.add_argument("--small", action="store_true", help="d=256, ffn=512, 2 pairs, M=1,16 / 128 (CPU smoke test)")
   p.add_argument("--commit", default="", help="record this commit instead of asking git")
@@ -439,7 +443,8 @@ def main(argv=None):
   run = Run(a)
   log(f"{run.data['meta']['device_kind']} x{len(devs)}, jax {jax.__version__}, commit {run.data['meta']['commit']}")
 
-  ctx = fj.kernels.interpret_mode() if a.backend == "pallas" and devs[0].platform == "cpu" else contextlib.nullcontext()
+  pallas = "pallas" in (a.backend, a.qat_backend)
+  ctx = fj.kernels.interpret_mode() if pallas and devs[0].platform == "cpu" else contextlib.nullcontext()
   # Order: what the goals need first, so a budget stop loses the least.
   with ctx:
     interconnect_section(run, meshes)
