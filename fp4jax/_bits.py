@@ -74,6 +74,8 @@ def flush_subnormals(x):
   Backends disagree on float32 subnormals (XLA's CPU flushes them in
   arithmetic, a bit-level kernel would not); flushing them up front makes
   quantization bit-identical everywhere. Their magnitude is below 2**-126.
+  A bfloat16 or float16 ``x`` is read through :func:`widen` (in :func:`f32_bits`):
+  the result is float32 of the values the array holds.
   """
   bits = f32_bits(x)
   is_sub = (bits & jnp.uint32(F32_INF_BITS)) == 0

@@ -262,10 +262,9 @@ def _partitioned(call: _Call, x, kd, g, *extra):
   return _pallas(call, x, kd, g, jnp.zeros((2,), jnp.int32), *extra)
 
 
-def _shard_spec(call: _Call, mesh, sharding, local_shape=None):
+def _shard_spec(call: _Call, mesh, sharding):
   """x's PartitionSpec if each shard tiles (whole blocks along the block axis), else unsharded."""
-  spec = tuple(getattr(sharding, "spec", None) or ()) + (None,) * 2
-  spec = spec[:2]
+  spec = (tuple(getattr(sharding, "spec", None) or ()) + (None, None))[:2]
   local = [n // math.prod(mesh.shape[a] for a in _axes(p)) for n, p in zip(call.shape, spec)]
   tile = call.tile or pick_tile(local, call.fmt, call.axis)
   if tile is None or not _fits(tile, local, call.fmt, call.axis):
@@ -284,20 +283,23 @@ def _infer(call, mesh, arg_shapes, result_shape):
 def _partition(call, mesh, arg_shapes, result_shape):
   spec = _shard_spec(call, mesh, arg_shapes[0].sharding)
   x_sharding, whole = NamedSharding(mesh, spec), NamedSharding(mesh, PartitionSpec())
-  extra = [x_sharding if call.block_pass else whole for _ in arg_shapes[3:]]
+  # Block factors are laid out like x (one per block); the code table is one small array.
+  extra_shardings = [x_sharding if call.block_pass else whole for _ in arg_shapes[3:]]
 
   def lower(x, kd, g, *extra):
     off = [jnp.int32(0) if p is None else lax.axis_index(_axes(p)).astype(jnp.int32) * n
            for p, n in zip(spec, x.shape)]
     return _pallas(call, x, kd, g, jnp.stack(off), *extra)
 
-  return mesh, lower, x_sharding, (x_sharding, whole, whole, *extra)
+  return mesh, lower, x_sharding, (x_sharding, whole, whole, *extra_shardings)
 
 
 def _rule(call, mesh, operand_types, result_types):
-  extra = ["i m", "i m"] if call.block_pass else ["n"] * (len(operand_types) - 3)
-  if call.block_pass and call.axis == 0:
-    extra = ["m j", "m j"]
+  """Shardy's rule: out like x; block factors share x's other axis ((R, C/B) or (R/B, C))."""
+  if call.block_pass:
+    extra = ["i m", "i m"] if call.axis == 1 else ["m j", "m j"]
+  else:
+    extra = ["n"] * (len(operand_types) - 3)
   return ", ".join(["i j", "k", "l", *extra]) + " -> i j"
 
 

@@ -98,7 +98,7 @@ def _fake_quant_fwd(x, fmt, axis, scale_rule, ste, axis_name):
   out = dequantize(q, x.dtype, backend="xla")
   if ste == "identity":
     return out, None
-  blocks = to_blocks(_bits.flush_subnormals(_bits.widen(x)), q.axis, fmt.block_size)
+  blocks = to_blocks(_bits.flush_subnormals(x), q.axis, fmt.block_size)
   y = element_units(blocks, jnp.moveaxis(q.scales, q.axis, -1), fmt, q.global_scale)
   return out, from_blocks(jnp.abs(y) <= fmt.elem_max, q.axis)
 

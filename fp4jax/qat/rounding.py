@@ -71,7 +71,7 @@ def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule
   if math.prod(nearest.shape) == 0:
     return nearest  # no element to round
   fmt, ax = nearest.fmt, nearest.axis
-  xf = _bits.flush_subnormals(_bits.widen(x))
+  xf = _bits.flush_subnormals(x)
   if pad:
     xf = pad_axis(xf, ax % xf.ndim, fmt.block_size)
   blocks = to_blocks(xf, ax, fmt.block_size)

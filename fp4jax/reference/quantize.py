@@ -66,7 +66,7 @@ def group_amax_bits(abs_bits, keep: tuple[int, ...]):
 def finite_amax(x, keep: tuple[int, ...] = ()):
   """float32 max of the finite ``|x|`` (float32 subnormals as 0) over every axis not in ``keep``,
   kept with length 1; a scalar for ``keep=()``. NVFP4's global amax."""
-  abs_bits = _bits.f32_bits(_bits.flush_subnormals(_bits.widen(x))) & jnp.uint32(_bits.F32_ABS_MASK)
+  abs_bits = _bits.f32_bits(_bits.flush_subnormals(x)) & jnp.uint32(_bits.F32_ABS_MASK)
   out = _bits.from_f32_bits(group_amax_bits(abs_bits, keep))
   return out if keep else out.reshape(())
 
