@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import sys
@@ -276,7 +275,7 @@ def qat_batch(i, tokens, d, dtype):
 def qat_case(run, mode, name, layout, base, lhs=False):
   a = run.args
   mesh, tokens, pspecs, bspec = layout
-  config = dataclasses.replace(qat_step.MODES[mode](), backend=a.qat_backend)
+  config = qat_step.config_of(mode, a.qat_backend)
   step = qat_step.make_step(config)
   psh = tuple(NamedSharding(mesh, s) for s in pspecs)
   bsh, rep = NamedSharding(mesh, bspec), NamedSharding(mesh, P())
@@ -310,7 +309,7 @@ def qat_grad_check(run, mode, layouts, base):
   """Gradients of the float32 step on 1 GPU and on 2 (same global batch), relative errors; returns
   the gradients by layout name."""
   a = run.args
-  config = dataclasses.replace(qat_step.MODES[mode](), backend=a.qat_backend)
+  config = qat_step.config_of(mode, a.qat_backend)
   grad = jax.grad(qat_step.make_loss(config, jnp.float32))
   x, t = qat_batch(0, a.qat_tokens, a.d, jnp.float32)
   key = jax.random.key(5)

@@ -86,17 +86,26 @@ def make_step(config, input_grad=False, lr=1e-3):
   return step
 
 
-def bench(mode, d, ffn, tokens, samples, steps, prng, input_grad, backend="xla"):
-  """(median, min, max) seconds a step, compile seconds, last loss; ``backend``: QatConfig.backend."""
+def inputs(d, ffn, tokens):
+  """float32 master weights ``(w1, w3, w2)``, two bf16 batches and two float32 targets."""
   k = jax.random.split(jax.random.key(0), 8)
   params = (jax.random.normal(k[0], (d, ffn)) * d**-0.5, jax.random.normal(k[1], (d, ffn)) * d**-0.5,
             jax.random.normal(k[2], (ffn, d)) * ffn**-0.5)
   xs = [jax.random.normal(k[3 + i], (tokens, d), jnp.bfloat16) for i in range(2)]
   ts = [jax.random.normal(k[5 + i], (tokens, d), jnp.float32) for i in range(2)]
+  return params, xs, ts
+
+
+def config_of(mode, backend="xla"):
+  """``mode``'s QatConfig with ``backend`` (None for bf16)."""
   config = MODES[mode]() if MODES[mode] else None
-  if config is not None:
-    config = dataclasses.replace(config, backend=backend)
-  step = make_step(config, input_grad)
+  return None if config is None else dataclasses.replace(config, backend=backend)
+
+
+def bench(mode, d, ffn, tokens, samples, steps, prng, input_grad, backend="xla"):
+  """(median, min, max) seconds a step, compile seconds, last loss; ``backend``: QatConfig.backend."""
+  params, xs, ts = inputs(d, ffn, tokens)
+  step = make_step(config_of(mode, backend), input_grad)
   key = jax.random.key(1, impl=prng)
 
   t0 = time.perf_counter()

@@ -7,6 +7,7 @@ as the unsharded XLA route for every layout, no all-gather where every shard til
 (correct) fallback where one does not, and QAT gradients of a data-parallel step.
 """
 
+import os
 import textwrap
 
 import pytest
@@ -22,27 +23,18 @@ SCRIPT = textwrap.dedent('''
     import fp4jax as fj
     from fp4jax import kernels
     from fp4jax.kernels import fake_quant as fk
-    from fp4jax.qat import OperandConfig, QatConfig, quantized_dot_general
-    from fp4jax.qat.fake import fake_quantize_operand
+    from fp4jax.qat import QatConfig, quantized_dot_general
+    sys.path.insert(0, sys.argv[1])  # tests/: the unsharded route and bit comparison of the 1-device tests
+    from test_kernels_fake_quant import inputs, xla_route
 
-    def xla_route(x, key, fmt, rule, axis):
-      op = OperandConfig(fmt, rule, "stochastic" if key is not None else "nearest")
-      if axis == 0:
-        return jnp.moveaxis(fake_quantize_operand(jnp.moveaxis(x, 0, 1), op, 1, jnp.bfloat16, key), 1, 0)
-      return fake_quantize_operand(x, op, 1, jnp.bfloat16, key)
-
-    def mismatches(a, b):
-      a, b = np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16)
-      return int(np.sum(a != b))
+    def mismatches(a, b):  # every bit, NaN payloads included
+      return int(np.sum(np.asarray(a).view(np.uint16) != np.asarray(b).view(np.uint16)))
 
     mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
     out = {"layouts": {}}
     for fmt, rule in ((fj.MXFP4, "ceil"), (fj.NVFP4, "nearest")):
       for axis in (1, 0):
-        shape = (256, 512) if axis else (512, 256)
-        kx, ks = jax.random.split(jax.random.key(axis))
-        x = (jax.random.normal(kx, shape) * jnp.exp2(jax.random.randint(ks, shape[:1] + (1,), -20, 20)))
-        x = x.at[3, 5].set(jnp.nan).astype(jnp.bfloat16)
+        x = inputs((256, 512) if axis else (512, 256), jnp.bfloat16, seed=axis, specials=True)
         for key in (None, jax.random.key(5)):
           want = xla_route(x, key, fmt, rule, axis)
           for spec in (P("a", "b"), P(None, "b"), P(("a", "b"), None), P("b", "a")):
@@ -91,7 +83,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def report():
-  return run_script(SCRIPT, timeout=1200)
+  return run_script(SCRIPT, os.path.dirname(os.path.abspath(__file__)), timeout=1200)
 
 
 def test_every_layout_gives_the_unsharded_bits_without_gathering(report):

@@ -4,9 +4,9 @@ For each MODE:BACKEND, runs the step under jax.profiler and writes the busy time
 (by total time over the profiled steps) to OUT/qat_step_profile.json.
 Usage: PYTHONPATH=. python benchmarks/experiments/qat_step_profile.py --out DIR [--runs bf16:xla,mxfp4:pallas]
 """
-import argparse, dataclasses, json, os, sys
+import argparse, json, os, sys
 
-import jax, jax.numpy as jnp
+import jax
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
@@ -15,19 +15,12 @@ import qat_step  # noqa: E402
 
 
 def run(mode, backend, d, ffn, tokens, steps):
-  k = jax.random.split(jax.random.key(0), 8)
-  params = (jax.random.normal(k[0], (d, ffn)) * d**-0.5, jax.random.normal(k[1], (d, ffn)) * d**-0.5,
-            jax.random.normal(k[2], (ffn, d)) * ffn**-0.5)
-  x = jax.random.normal(k[3], (tokens, d), jnp.bfloat16)
-  t = jax.random.normal(k[5], (tokens, d), jnp.float32)
-  config = qat_step.MODES[mode]() if qat_step.MODES[mode] else None
-  if config is not None:
-    config = dataclasses.replace(config, backend=backend)
-  step = qat_step.make_step(config)
+  params, xs, ts = qat_step.inputs(d, ffn, tokens)
+  step = qat_step.make_step(qat_step.config_of(mode, backend))
   state = {"p": params}
 
   def call(i):
-    state["p"], v = step(state["p"], x, t, jax.random.key(i))
+    state["p"], v = step(state["p"], xs[0], ts[0], jax.random.key(i))
     return v
 
   return gpu_profile.profile(call, steps)
