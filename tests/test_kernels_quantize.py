@@ -255,11 +255,11 @@ def _check_gpu_unverified_table():
 
 
 def test_auto_takes_only_gpu_verified_cases(monkeypatch):
-  # Since the H200 runs recorded in benchmarks/results/gpu_tests.md every quantize, dequantize and matmul
-  # case is verified; the QAT fake-quantization kernel changed after its run and waits for the next one.
-  assert set(backend.GPU_UNVERIFIED) == {("fake_quant", "*", "*", "*")}
+  # Since the H200 runs recorded in benchmarks/results/gpu_tests.md every quantize, dequantize, matmul
+  # and QAT fake-quantization case is verified (the last at ccc8a9b).
+  assert backend.GPU_UNVERIFIED == {}
   assert backend.gpu_verified("quantize", fj.NVFP4, "mse", jnp.float32) and backend.gpu_verified("dequantize", fj.MXFP4)
-  assert not backend.gpu_verified("fake_quant", fj.MXFP4, "ceil", jnp.bfloat16)
+  assert backend.gpu_verified("fake_quant", fj.MXFP4, "ceil", jnp.bfloat16)
   _check_gpu_unverified_table()
   # An entry ("*" matches anything) keeps its cases, and only those, off the kernels.
   monkeypatch.setitem(backend.GPU_UNVERIFIED, ("quantize", "nvfp4", "mse", "*"), "a case that a GPU run found inexact")
