@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from fp4jax import backend as backends
+from fp4jax import int8_matmul
 from fp4jax.backend import KERNEL_MAX_ROWS
 from fp4jax.kernels import matmul_common as common
 from fp4jax.prepared import PREPARED_WEIGHT_GONE, byte_matrix, prepare_weight
@@ -53,6 +54,7 @@ __all__ = [
     "prepare_weight",
     "byte_matrix",
     "run_two_pass",
+    "run_int8",
     "run_kernel",
     "KERNEL_MAX_ROWS",
 ]
@@ -147,6 +149,18 @@ def run_two_pass(kind, lhs, rhs, dims, out_dtype):
   return out.astype(out_dtype).reshape(*lead, b.shape[0])
 
 
+def run_int8(lhs, rhs, dims, out_dtype):
+  """MXFP4 x MXFP4 through the int8 tensor cores (:mod:`fp4jax.int8_matmul`): exact int32 sums;
+  the two-pass path when a row spans more binades than the int8 values hold."""
+  (lc, _), _ = dims
+  lead = tuple(s for i, s in enumerate(lhs.shape) if i != lc[0])
+  a_data, a_scales = byte_matrix(lhs)
+  b_data, b_scales = byte_matrix(rhs)
+  two_pass = lambda: run_two_pass("mx", lhs, rhs, dims, out_dtype).reshape(-1, b_data.shape[0])
+  out = int8_matmul.int8_product(a_data, a_scales, b_data, b_scales, out_dtype, two_pass)
+  return out.reshape(*lead, b_data.shape[0])
+
+
 def run_kernel(kind, lhs, rhs, dims, out_dtype, interpret):
   """The ``"w4a16"`` or ``"mx"`` Pallas kernel on the operands' byte matrices.
 
@@ -183,6 +197,8 @@ def _with_reference_vjp(kind, strategy, dims, out_dtype, interpret):
   def f(lhs, rhs):
     if strategy == "two_pass":
       return run_two_pass(kind, lhs, rhs, dims, out_dtype)
+    if strategy == "int8":
+      return run_int8(lhs, rhs, dims, out_dtype)
     return run_kernel(kind, lhs, rhs, dims, out_dtype, interpret)
 
   def fwd(lhs, rhs):
@@ -259,6 +275,8 @@ def _dot(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
   strategy = "kernel"
   if backend == "auto" and _lhs_rows(lhs, dims) > KERNEL_MAX_ROWS[kind]:
     strategy = "two_pass"
+    if kind == "mx" and int8_matmul.int8_obstacle(lhs.fmt, rhs.fmt, lhs.shape[dims[0][0][0]]) is None:
+      strategy = "int8"
   return _with_reference_vjp(kind, strategy, dims, out_dtype, plan.interpret)(lhs, rhs)
 
 

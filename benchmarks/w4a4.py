@@ -1,0 +1,141 @@
+"""MXFP4 x MXFP4 through ``fj.scaled_matmul`` (the int8 path, issue 15) against XLA's bf16 dot.
+
+On the GPU machine::
+
+  PYTHONPATH=. python3 benchmarks/w4a4.py --out DIR [--shapes 8192x8192x8192,...]
+
+Per shape ``M x K x N``, in one process (``benchmarks/matmul.py``'s method: one jitted dispatch of many
+calls on distinct inputs rotating beyond the L2, median of 5 samples):
+
+* ``bf16``: ``jnp.dot(x, w)``, x ``(M, K)`` and w ``(K, N)`` bfloat16 (what a user runs today);
+* ``int8``: ``fj.scaled_matmul(a, w)``, a an MXFP4 QArray ``(M, K)`` (blocked along K), w an MXFP4
+  QArray ``(K, N)`` stored ``layout="rows"`` (as ``quantize_params`` stores weights), bfloat16 out:
+  ``backend="auto"``, which takes the int8 path above ``KERNEL_MAX_ROWS["mx"]`` rows;
+* ``two_pass``: the bfloat16 two-pass path on the same operands (the previous default);
+* parts of the int8 path: re-basing both operands, the int8 GEMM alone, and the same steps without
+  the ``lax.cond`` (to price the residual test);
+* ``fallback``: ``scaled_matmul`` on heavy-tailed activations (Student t, 3 degrees of freedom), whose
+  rows span more binades than the int8 values hold, so the cond takes the two-pass path.
+
+``--check`` compares the int8 path's float32 output with the exact product rounded to float32 (float64
+on the host), bit for bit, at a small shape, and the fallback against the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import matmul as mb  # noqa: E402  (benchmarks/matmul.py: bench, n_sets)
+
+import fp4jax as fj  # noqa: E402
+from fp4jax import _bits, int8_matmul  # noqa: E402
+from fp4jax.prepared import byte_matrix  # noqa: E402
+
+SHAPES = "8192x8192x8192,4096x4096x14336,1024x8192x8192,4096x14336x4096,256x8192x8192"
+DN = (((1,), (1,)), ((), ()))
+
+
+def operands(m, k, n, sets, heavy=False):
+  keys = jax.random.split(jax.random.key(7), 2 * sets)
+  draw = (lambda key, shape: jax.random.t(key, 3.0, shape, jnp.float32)) if heavy else \
+         (lambda key, shape: jax.random.normal(key, shape, jnp.float32))
+  quant_a = jax.jit(lambda key: fj.quantize(draw(key, (m, k)), fj.MXFP4, axis=-1))
+  quant_w = jax.jit(lambda key: fj.quantize(jax.random.normal(key, (k, n), jnp.float32), fj.MXFP4, axis=0,
+                                            layout="rows"))
+  return [quant_a(keys[i]) for i in range(sets)], [quant_w(keys[sets + i]) for i in range(sets)]
+
+
+def no_cond(a, w):
+  """The int8 path's steps without the residual test (valid only when there is no residual)."""
+  ra, rb = int8_matmul.rebase_rows(*byte_matrix(a)), int8_matmul.rebase_rows(*byte_matrix(w))
+  s = lax.dot_general(ra.codes, rb.codes, DN, preferred_element_type=jnp.int32).astype(jnp.float32)
+  e = jnp.maximum(ra.exponent[:, None] + rb.exponent[None, :], -200)
+  return _bits.scale_by_pow2(s, e).astype(jnp.bfloat16)
+
+
+def case(m, k, n):
+  sets = mb.n_sets(m * k * 2 + k * n * 2, cap=8)
+  aq, wq = operands(m, k, n, sets)
+  calls = mb.make_calls(aq, wq)
+  xb = [a.dequantize(jnp.bfloat16) for a in aq]
+  wb = [fj.dequantize(w.with_layout(None), jnp.bfloat16) for w in wq]
+  t = {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
+  wt = [w.T for w in wb]
+  t["bf16_w_nk"] = mb.bench(lambda x, w: lax.dot_general(x, w, DN, preferred_element_type=jnp.float32)
+                            .astype(jnp.bfloat16), mb.make_calls(xb, wt))
+  del xb, wb, wt
+  dims = (((1,), (0,)), ((), ()))
+  t["int8"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16), calls)
+  t["two_pass"] = mb.bench(lambda a, w: fj.matmul.run_two_pass("mx", a, w, dims, jnp.bfloat16), calls)
+  t["rebase_both"] = mb.bench(lambda a, w: (int8_matmul.rebase_rows(*byte_matrix(a)),
+                                            int8_matmul.rebase_rows(*byte_matrix(w))), calls)
+  codes = [(int8_matmul.rebase_rows(*byte_matrix(a)).codes, int8_matmul.rebase_rows(*byte_matrix(w)).codes)
+           for a, w in calls]
+  t["int8_gemm_alone"] = mb.bench(lambda x, y: lax.dot_general(x, y, DN, preferred_element_type=jnp.int32), codes)
+  del codes
+  t["int8_no_cond"] = mb.bench(no_cond, calls)
+  residual = [bool(jnp.any(int8_matmul.rebase_rows(*byte_matrix(a)).residual)) for a in aq[:1]]
+  ah, _ = operands(m, k, n, sets, heavy=True)
+  t["fallback_heavy_tails"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16),
+                                       mb.make_calls(ah, wq))
+  row = {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()},
+         "normal_data_has_residual": residual[0]}
+  row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
+  return row
+
+
+def check():
+  """The int8 path's float32 output against the exact product rounded to float32, bit for bit."""
+  out = []
+  for heavy in (False, True):
+    aq, wq = operands(256, 4096, 512, 1, heavy=heavy)
+    got = np.asarray(jax.jit(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.float32))(aq[0], wq[0]))
+    da = np.asarray(aq[0].dequantize(jnp.float32), np.float64)
+    dw = np.asarray(fj.dequantize(wq[0].with_layout(None), jnp.float32), np.float64)
+    exact = da @ dw
+    bound = (4096 + 2) * 2.0**-24 * (np.abs(da) @ np.abs(dw))
+    out.append({"heavy_tails": heavy, "bit_equal_to_rounded_exact": float(np.mean(got == exact.astype(np.float32))),
+                "within_f32_bound": bool(np.all(np.abs(got - exact) <= bound)),
+                "max_err_over_bound": float(np.max(np.abs(got - exact) / np.maximum(bound, 1e-300)))})
+    print(out[-1], flush=True)
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", required=True)
+  p.add_argument("--shapes", default=SHAPES)
+  p.add_argument("--check", action="store_true")
+  p.add_argument("--budget-s", type=float, default=400)
+  a = p.parse_args(argv)
+  os.makedirs(a.out, exist_ok=True)
+  t0 = time.time()
+  res = {"device": str(jax.devices()[0]), "jax": jax.__version__, "rows": []}
+  path = os.path.join(a.out, "w4a4.json")
+  if a.check:
+    res["check"] = check()
+  for shape in a.shapes.split(","):
+    if time.time() - t0 > a.budget_s:
+      print("budget reached", flush=True)
+      break
+    m, k, n = map(int, shape.split("x"))
+    res["rows"].append(case(m, k, n))
+    print(json.dumps(res["rows"][-1]), flush=True)
+    with open(path, "w") as f:
+      json.dump(res, f, indent=1)
+  with open(path, "w") as f:
+    json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

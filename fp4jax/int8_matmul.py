@@ -1,0 +1,120 @@
+"""MXFP4 x MXFP4 products on the int8 tensor cores, exactly.
+
+Why int8: twice an E2M1 value is an integer in [-12, 12], so the blocks of an
+MXFP4 row whose E8M0 exponents lie within 4 binades of the row's largest are,
+shifted left by their distance ``d`` in [0, 3] from the row's base exponent,
+int8 values (``12 << 3 = 96``) with one power-of-two scale for the whole row.
+An int8 GEMM adds their products in int32 without any rounding (``|sum| <=
+K * 96 * 96 < 2**31`` for ``K <= MAX_K``), so the product is the exact one,
+rounded once to float32, where Hopper's FP8 MMA adds with fewer bits than
+float32 (``benchmarks/results/fp8_rebase.md``); int8 and FP8 tensor cores
+have the same rate.
+
+Blocks further below their row's top, and blocks at the largest scale (2**127,
+whose values overflow float32 as the reference dequantizes them), are the
+*residual*: when any exists, a ``lax.cond`` runs an exact fallback (the
+bfloat16 two-pass product) instead. Normal or Laplace data spans fewer than 4
+binades per row (no residual); heavy tails (Student t with 3 degrees of freedom:
+90% of rows) do not. NaN blocks (scale 0xFF) make their whole output row or
+column NaN, as in the reference.
+
+Operands are the kernels' byte matrices (:func:`fp4jax.prepared.byte_matrix`):
+uint8 ``(R, K / 2)`` packed E2M1 codes and uint8 ``(R, K / 32)`` E8M0 scales.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fp4jax import _bits
+from fp4jax.formats import Format
+
+__all__ = ["Int8Rows", "MAX_K", "SPAN", "int8_obstacle", "rebase_rows", "int8_product"]
+
+#: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
+SPAN = 4
+#: The longest contraction whose int32 sums cannot overflow: ``K * (12 << 3)**2 < 2**31``.
+MAX_K = 1 << 17
+_BLOCK = 32
+_NAN_SCALE = 0xFF
+_MAX_FINITE_SCALE = 0xFE  # 2**127: E2M1 values >= 2 overflow float32 there
+_E8M0_BIAS = 127
+_DN = (((1,), (1,)), ((), ()))
+
+
+class Int8Rows(NamedTuple):
+  """A ``(R, K)`` MXFP4 matrix re-based for the int8 GEMM.
+
+  Attributes:
+    codes: int8 ``(R, K)``: ``2 * E2M1 << d`` for the main blocks, 0 elsewhere.
+    exponent: int32 ``(R,)``: row ``r``'s main values are ``codes[r] * 2**exponent[r]``.
+    residual: bool ``(R, K / 32)``: nonzero blocks the codes do not hold.
+    nan: bool ``(R,)``: the row has a NaN block.
+  """
+
+  codes: jax.Array
+  exponent: jax.Array
+  residual: jax.Array
+  nan: jax.Array
+
+
+def int8_obstacle(a_fmt: Format, b_fmt: Format, k: int) -> str | None:
+  """Why the int8 product does not take operands of these formats and contraction length, or None."""
+  for f in (a_fmt, b_fmt):
+    if f.elem_dtype != jnp.float4_e2m1fn or f.scale_dtype != jnp.float8_e8m0fnu or f.block_size != _BLOCK:
+      return f"the int8 product takes MXFP4 operands (E2M1, E8M0 scale per 32), got {f!r}"
+  if k > MAX_K:
+    return f"K={k} > {MAX_K}: the int32 sums of the int8 product could overflow"
+  return None
+
+
+def _twice_e2m1(nibble):
+  """4-bit E2M1 codes (int32) -> ``2 * value`` as int32: magnitudes 0, 1, 2, 3, 4, 6, 8, 12."""
+  mag = nibble & 7
+  wide = (2 + (mag & 1)) << jnp.maximum((mag >> 1) - 1, 0)  # mag >= 2: (2 or 3) * 2**(E - 1)
+  v = jnp.where(mag < 2, mag, wide)
+  return jnp.where(nibble & 8, -v, v)
+
+
+def rebase_rows(data, scales) -> Int8Rows:
+  """Packed MXFP4 byte rows -> :class:`Int8Rows` (one XLA pass over the codes)."""
+  r, nbytes = data.shape
+  nb = scales.shape[1]
+  s = scales.astype(jnp.int32)
+  nan = s == _NAN_SCALE
+  top = jnp.max(jnp.where(nan, -1, s), axis=1)
+  base = jnp.maximum(top - (SPAN - 1), 0)
+  d = s - base[:, None]
+  main = (d >= 0) & (s < _MAX_FINITE_SCALE)  # d <= SPAN - 1 holds: s <= top
+  b = data.astype(jnp.int32).reshape(r, nb, nbytes // nb)
+  nonzero = jnp.any((b & 0x77) != 0, axis=-1)
+  shift = jnp.where(main, d, 0)[:, :, None]
+  lo = jnp.where(main[:, :, None], _twice_e2m1(b & 0xF) << shift, 0)
+  hi = jnp.where(main[:, :, None], _twice_e2m1(b >> 4) << shift, 0)
+  codes = jnp.stack([lo, hi], axis=-1).reshape(r, 2 * nbytes).astype(jnp.int8)
+  # A value is codes * 2**(base - 1 - bias): 2 * E2M1 * 2**d * 2**(s - d - 1 - bias).
+  return Int8Rows(codes, base - 1 - _E8M0_BIAS, nonzero & ~main & ~nan, jnp.any(nan, axis=1))
+
+
+def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback):
+  """``A @ B.T`` of MXFP4 byte rows ``A (M, K)`` and ``B (N, K)``, float32-exact, as ``out_dtype``.
+
+  The int8 GEMM's int32 sums are exact; each output is rounded once to
+  float32 (``S * 2**(ea + eb)``), then to ``out_dtype``. When either operand
+  has residual blocks, ``fallback()`` (an exact path of the same output,
+  e.g. the bfloat16 two-pass product) runs instead, under ``lax.cond``.
+  """
+  a, b = rebase_rows(a_data, a_scales), rebase_rows(b_data, b_scales)
+
+  def exact(codes_a, codes_b):
+    sums = lax.dot_general(codes_a, codes_b, _DN, preferred_element_type=jnp.int32)
+    # Below 2**-200 the result is 0 whatever the exponent: |sums| < 2**31.
+    e = jnp.maximum(a.exponent[:, None] + b.exponent[None, :], -200)
+    out = _bits.scale_by_pow2(sums.astype(jnp.float32), e)
+    return jnp.where(a.nan[:, None] | b.nan[None, :], jnp.nan, out).astype(out_dtype)
+
+  return lax.cond(jnp.any(a.residual) | jnp.any(b.residual), lambda *_: fallback(), exact, a.codes, b.codes)
