@@ -7,13 +7,16 @@ On the GPU machine::
 Per shape ``M x K x N``, in one process (``benchmarks/matmul.py``'s method: one jitted dispatch of many
 calls on distinct inputs rotating beyond the L2, median of 5 samples):
 
-* ``bf16``: ``jnp.dot(x, w)``, x ``(M, K)`` and w ``(K, N)`` bfloat16 (what a user runs today);
+* ``bf16``: ``jnp.dot(x, w)``, x ``(M, K)`` and w ``(K, N)`` bfloat16 normal data (what a user runs
+  today); ``bf16_w_nk`` the same with w stored ``(N, K)``;
 * ``int8``: ``fj.scaled_matmul(a, w)``, a an MXFP4 QArray ``(M, K)`` (blocked along K), w an MXFP4
   QArray ``(K, N)`` stored ``layout="rows"`` (as ``quantize_params`` stores weights), bfloat16 out:
   ``backend="auto"``, which takes the int8 path above ``KERNEL_MAX_ROWS["mx"]`` rows;
 * ``two_pass``: the bfloat16 two-pass path on the same operands (the previous default);
-* parts of the int8 path: re-basing both operands, the int8 GEMM alone, and the same steps without
-  the ``lax.cond`` (to price the residual test);
+* ``bf16_of_quantized_values``: the bf16 dot of the quantized operands' values (faster than on raw
+  data: fewer bits toggle, less power, higher clocks), for reference;
+* parts of the int8 path: re-basing each operand (Pallas; the weight's also with XLA ops), the int8 GEMM
+  alone, the finish pass alone, and all steps without the ``lax.cond`` (to price the residual test);
 * ``fallback``: ``scaled_matmul`` on heavy-tailed activations (Student t, 3 degrees of freedom), whose
   rows span more binades than the int8 values hold, so the cond takes the two-pass path.
 
@@ -38,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matmul as mb  # noqa: E402  (benchmarks/matmul.py: bench, n_sets)
 
 import fp4jax as fj  # noqa: E402
-from fp4jax import _bits, int8_matmul  # noqa: E402
+from fp4jax import int8_matmul  # noqa: E402
+from fp4jax.kernels import int8_rebase  # noqa: E402
 from fp4jax.prepared import byte_matrix  # noqa: E402
 
 SHAPES = "8192x8192x8192,4096x4096x14336,1024x8192x8192,4096x14336x4096,256x8192x8192"
@@ -55,36 +59,52 @@ def operands(m, k, n, sets, heavy=False):
   return [quant_a(keys[i]) for i in range(sets)], [quant_w(keys[sets + i]) for i in range(sets)]
 
 
+INTERPRET = jax.default_backend() == "cpu"  # the CPU smoke run interprets the kernels
+
+
+def rebase(q):
+  return int8_matmul.rebase_rows(*byte_matrix(q), kernel=True, interpret=INTERPRET)
+
+
 def no_cond(a, w):
   """The int8 path's steps without the residual test (valid only when there is no residual)."""
-  ra, rb = int8_matmul.rebase_rows(*byte_matrix(a)), int8_matmul.rebase_rows(*byte_matrix(w))
-  s = lax.dot_general(ra.codes, rb.codes, DN, preferred_element_type=jnp.int32).astype(jnp.float32)
-  e = jnp.maximum(ra.exponent[:, None] + rb.exponent[None, :], -200)
-  return _bits.scale_by_pow2(s, e).astype(jnp.bfloat16)
+  ra, rb = rebase(a), rebase(w)
+  s = lax.dot_general(ra.codes, rb.codes, DN, preferred_element_type=jnp.int32)
+  return int8_rebase.finish(s, ra.exponent, rb.exponent, ra.nan, rb.nan, out_dtype=jnp.bfloat16, interpret=INTERPRET)
 
 
 def case(m, k, n):
   sets = mb.n_sets(m * k * 2 + k * n * 2, cap=8)
   aq, wq = operands(m, k, n, sets)
   calls = mb.make_calls(aq, wq)
-  xb = [a.dequantize(jnp.bfloat16) for a in aq]
-  wb = [fj.dequantize(w.with_layout(None), jnp.bfloat16) for w in wq]
+  keys = jax.random.split(jax.random.key(3), 2 * sets)
+  xb = [jax.random.normal(keys[i], (m, k), jnp.bfloat16) for i in range(sets)]
+  wb = [jax.random.normal(keys[sets + i], (k, n), jnp.bfloat16) for i in range(sets)]
   t = {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
   wt = [w.T for w in wb]
   t["bf16_w_nk"] = mb.bench(lambda x, w: lax.dot_general(x, w, DN, preferred_element_type=jnp.float32)
                             .astype(jnp.bfloat16), mb.make_calls(xb, wt))
+  # The same dot on the quantized operands' values: low-entropy bits draw less power, and the GPU clocks higher.
+  xb = [a.dequantize(jnp.bfloat16) for a in aq]
+  wb = [fj.dequantize(w.with_layout(None), jnp.bfloat16) for w in wq]
+  t["bf16_of_quantized_values"] = mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))
   del xb, wb, wt
   dims = (((1,), (0,)), ((), ()))
   t["int8"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16), calls)
   t["two_pass"] = mb.bench(lambda a, w: fj.matmul.run_two_pass("mx", a, w, dims, jnp.bfloat16), calls)
-  t["rebase_both"] = mb.bench(lambda a, w: (int8_matmul.rebase_rows(*byte_matrix(a)),
-                                            int8_matmul.rebase_rows(*byte_matrix(w))), calls)
-  codes = [(int8_matmul.rebase_rows(*byte_matrix(a)).codes, int8_matmul.rebase_rows(*byte_matrix(w)).codes)
-           for a, w in calls]
+  t["rebase_a"] = mb.bench(lambda a, w: rebase(a), calls)
+  t["rebase_w"] = mb.bench(lambda a, w: rebase(w), calls)
+  t["rebase_w_xla"] = mb.bench(lambda a, w: int8_matmul.rebase_rows(*byte_matrix(w)), calls)
+  codes = [(rebase(a).codes, rebase(w).codes) for a, w in calls]
   t["int8_gemm_alone"] = mb.bench(lambda x, y: lax.dot_general(x, y, DN, preferred_element_type=jnp.int32), codes)
-  del codes
+  sums = [lax.dot_general(x, y, DN, preferred_element_type=jnp.int32) for x, y in codes[:2]]
+  ones = lambda r: (jnp.zeros((r,), jnp.int32), jnp.zeros((r,), bool))
+  t["finish_alone"] = mb.bench(lambda s: int8_rebase.finish(s, ones(m)[0], ones(n)[0], ones(m)[1], ones(n)[1],
+                                                            out_dtype=jnp.bfloat16, interpret=INTERPRET),
+                           [(x,) for x in sums])
+  del codes, sums
   t["int8_no_cond"] = mb.bench(no_cond, calls)
-  residual = [bool(jnp.any(int8_matmul.rebase_rows(*byte_matrix(a)).residual)) for a in aq[:1]]
+  residual = [bool(jnp.any(rebase(a).residual)) for a in aq[:1]]
   ah, _ = operands(m, k, n, sets, heavy=True)
   t["fallback_heavy_tails"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16),
                                        mb.make_calls(ah, wq))

@@ -32,8 +32,10 @@ from jax import lax
 
 from fp4jax import _bits
 from fp4jax.formats import Format
+from fp4jax.kernels.matmul_common import twice_e2m1
 
-__all__ = ["Int8Rows", "MAX_K", "SPAN", "int8_obstacle", "rebase_rows", "int8_product"]
+__all__ = ["Int8Rows", "MAX_K", "SPAN", "int8_obstacle", "row_bases", "rebase_codes", "rebase_rows", "finish_sums",
+           "int8_product"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
 SPAN = 4
@@ -52,7 +54,7 @@ class Int8Rows(NamedTuple):
   Attributes:
     codes: int8 ``(R, K)``: ``2 * E2M1 << d`` for the main blocks, 0 elsewhere.
     exponent: int32 ``(R,)``: row ``r``'s main values are ``codes[r] * 2**exponent[r]``.
-    residual: bool ``(R, K / 32)``: nonzero blocks the codes do not hold.
+    residual: bool ``(R,)``: the row has a nonzero block the codes do not hold.
     nan: bool ``(R,)``: the row has a NaN block.
   """
 
@@ -72,49 +74,75 @@ def int8_obstacle(a_fmt: Format, b_fmt: Format, k: int) -> str | None:
   return None
 
 
-def _twice_e2m1(nibble):
-  """4-bit E2M1 codes (int32) -> ``2 * value`` as int32: magnitudes 0, 1, 2, 3, 4, 6, 8, 12."""
-  mag = nibble & 7
-  wide = (2 + (mag & 1)) << jnp.maximum((mag >> 1) - 1, 0)  # mag >= 2: (2 or 3) * 2**(E - 1)
-  v = jnp.where(mag < 2, mag, wide)
-  return jnp.where(nibble & 8, -v, v)
-
-
-def rebase_rows(data, scales) -> Int8Rows:
-  """Packed MXFP4 byte rows -> :class:`Int8Rows` (one XLA pass over the codes)."""
-  r, nbytes = data.shape
-  nb = scales.shape[1]
+def row_bases(scales):
+  """Each row's base exponent byte (its top finite block's minus ``SPAN - 1``) and whether it has a NaN block."""
   s = scales.astype(jnp.int32)
   nan = s == _NAN_SCALE
   top = jnp.max(jnp.where(nan, -1, s), axis=1)
-  base = jnp.maximum(top - (SPAN - 1), 0)
+  return jnp.maximum(top - (SPAN - 1), 0), jnp.any(nan, axis=1)
+
+
+def rebase_codes(data, scales, base):
+  """XLA ops: ``(codes int8 (R, K), residual bool (R,))`` of packed MXFP4 rows at base bytes ``base``."""
+  r, nbytes = data.shape
+  nb = scales.shape[1]
+  s = scales.astype(jnp.int32)
   d = s - base[:, None]
   main = (d >= 0) & (s < _MAX_FINITE_SCALE)  # d <= SPAN - 1 holds: s <= top
   b = data.astype(jnp.int32).reshape(r, nb, nbytes // nb)
   nonzero = jnp.any((b & 0x77) != 0, axis=-1)
   shift = jnp.where(main, d, 0)[:, :, None]
-  lo = jnp.where(main[:, :, None], _twice_e2m1(b & 0xF) << shift, 0)
-  hi = jnp.where(main[:, :, None], _twice_e2m1(b >> 4) << shift, 0)
+  lo = jnp.where(main[:, :, None], twice_e2m1(b & 0xF) << shift, 0)
+  hi = jnp.where(main[:, :, None], twice_e2m1(b >> 4) << shift, 0)
   codes = jnp.stack([lo, hi], axis=-1).reshape(r, 2 * nbytes).astype(jnp.int8)
+  return codes, jnp.any(nonzero & ~main & (s != _NAN_SCALE), axis=1)
+
+
+def rebase_rows(data, scales, *, kernel: bool = False, interpret: bool = False) -> Int8Rows:
+  """Packed MXFP4 byte rows -> :class:`Int8Rows`; ``kernel``: the Pallas pass where a tile fits."""
+  base, nan = row_bases(scales)
+  if kernel and int8_rebase_kernels().rebase_tiles(*data.shape):
+    codes, residual = int8_rebase_kernels().rebase(data, scales, base, interpret=interpret)
+  else:
+    codes, residual = rebase_codes(data, scales, base)
   # A value is codes * 2**(base - 1 - bias): 2 * E2M1 * 2**d * 2**(s - d - 1 - bias).
-  return Int8Rows(codes, base - 1 - _E8M0_BIAS, nonzero & ~main & ~nan, jnp.any(nan, axis=1))
+  return Int8Rows(codes, base - 1 - _E8M0_BIAS, residual, nan)
 
 
-def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback):
+def int8_rebase_kernels():
+  from fp4jax.kernels import int8_rebase  # lazy: the core does not need Pallas
+
+  return int8_rebase
+
+
+def finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype):
+  """XLA ops: ``where(nan_a | nan_b, NaN, sums * 2**(ea + eb))`` as ``out_dtype`` (rounded once to float32 first)."""
+  # Below 2**-200 the result is 0 whatever the exponent: |sums| < 2**31.
+  e = jnp.maximum(ea[:, None] + eb[None, :], -200)
+  out = _bits.scale_by_pow2(sums.astype(jnp.float32), e)
+  return jnp.where(nan_a[:, None] | nan_b[None, :], jnp.nan, out).astype(out_dtype)
+
+
+def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, kernels: bool = False,
+                 interpret: bool = False):
   """``A @ B.T`` of MXFP4 byte rows ``A (M, K)`` and ``B (N, K)``, float32-exact, as ``out_dtype``.
 
   The int8 GEMM's int32 sums are exact; each output is rounded once to
   float32 (``S * 2**(ea + eb)``), then to ``out_dtype``. When either operand
   has residual blocks, ``fallback()`` (an exact path of the same output,
   e.g. the bfloat16 two-pass product) runs instead, under ``lax.cond``.
+  ``kernels``: the re-basing and the finish as Pallas passes (the same bits)
+  where a tile fits, else XLA ops.
   """
-  a, b = rebase_rows(a_data, a_scales), rebase_rows(b_data, b_scales)
+  a = rebase_rows(a_data, a_scales, kernel=kernels, interpret=interpret)
+  b = rebase_rows(b_data, b_scales, kernel=kernels, interpret=interpret)
+  m, n = a.codes.shape[0], b.codes.shape[0]
 
   def exact(codes_a, codes_b):
     sums = lax.dot_general(codes_a, codes_b, _DN, preferred_element_type=jnp.int32)
-    # Below 2**-200 the result is 0 whatever the exponent: |sums| < 2**31.
-    e = jnp.maximum(a.exponent[:, None] + b.exponent[None, :], -200)
-    out = _bits.scale_by_pow2(sums.astype(jnp.float32), e)
-    return jnp.where(a.nan[:, None] | b.nan[None, :], jnp.nan, out).astype(out_dtype)
+    if kernels and int8_rebase_kernels().finish_tiles(m, n):
+      return int8_rebase_kernels().finish(sums, a.exponent, b.exponent, a.nan, b.nan, out_dtype=out_dtype,
+                                          interpret=interpret)
+    return finish_sums(sums, a.exponent, b.exponent, a.nan, b.nan, out_dtype)
 
   return lax.cond(jnp.any(a.residual) | jnp.any(b.residual), lambda *_: fallback(), exact, a.codes, b.codes)

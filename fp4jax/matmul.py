@@ -149,7 +149,7 @@ def run_two_pass(kind, lhs, rhs, dims, out_dtype):
   return out.astype(out_dtype).reshape(*lead, b.shape[0])
 
 
-def run_int8(lhs, rhs, dims, out_dtype):
+def run_int8(lhs, rhs, dims, out_dtype, kernels=False, interpret=False):
   """MXFP4 x MXFP4 through the int8 tensor cores (:mod:`fp4jax.int8_matmul`): exact int32 sums;
   the two-pass path when a row spans more binades than the int8 values hold."""
   (lc, _), _ = dims
@@ -157,7 +157,8 @@ def run_int8(lhs, rhs, dims, out_dtype):
   a_data, a_scales = byte_matrix(lhs)
   b_data, b_scales = byte_matrix(rhs)
   two_pass = lambda: run_two_pass("mx", lhs, rhs, dims, out_dtype).reshape(-1, b_data.shape[0])
-  out = int8_matmul.int8_product(a_data, a_scales, b_data, b_scales, out_dtype, two_pass)
+  out = int8_matmul.int8_product(a_data, a_scales, b_data, b_scales, out_dtype, two_pass, kernels=kernels,
+                                 interpret=interpret)
   return out.reshape(*lead, b_data.shape[0])
 
 
@@ -198,7 +199,7 @@ def _with_reference_vjp(kind, strategy, dims, out_dtype, interpret):
     if strategy == "two_pass":
       return run_two_pass(kind, lhs, rhs, dims, out_dtype)
     if strategy == "int8":
-      return run_int8(lhs, rhs, dims, out_dtype)
+      return run_int8(lhs, rhs, dims, out_dtype, kernels=True, interpret=interpret)
     return run_kernel(kind, lhs, rhs, dims, out_dtype, interpret)
 
   def fwd(lhs, rhs):

@@ -70,6 +70,17 @@ def decode_elements(data, fmt: Format):
   return lax.bitcast_convert_type(data, fmt.elem_dtype)
 
 
+def twice_e2m1(nibble):
+  """4-bit E2M1 codes (int32) -> twice their values as int32: magnitudes 0, 1, 2, 3, 4, 6, 8, 12.
+
+  Integer ops only (the int8 path's values, :mod:`fp4jax.int8_matmul`).
+  """
+  mag = nibble & _MAG_MASK
+  wide = (2 + (mag & 1)) << jnp.maximum((mag >> 1) - 1, 0)  # mag >= 2: (2 or 3) * 2**(E - 1)
+  v = jnp.where(mag < 2, mag, wide)
+  return jnp.where((nibble & _SIGN) != 0, -v, v)
+
+
 def element_log2_offset(fmt: Format) -> int:
   """log2 of (what :func:`decode_elements` returns) / (the element value)."""
   return E2M1_IN_E4M3_LOG2 if fmt.elem_bits == 4 else 0

@@ -1,0 +1,106 @@
+"""Pallas-Triton kernels around the int8 GEMM of :mod:`fp4jax.int8_matmul`.
+
+* :func:`rebase` — packed MXFP4 byte rows to the int8 values the GEMM takes
+  (``2 * E2M1 << d``), one pass: reads the codes and scale bytes once, writes
+  two int8 values a byte (as one uint16 word, so the kernel never interleaves
+  even and odd elements) and, per row and tile, whether a nonzero block fell
+  outside the int8 span (the residual).
+* :func:`finish` — the int32 sums to ``out_dtype``: ``S * 2**(ea + eb)``, NaN
+  rows and columns, one pass.
+
+Both give :mod:`fp4jax.int8_matmul`'s XLA ops' bits (tests compare them in
+interpret mode). Shapes no tile divides go to the XLA ops (:func:`tiles`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from fp4jax.kernels import common as C
+from fp4jax.kernels.matmul_common import pick_block, twice_e2m1
+
+__all__ = ["rebase", "finish", "rebase_tiles", "finish_tiles"]
+
+_BLOCK_BYTES = 16  # an MXFP4 block of 32 codes
+_NAN_SCALE = 0xFF
+_MAX_FINITE_SCALE = 0xFE
+
+
+def rebase_tiles(rows: int, nbytes: int) -> tuple[int, int] | None:
+  """(row tile, byte tile) dividing a ``(rows, nbytes)`` byte matrix, or None."""
+  br, bk = pick_block(rows, 32, 8), pick_block(nbytes, 512, _BLOCK_BYTES)
+  return None if br is None or bk is None else (br, bk)
+
+
+def finish_tiles(m: int, n: int) -> tuple[int, int] | None:
+  bm, bn = pick_block(m, 32, 8), pick_block(n, 512, 16)
+  return None if bm is None or bn is None else (bm, bn)
+
+
+def _rebase_kernel(data_ref, scales_ref, base_ref, words_ref, residual_ref):
+  b = data_ref[...].astype(jnp.int32)
+  rows, nbytes = b.shape
+  s = scales_ref[...].astype(jnp.int32)
+  s = jnp.broadcast_to(s[:, :, None], (rows, nbytes // _BLOCK_BYTES, _BLOCK_BYTES)).reshape(rows, nbytes)
+  d = s - base_ref[...][:, None]
+  main = (d >= 0) & (s < _MAX_FINITE_SCALE)
+  shift = jnp.where(main, d, 0)
+  lo = jnp.where(main, twice_e2m1(b & 0xF) << shift, 0)
+  hi = jnp.where(main, twice_e2m1(b >> 4) << shift, 0)
+  words_ref[...] = ((lo & 0xFF) | ((hi & 0xFF) << 8)).astype(jnp.uint16)
+  outside = (~main & (s != _NAN_SCALE) & ((b & 0x77) != 0)).astype(jnp.int32)
+  residual_ref[...] = jnp.max(outside, axis=1)[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def rebase(data, scales, base, *, interpret: bool = False):
+  """``(codes int8 (R, K), residual bool (R,))`` of packed MXFP4 rows ``data`` given each row's base exponent byte."""
+  r, nbytes = data.shape
+  br, bk = rebase_tiles(r, nbytes)
+  bs = bk // _BLOCK_BYTES
+  grid = (r // br, nbytes // bk)
+  words, residual = pl.pallas_call(
+      _rebase_kernel,
+      grid=grid,
+      in_specs=[pl.BlockSpec((br, bk), lambda i, j: (i, j)), pl.BlockSpec((br, bs), lambda i, j: (i, j)),
+                pl.BlockSpec((br,), lambda i, j: (i,))],
+      out_specs=[pl.BlockSpec((br, bk), lambda i, j: (i, j)), pl.BlockSpec((br, 1), lambda i, j: (i, j))],
+      out_shape=[jax.ShapeDtypeStruct((r, nbytes), jnp.uint16), jax.ShapeDtypeStruct((r, grid[1]), jnp.int32)],
+      compiler_params=C.compiler_params(4, 1),
+      interpret=interpret,
+      name="int8_rebase",
+  )(data, scales, base.astype(jnp.int32))
+  codes = jax.lax.bitcast_convert_type(words, jnp.int8).reshape(r, 2 * nbytes)  # low byte: even k
+  return codes, jnp.any(residual != 0, axis=1)
+
+
+def _finish_kernel(sums_ref, ea_ref, eb_ref, nan_a_ref, nan_b_ref, out_ref):
+  e = jnp.maximum(ea_ref[...][:, None] + eb_ref[...][None, :], -200)
+  a = e >> 1
+  out = sums_ref[...].astype(jnp.float32) * C.i32_to_f32((a + 127) << 23) * C.i32_to_f32((e - a + 127) << 23)
+  nan = (nan_a_ref[...][:, None] | nan_b_ref[...][None, :]) != 0
+  out_ref[...] = jnp.where(nan, np.float32(np.nan), out).astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
+def finish(sums, ea, eb, nan_a, nan_b, *, out_dtype, interpret: bool = False):
+  """``where(nan_a | nan_b, NaN, sums * 2**max(ea + eb, -200))`` as ``out_dtype``, one pass."""
+  m, n = sums.shape
+  bm, bn = finish_tiles(m, n)
+  return pl.pallas_call(
+      _finish_kernel,
+      grid=(m // bm, n // bn),
+      in_specs=[pl.BlockSpec((bm, bn), lambda i, j: (i, j)), pl.BlockSpec((bm,), lambda i, j: (i,)),
+                pl.BlockSpec((bn,), lambda i, j: (j,)), pl.BlockSpec((bm,), lambda i, j: (i,)),
+                pl.BlockSpec((bn,), lambda i, j: (j,))],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      compiler_params=C.compiler_params(4, 1),
+      interpret=interpret,
+      name="int8_finish",
+  )(sums, ea.astype(jnp.int32), eb.astype(jnp.int32), nan_a.astype(jnp.int32), nan_b.astype(jnp.int32))
