@@ -91,6 +91,10 @@ def case(m, k, n):
   del xb, wb, wt
   dims = (((1,), (0,)), ((), ()))
   t["int8"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16), calls)
+  # Activations stored as byte rows too (quantize(..., layout="rows")): no per-call packing of the codes.
+  rows_calls = [(a.with_layout("rows"), w) for a, w in calls]
+  t["int8_a_rows"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16), rows_calls)
+  del rows_calls
   t["two_pass"] = mb.bench(lambda a, w: fj.matmul.run_two_pass("mx", a, w, dims, jnp.bfloat16), calls)
   t["rebase_a"] = mb.bench(lambda a, w: rebase(a), calls)
   t["rebase_w"] = mb.bench(lambda a, w: rebase(w), calls)
@@ -112,6 +116,37 @@ def case(m, k, n):
          "normal_data_has_residual": residual[0]}
   row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
   return row
+
+
+REBASE_CANDIDATES = [(8, 256, 4), (4, 512, 4), (16, 256, 8), (8, 512, 8), (2, 1024, 4), (16, 128, 4), (32, 512, 4)]
+FINISH_CANDIDATES = [(16, 256, 4), (8, 512, 4), (32, 256, 8), (16, 512, 8), (4, 1024, 4), (32, 128, 4), (32, 512, 4)]
+
+
+def sweep(size=8192):
+  """Times the re-basing pass (an 8192 x 8192 weight) and the finish pass (8192 x 8192 sums) per tile
+  candidate; makes the fastest of each the module default for the rest of the run."""
+  aq, wq = operands(64, size, size, 4)
+  mats = [byte_matrix(w) for w in wq]
+  bases = [int8_matmul.row_bases(s)[0] for _, s in mats]
+  out = {"rebase": {}, "finish": {}}
+  for cand in REBASE_CANDIDATES:
+    tiles = int8_rebase.Tiles(*cand)
+    out["rebase"][str(cand)] = mb.bench(lambda d, s, b: int8_rebase.rebase(d, s, b, tiles=tiles, interpret=INTERPRET),
+                                        [(d, s, b) for (d, s), b in zip(mats, bases)]) * 1e6
+  sums = [jax.random.randint(jax.random.key(i), (size, size), -2**20, 2**20, jnp.int32) for i in range(2)]
+  z = lambda r: (jnp.zeros((r,), jnp.int32), jnp.zeros((r,), bool))
+  for cand in FINISH_CANDIDATES:
+    tiles = int8_rebase.Tiles(*cand)
+    out["finish"][str(cand)] = mb.bench(
+        lambda s: int8_rebase.finish(s, z(size)[0], z(size)[0], z(size)[1], z(size)[1], out_dtype=jnp.bfloat16,
+                                     tiles=tiles, interpret=INTERPRET), [(x,) for x in sums]) * 1e6
+  best_r = min(out["rebase"], key=out["rebase"].get)
+  best_f = min(out["finish"], key=out["finish"].get)
+  int8_rebase.REBASE_TILES = int8_rebase.Tiles(*eval(best_r))  # noqa: S307 (our own tuple repr)
+  int8_rebase.FINISH_TILES = int8_rebase.Tiles(*eval(best_f))  # noqa: S307
+  out["chosen"] = {"rebase": best_r, "finish": best_f}
+  print(out, flush=True)
+  return out
 
 
 def check():
@@ -136,12 +171,15 @@ def main(argv=None):
   p.add_argument("--out", required=True)
   p.add_argument("--shapes", default=SHAPES)
   p.add_argument("--check", action="store_true")
+  p.add_argument("--sweep", action="store_true", help="tile sweep of the two passes first (sets the defaults)")
   p.add_argument("--budget-s", type=float, default=400)
   a = p.parse_args(argv)
   os.makedirs(a.out, exist_ok=True)
   t0 = time.time()
   res = {"device": str(jax.devices()[0]), "jax": jax.__version__, "rows": []}
   path = os.path.join(a.out, "w4a4.json")
+  if a.sweep:
+    res["sweep"] = sweep(8192 if not INTERPRET else 256)
   if a.check:
     res["check"] = check()
   for shape in a.shapes.split(","):

@@ -15,6 +15,7 @@ interpret mode). Shapes no tile divides go to the XLA ops (:func:`tiles`).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,21 +25,37 @@ from jax.experimental import pallas as pl
 from fp4jax.kernels import common as C
 from fp4jax.kernels.matmul_common import pick_block, twice_e2m1
 
-__all__ = ["rebase", "finish", "rebase_tiles", "finish_tiles"]
+__all__ = ["Tiles", "REBASE_TILES", "FINISH_TILES", "rebase", "finish", "rebase_tiles", "finish_tiles"]
 
 _BLOCK_BYTES = 16  # an MXFP4 block of 32 codes
 _NAN_SCALE = 0xFF
 _MAX_FINITE_SCALE = 0xFE
 
 
-def rebase_tiles(rows: int, nbytes: int) -> tuple[int, int] | None:
+class Tiles(NamedTuple):
+  """Largest tile (rows, columns: bytes for :func:`rebase`, outputs for :func:`finish`) and warps."""
+
+  rows: int
+  cols: int
+  warps: int = 4
+
+
+#: Defaults, from the sweep in ``benchmarks/w4a4.py --sweep`` (H200): every array of a tile is held
+#: in registers as int32, so tiles stay small.
+REBASE_TILES = Tiles(8, 256)
+FINISH_TILES = Tiles(16, 256)
+
+
+def rebase_tiles(rows: int, nbytes: int, tiles: Tiles | None = None) -> tuple[int, int] | None:
   """(row tile, byte tile) dividing a ``(rows, nbytes)`` byte matrix, or None."""
-  br, bk = pick_block(rows, 32, 8), pick_block(nbytes, 512, _BLOCK_BYTES)
+  t = tiles or REBASE_TILES
+  br, bk = pick_block(rows, t.rows, 1), pick_block(nbytes, t.cols, _BLOCK_BYTES)
   return None if br is None or bk is None else (br, bk)
 
 
-def finish_tiles(m: int, n: int) -> tuple[int, int] | None:
-  bm, bn = pick_block(m, 32, 8), pick_block(n, 512, 16)
+def finish_tiles(m: int, n: int, tiles: Tiles | None = None) -> tuple[int, int] | None:
+  t = tiles or FINISH_TILES
+  bm, bn = pick_block(m, t.rows, 1), pick_block(n, t.cols, 16)
   return None if bm is None or bn is None else (bm, bn)
 
 
@@ -57,11 +74,11 @@ def _rebase_kernel(data_ref, scales_ref, base_ref, words_ref, residual_ref):
   residual_ref[...] = jnp.max(outside, axis=1)[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def rebase(data, scales, base, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def rebase(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False):
   """``(codes int8 (R, K), residual bool (R,))`` of packed MXFP4 rows ``data`` given each row's base exponent byte."""
   r, nbytes = data.shape
-  br, bk = rebase_tiles(r, nbytes)
+  br, bk = rebase_tiles(r, nbytes, tiles)
   bs = bk // _BLOCK_BYTES
   grid = (r // br, nbytes // bk)
   words, residual = pl.pallas_call(
@@ -71,7 +88,7 @@ def rebase(data, scales, base, *, interpret: bool = False):
                 pl.BlockSpec((br,), lambda i, j: (i,))],
       out_specs=[pl.BlockSpec((br, bk), lambda i, j: (i, j)), pl.BlockSpec((br, 1), lambda i, j: (i, j))],
       out_shape=[jax.ShapeDtypeStruct((r, nbytes), jnp.uint16), jax.ShapeDtypeStruct((r, grid[1]), jnp.int32)],
-      compiler_params=C.compiler_params(4, 1),
+      compiler_params=C.compiler_params((tiles or REBASE_TILES).warps, 1),
       interpret=interpret,
       name="int8_rebase",
   )(data, scales, base.astype(jnp.int32))
@@ -87,11 +104,11 @@ def _finish_kernel(sums_ref, ea_ref, eb_ref, nan_a_ref, nan_b_ref, out_ref):
   out_ref[...] = jnp.where(nan, np.float32(np.nan), out).astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
-def finish(sums, ea, eb, nan_a, nan_b, *, out_dtype, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret"))
+def finish(sums, ea, eb, nan_a, nan_b, *, out_dtype, tiles: Tiles | None = None, interpret: bool = False):
   """``where(nan_a | nan_b, NaN, sums * 2**max(ea + eb, -200))`` as ``out_dtype``, one pass."""
   m, n = sums.shape
-  bm, bn = finish_tiles(m, n)
+  bm, bn = finish_tiles(m, n, tiles)
   return pl.pallas_call(
       _finish_kernel,
       grid=(m // bm, n // bn),
@@ -100,7 +117,7 @@ def finish(sums, ea, eb, nan_a, nan_b, *, out_dtype, interpret: bool = False):
                 pl.BlockSpec((bn,), lambda i, j: (j,))],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      compiler_params=C.compiler_params(4, 1),
+      compiler_params=C.compiler_params((tiles or FINISH_TILES).warps, 1),
       interpret=interpret,
       name="int8_finish",
   )(sums, ea.astype(jnp.int32), eb.astype(jnp.int32), nan_a.astype(jnp.int32), nan_b.astype(jnp.int32))
