@@ -62,15 +62,24 @@ def operands(m, k, n, sets, heavy=False):
 INTERPRET = jax.default_backend() == "cpu"  # the CPU smoke run interprets the kernels
 
 
-def rebase(q):
-  return int8_matmul.rebase_rows(*byte_matrix(q), kernel=True, interpret=INTERPRET)
+def rebase(q, kernel=True):
+  """(codes, row exponent, NaN rows) of an MXFP4 QArray, as the int8 path makes them."""
+  data, scales = byte_matrix(q)
+  base, nan = int8_matmul.row_bases(scales)
+  codes = int8_matmul.rows_codes(data, scales, base, kernel=kernel, interpret=INTERPRET)
+  return codes, int8_matmul.row_exponent(base), nan
+
+
+def residual(q):
+  data, scales = byte_matrix(q)
+  return int8_matmul.rows_residual(data, scales, int8_matmul.row_bases(scales)[0], kernel=True, interpret=INTERPRET)
 
 
 def no_cond(a, w):
-  """The int8 path's steps without the residual test (valid only when there is no residual)."""
-  ra, rb = rebase(a), rebase(w)
-  s = lax.dot_general(ra.codes, rb.codes, DN, preferred_element_type=jnp.int32)
-  return int8_rebase.finish(s, ra.exponent, rb.exponent, ra.nan, rb.nan, out_dtype=jnp.bfloat16, interpret=INTERPRET)
+  """The int8 path's steps without the residual test and cond (valid only when there is no residual)."""
+  (ca, ea, na), (cb, eb, nb) = rebase(a), rebase(w)
+  s = lax.dot_general(ca, cb, DN, preferred_element_type=jnp.int32)
+  return int8_rebase.finish(s, ea, eb, na, nb, out_dtype=jnp.bfloat16, interpret=INTERPRET)
 
 
 def case(m, k, n):
@@ -98,8 +107,9 @@ def case(m, k, n):
   t["two_pass"] = mb.bench(lambda a, w: fj.matmul.run_two_pass("mx", a, w, dims, jnp.bfloat16), calls)
   t["rebase_a"] = mb.bench(lambda a, w: rebase(a), calls)
   t["rebase_w"] = mb.bench(lambda a, w: rebase(w), calls)
-  t["rebase_w_xla"] = mb.bench(lambda a, w: int8_matmul.rebase_rows(*byte_matrix(w)), calls)
-  codes = [(rebase(a).codes, rebase(w).codes) for a, w in calls]
+  t["rebase_w_xla"] = mb.bench(lambda a, w: rebase(w, kernel=False), calls)
+  t["residual_check_w"] = mb.bench(lambda a, w: residual(w), calls)
+  codes = [(rebase(a)[0], rebase(w)[0]) for a, w in calls]
   t["int8_gemm_alone"] = mb.bench(lambda x, y: lax.dot_general(x, y, DN, preferred_element_type=jnp.int32), codes)
   sums = [lax.dot_general(x, y, DN, preferred_element_type=jnp.int32) for x, y in codes[:2]]
   ones = lambda r: (jnp.zeros((r,), jnp.int32), jnp.zeros((r,), bool))
@@ -108,12 +118,12 @@ def case(m, k, n):
                            [(x,) for x in sums])
   del codes, sums
   t["int8_no_cond"] = mb.bench(no_cond, calls)
-  residual = [bool(jnp.any(rebase(a).residual)) for a in aq[:1]]
+  has_residual = bool(jnp.any(residual(aq[0])))
   ah, _ = operands(m, k, n, sets, heavy=True)
   t["fallback_heavy_tails"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16),
                                        mb.make_calls(ah, wq))
   row = {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()},
-         "normal_data_has_residual": residual[0]}
+         "normal_data_has_residual": has_residual}
   row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
   return row
 

@@ -24,8 +24,6 @@ uint8 ``(R, K / 2)`` packed E2M1 codes and uint8 ``(R, K / 32)`` E8M0 scales.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -34,8 +32,8 @@ from fp4jax import _bits
 from fp4jax.formats import Format
 from fp4jax.kernels.matmul_common import twice_e2m1
 
-__all__ = ["Int8Rows", "MAX_K", "SPAN", "int8_obstacle", "row_bases", "rebase_codes", "rebase_rows", "finish_sums",
-           "int8_product"]
+__all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "rebase_codes", "rows_residual", "rows_codes",
+           "row_exponent", "finish_sums", "int8_product"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
 SPAN = 4
@@ -46,22 +44,6 @@ _NAN_SCALE = 0xFF
 _MAX_FINITE_SCALE = 0xFE  # 2**127: E2M1 values >= 2 overflow float32 there
 _E8M0_BIAS = 127
 _DN = (((1,), (1,)), ((), ()))
-
-
-class Int8Rows(NamedTuple):
-  """A ``(R, K)`` MXFP4 matrix re-based for the int8 GEMM.
-
-  Attributes:
-    codes: int8 ``(R, K)``: ``2 * E2M1 << d`` for the main blocks, 0 elsewhere.
-    exponent: int32 ``(R,)``: row ``r``'s main values are ``codes[r] * 2**exponent[r]``.
-    residual: bool ``(R,)``: the row has a nonzero block the codes do not hold.
-    nan: bool ``(R,)``: the row has a NaN block.
-  """
-
-  codes: jax.Array
-  exponent: jax.Array
-  residual: jax.Array
-  nan: jax.Array
 
 
 def int8_obstacle(a_fmt: Format, b_fmt: Format, k: int) -> str | None:
@@ -98,15 +80,23 @@ def rebase_codes(data, scales, base):
   return codes, jnp.any(nonzero & ~main & (s != _NAN_SCALE), axis=1)
 
 
-def rebase_rows(data, scales, *, kernel: bool = False, interpret: bool = False) -> Int8Rows:
-  """Packed MXFP4 byte rows -> :class:`Int8Rows`; ``kernel``: the Pallas pass where a tile fits."""
-  base, nan = row_bases(scales)
+def rows_residual(data, scales, base, *, kernel: bool = False, interpret: bool = False):
+  """bool ``(R,)``: the row has a nonzero block outside the int8 span (read-only pass; Pallas where a tile fits)."""
   if kernel and int8_rebase_kernels().rebase_tiles(*data.shape):
-    codes, residual = int8_rebase_kernels().rebase(data, scales, base, interpret=interpret)
-  else:
-    codes, residual = rebase_codes(data, scales, base)
-  # A value is codes * 2**(base - 1 - bias): 2 * E2M1 * 2**d * 2**(s - d - 1 - bias).
-  return Int8Rows(codes, base - 1 - _E8M0_BIAS, residual, nan)
+    return int8_rebase_kernels().residual(data, scales, base, interpret=interpret)
+  return rebase_codes(data, scales, base)[1]
+
+
+def rows_codes(data, scales, base, *, kernel: bool = False, interpret: bool = False):
+  """int8 ``(R, K)`` codes of packed MXFP4 rows at base bytes ``base`` (Pallas where a tile fits)."""
+  if kernel and int8_rebase_kernels().rebase_tiles(*data.shape):
+    return int8_rebase_kernels().rebase(data, scales, base, interpret=interpret)
+  return rebase_codes(data, scales, base)[0]
+
+
+def row_exponent(base):
+  """A row's values are ``codes * 2**row_exponent``: ``2 * E2M1 * 2**d * 2**(s - d - 1 - bias)``, ``s - d = base``."""
+  return base - 1 - _E8M0_BIAS
 
 
 def int8_rebase_kernels():
@@ -130,19 +120,22 @@ def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, ker
   The int8 GEMM's int32 sums are exact; each output is rounded once to
   float32 (``S * 2**(ea + eb)``), then to ``out_dtype``. When either operand
   has residual blocks, ``fallback()`` (an exact path of the same output,
-  e.g. the bfloat16 two-pass product) runs instead, under ``lax.cond``.
-  ``kernels``: the re-basing and the finish as Pallas passes (the same bits)
-  where a tile fits, else XLA ops.
+  e.g. the bfloat16 two-pass product) runs instead, under ``lax.cond``, after
+  only a read-only check of the operands. ``kernels``: the passes in Pallas
+  (the same bits) where a tile fits, else XLA ops.
   """
-  a = rebase_rows(a_data, a_scales, kernel=kernels, interpret=interpret)
-  b = rebase_rows(b_data, b_scales, kernel=kernels, interpret=interpret)
-  m, n = a.codes.shape[0], b.codes.shape[0]
+  opts = {"kernel": kernels, "interpret": interpret}
+  (base_a, nan_a), (base_b, nan_b) = row_bases(a_scales), row_bases(b_scales)
+  m, n = a_data.shape[0], b_data.shape[0]
 
-  def exact(codes_a, codes_b):
+  def exact():
+    codes_a, codes_b = rows_codes(a_data, a_scales, base_a, **opts), rows_codes(b_data, b_scales, base_b, **opts)
     sums = lax.dot_general(codes_a, codes_b, _DN, preferred_element_type=jnp.int32)
+    ea, eb = row_exponent(base_a), row_exponent(base_b)
     if kernels and int8_rebase_kernels().finish_tiles(m, n):
-      return int8_rebase_kernels().finish(sums, a.exponent, b.exponent, a.nan, b.nan, out_dtype=out_dtype,
-                                          interpret=interpret)
-    return finish_sums(sums, a.exponent, b.exponent, a.nan, b.nan, out_dtype)
+      return int8_rebase_kernels().finish(sums, ea, eb, nan_a, nan_b, out_dtype=out_dtype, interpret=interpret)
+    return finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype)
 
-  return lax.cond(jnp.any(a.residual) | jnp.any(b.residual), lambda *_: fallback(), exact, a.codes, b.codes)
+  residual = jnp.any(rows_residual(a_data, a_scales, base_a, **opts)) | jnp.any(
+      rows_residual(b_data, b_scales, base_b, **opts))
+  return lax.cond(residual, fallback, exact)

@@ -1,10 +1,11 @@
 """Pallas-Triton kernels around the int8 GEMM of :mod:`fp4jax.int8_matmul`.
 
+* :func:`residual` — whether each packed MXFP4 byte row has a nonzero block
+  outside the int8 span (the residual): reads the codes, writes a flag a tile.
 * :func:`rebase` — packed MXFP4 byte rows to the int8 values the GEMM takes
   (``2 * E2M1 << d``), one pass: reads the codes and scale bytes once, writes
   two int8 values a byte (as one uint16 word, so the kernel never interleaves
-  even and odd elements) and, per row and tile, whether a nonzero block fell
-  outside the int8 span (the residual).
+  even and odd elements).
 * :func:`finish` — the int32 sums to ``out_dtype``: ``S * 2**(ea + eb)``, NaN
   rows and columns, one pass.
 
@@ -25,7 +26,7 @@ from jax.experimental import pallas as pl
 from fp4jax.kernels import common as C
 from fp4jax.kernels.matmul_common import pick_block, twice_e2m1
 
-__all__ = ["Tiles", "REBASE_TILES", "FINISH_TILES", "rebase", "finish", "rebase_tiles", "finish_tiles"]
+__all__ = ["Tiles", "REBASE_TILES", "FINISH_TILES", "residual", "rebase", "finish", "rebase_tiles", "finish_tiles"]
 
 _BLOCK_BYTES = 16  # an MXFP4 block of 32 codes
 _NAN_SCALE = 0xFF
@@ -42,8 +43,8 @@ class Tiles(NamedTuple):
 
 #: Defaults, from the sweep in ``benchmarks/w4a4.py --sweep`` (H200): every array of a tile is held
 #: in registers as int32, so tiles stay small.
-REBASE_TILES = Tiles(8, 256)
-FINISH_TILES = Tiles(16, 256)
+REBASE_TILES = Tiles(4, 512)
+FINISH_TILES = Tiles(4, 1024)
 
 
 def rebase_tiles(rows: int, nbytes: int, tiles: Tiles | None = None) -> tuple[int, int] | None:
@@ -59,41 +60,62 @@ def finish_tiles(m: int, n: int, tiles: Tiles | None = None) -> tuple[int, int] 
   return None if bm is None or bn is None else (bm, bn)
 
 
-def _rebase_kernel(data_ref, scales_ref, base_ref, words_ref, residual_ref):
-  b = data_ref[...].astype(jnp.int32)
-  rows, nbytes = b.shape
+def _block_fields(scales_ref, base_ref, rows, nbytes):
+  """Per byte of the tile: the block's shift ``d`` and whether the int8 values hold it (``main``)."""
   s = scales_ref[...].astype(jnp.int32)
   s = jnp.broadcast_to(s[:, :, None], (rows, nbytes // _BLOCK_BYTES, _BLOCK_BYTES)).reshape(rows, nbytes)
   d = s - base_ref[...][:, None]
-  main = (d >= 0) & (s < _MAX_FINITE_SCALE)
+  return s, d, (d >= 0) & (s < _MAX_FINITE_SCALE)
+
+
+def _rebase_kernel(data_ref, scales_ref, base_ref, words_ref):
+  b = data_ref[...].astype(jnp.int32)
+  _, d, main = _block_fields(scales_ref, base_ref, *b.shape)
   shift = jnp.where(main, d, 0)
   lo = jnp.where(main, twice_e2m1(b & 0xF) << shift, 0)
   hi = jnp.where(main, twice_e2m1(b >> 4) << shift, 0)
   words_ref[...] = ((lo & 0xFF) | ((hi & 0xFF) << 8)).astype(jnp.uint16)
+
+
+def _residual_kernel(data_ref, scales_ref, base_ref, residual_ref):
+  b = data_ref[...].astype(jnp.int32)
+  s, _, main = _block_fields(scales_ref, base_ref, *b.shape)
   outside = (~main & (s != _NAN_SCALE) & ((b & 0x77) != 0)).astype(jnp.int32)
   residual_ref[...] = jnp.max(outside, axis=1)[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
-def rebase(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False):
-  """``(codes int8 (R, K), residual bool (R,))`` of packed MXFP4 rows ``data`` given each row's base exponent byte."""
+def _row_pass(kernel, data, scales, base, out_spec, out_shape, tiles, interpret, name):
   r, nbytes = data.shape
   br, bk = rebase_tiles(r, nbytes, tiles)
-  bs = bk // _BLOCK_BYTES
-  grid = (r // br, nbytes // bk)
-  words, residual = pl.pallas_call(
-      _rebase_kernel,
-      grid=grid,
-      in_specs=[pl.BlockSpec((br, bk), lambda i, j: (i, j)), pl.BlockSpec((br, bs), lambda i, j: (i, j)),
+  return pl.pallas_call(
+      kernel,
+      grid=(r // br, nbytes // bk),
+      in_specs=[pl.BlockSpec((br, bk), lambda i, j: (i, j)),
+                pl.BlockSpec((br, bk // _BLOCK_BYTES), lambda i, j: (i, j)),
                 pl.BlockSpec((br,), lambda i, j: (i,))],
-      out_specs=[pl.BlockSpec((br, bk), lambda i, j: (i, j)), pl.BlockSpec((br, 1), lambda i, j: (i, j))],
-      out_shape=[jax.ShapeDtypeStruct((r, nbytes), jnp.uint16), jax.ShapeDtypeStruct((r, grid[1]), jnp.int32)],
+      out_specs=out_spec(br, bk),
+      out_shape=out_shape(r, nbytes // bk),
       compiler_params=C.compiler_params((tiles or REBASE_TILES).warps, 1),
       interpret=interpret,
-      name="int8_rebase",
+      name=name,
   )(data, scales, base.astype(jnp.int32))
-  codes = jax.lax.bitcast_convert_type(words, jnp.int8).reshape(r, 2 * nbytes)  # low byte: even k
-  return codes, jnp.any(residual != 0, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def rebase(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False):
+  """int8 ``(R, K)`` codes of packed MXFP4 rows ``data`` given each row's base exponent byte."""
+  r, nbytes = data.shape
+  words = _row_pass(_rebase_kernel, data, scales, base, lambda br, bk: pl.BlockSpec((br, bk), lambda i, j: (i, j)),
+                    lambda r, nk: jax.ShapeDtypeStruct((r, nbytes), jnp.uint16), tiles, interpret, "int8_rebase")
+  return jax.lax.bitcast_convert_type(words, jnp.int8).reshape(r, 2 * nbytes)  # low byte: even k
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def residual(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False):
+  """bool ``(R,)``: the row has a nonzero block outside the int8 span; reads the codes, writes a flag a tile."""
+  flags = _row_pass(_residual_kernel, data, scales, base, lambda br, bk: pl.BlockSpec((br, 1), lambda i, j: (i, j)),
+                    lambda r, nk: jax.ShapeDtypeStruct((r, nk), jnp.int32), tiles, interpret, "int8_residual")
+  return jnp.any(flags != 0, axis=1)
 
 
 def _finish_kernel(sums_ref, ea_ref, eb_ref, nan_a_ref, nan_b_ref, out_ref):
