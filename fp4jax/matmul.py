@@ -14,13 +14,17 @@ along the contracting axis, one contracting axis, no batch axes):
   (:mod:`fp4jax.kernels.w4a16_matmul`).
 * ``mx`` kernel (Pallas): a QArray ``lhs`` times a QArray weight of the same
   block size (:mod:`fp4jax.kernels.mx_matmul`).
+* int8 (XLA's int8 GEMM with Pallas passes around it): MXFP4 x MXFP4, rows
+  re-based to int8 values with one power-of-two scale each, exact int32 sums
+  (:mod:`fp4jax.int8_matmul`); the two-pass path below when a row spans more
+  binades than int8 holds.
 * two-pass (XLA): each block-scaled operand dequantized to bfloat16 (exact,
   global scales held back), then a bfloat16 GEMM with float32 accumulation.
   For many rows this is what measured fastest on an H100: the GEMM library
   outruns a fused Pallas kernel and the extra pass costs little beside it.
 
 ``backend="auto"`` on a GPU picks the kernel for up to ``backend.KERNEL_MAX_ROWS``
-rows of ``lhs`` and the two-pass path above it; ``backend="pallas"`` always
+rows of ``lhs`` and above it the int8 path (MXFP4 x MXFP4) or the two-pass path; ``backend="pallas"`` always
 runs the kernel (interpret mode without a GPU).
 
 The kernels read a weight as byte rows (:func:`byte_matrix`): one row of bytes
