@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fp4jax import _bits
 from fp4jax.formats import Format
-from fp4jax.kernels.matmul_common import twice_e2m1
+from fp4jax.kernels import matmul_common as common
 
 __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "rebase_codes", "rows_residual", "rows_codes",
            "row_exponent", "finish_sums", "int8_product"]
@@ -40,8 +39,6 @@ SPAN = 4
 #: The longest contraction whose int32 sums cannot overflow: ``K * (12 << 3)**2 < 2**31``.
 MAX_K = 1 << 17
 _BLOCK = 32
-_NAN_SCALE = 0xFF
-_MAX_FINITE_SCALE = 0xFE  # 2**127: E2M1 values >= 2 overflow float32 there
 _E8M0_BIAS = 127
 _DN = (((1,), (1,)), ((), ()))
 
@@ -59,7 +56,7 @@ def int8_obstacle(a_fmt: Format, b_fmt: Format, k: int) -> str | None:
 def row_bases(scales):
   """Each row's base exponent byte (its top finite block's minus ``SPAN - 1``) and whether it has a NaN block."""
   s = scales.astype(jnp.int32)
-  nan = s == _NAN_SCALE
+  nan = s == common.E8M0_NAN
   top = jnp.max(jnp.where(nan, -1, s), axis=1)
   return jnp.maximum(top - (SPAN - 1), 0), jnp.any(nan, axis=1)
 
@@ -68,16 +65,12 @@ def rebase_codes(data, scales, base):
   """XLA ops: ``(codes int8 (R, K), residual bool (R,))`` of packed MXFP4 rows at base bytes ``base``."""
   r, nbytes = data.shape
   nb = scales.shape[1]
-  s = scales.astype(jnp.int32)
-  d = s - base[:, None]
-  main = (d >= 0) & (s < _MAX_FINITE_SCALE)  # d <= SPAN - 1 holds: s <= top
+  shift, main, other = common.int8_blocks(scales.astype(jnp.int32), base[:, None])
   b = data.astype(jnp.int32).reshape(r, nb, nbytes // nb)
   nonzero = jnp.any((b & 0x77) != 0, axis=-1)
-  shift = jnp.where(main, d, 0)[:, :, None]
-  lo = jnp.where(main[:, :, None], twice_e2m1(b & 0xF) << shift, 0)
-  hi = jnp.where(main[:, :, None], twice_e2m1(b >> 4) << shift, 0)
+  lo, hi = common.int8_values(b, shift[:, :, None], main[:, :, None])
   codes = jnp.stack([lo, hi], axis=-1).reshape(r, 2 * nbytes).astype(jnp.int8)
-  return codes, jnp.any(nonzero & ~main & (s != _NAN_SCALE), axis=1)
+  return codes, jnp.any(nonzero & other, axis=1)
 
 
 def rows_residual(data, scales, base, *, kernel: bool = False, interpret: bool = False):
@@ -107,10 +100,7 @@ def int8_rebase_kernels():
 
 def finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype):
   """XLA ops: ``where(nan_a | nan_b, NaN, sums * 2**(ea + eb))`` as ``out_dtype`` (rounded once to float32 first)."""
-  # Below 2**-200 the result is 0 whatever the exponent: |sums| < 2**31.
-  e = jnp.maximum(ea[:, None] + eb[None, :], -200)
-  out = _bits.scale_by_pow2(sums.astype(jnp.float32), e)
-  return jnp.where(nan_a[:, None] | nan_b[None, :], jnp.nan, out).astype(out_dtype)
+  return common.int8_finish(sums, ea[:, None], eb[None, :], nan_a[:, None] | nan_b[None, :]).astype(out_dtype)
 
 
 def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, kernels: bool = False,

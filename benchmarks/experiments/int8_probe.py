@@ -9,24 +9,15 @@ FP8 MMA adds with ~14 bits: ``benchmarks/results/fp8_rebase.md``). Before buildi
    int8 dot plus the epilogue (int32 -> float32 times 2**(ea_row + eb_col) -> bfloat16), at the issue's shapes.
 Usage: python benchmarks/experiments/int8_probe.py --out DIR
 """
-import argparse, json, os, statistics, time
+import argparse, json, os, sys
 import numpy as np, jax, jax.numpy as jnp
 from jax import lax
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fp8_rebase import bench  # noqa: E402  (the same timing as the FP8 probe it is compared with)
+
 DN = (((1,), (1,)), ((), ()))
 SHAPES = [(8192, 8192, 8192), (4096, 4096, 14336), (1024, 8192, 8192), (4096, 14336, 4096), (16, 8192, 8192)]
-
-
-def bench(f, args_sets, n_inner=20, n_outer=5):
-  jax.block_until_ready(f(*args_sets[0]))
-  ts = []
-  for _ in range(n_outer):
-    t0 = time.perf_counter()
-    for i in range(n_inner):
-      o = f(*args_sets[i % len(args_sets)])
-    jax.block_until_ready(o)
-    ts.append((time.perf_counter() - t0) / n_inner * 1e6)
-  return statistics.median(ts)
 
 
 def i8(key, shape):

@@ -9,8 +9,10 @@
 * :func:`finish` — the int32 sums to ``out_dtype``: ``S * 2**(ea + eb)``, NaN
   rows and columns, one pass.
 
-Both give :mod:`fp4jax.int8_matmul`'s XLA ops' bits (tests compare them in
-interpret mode). Shapes no tile divides go to the XLA ops (:func:`tiles`).
+All three give :mod:`fp4jax.int8_matmul`'s XLA ops' bits: the arithmetic is
+one copy in :mod:`fp4jax.kernels.matmul_common` (``int8_blocks``, ``int8_values``,
+``int8_finish``), and tests compare them in interpret mode. Shapes no tile
+divides go to the XLA ops (:func:`rebase_tiles`, :func:`finish_tiles`).
 """
 
 from __future__ import annotations
@@ -20,17 +22,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from fp4jax.kernels import common as C
-from fp4jax.kernels.matmul_common import pick_block, twice_e2m1
+from fp4jax.kernels.matmul_common import int8_blocks, int8_finish, int8_values, pick_block
 
 __all__ = ["Tiles", "REBASE_TILES", "FINISH_TILES", "residual", "rebase", "finish", "rebase_tiles", "finish_tiles"]
 
 _BLOCK_BYTES = 16  # an MXFP4 block of 32 codes
-_NAN_SCALE = 0xFF
-_MAX_FINITE_SCALE = 0xFE
 
 
 class Tiles(NamedTuple):
@@ -61,26 +60,23 @@ def finish_tiles(m: int, n: int, tiles: Tiles | None = None) -> tuple[int, int] 
 
 
 def _block_fields(scales_ref, base_ref, rows, nbytes):
-  """Per byte of the tile: the block's shift ``d`` and whether the int8 values hold it (``main``)."""
+  """:func:`~fp4jax.kernels.matmul_common.int8_blocks` per byte of the tile."""
   s = scales_ref[...].astype(jnp.int32)
   s = jnp.broadcast_to(s[:, :, None], (rows, nbytes // _BLOCK_BYTES, _BLOCK_BYTES)).reshape(rows, nbytes)
-  d = s - base_ref[...][:, None]
-  return s, d, (d >= 0) & (s < _MAX_FINITE_SCALE)
+  return int8_blocks(s, base_ref[...][:, None])
 
 
 def _rebase_kernel(data_ref, scales_ref, base_ref, words_ref):
   b = data_ref[...].astype(jnp.int32)
-  _, d, main = _block_fields(scales_ref, base_ref, *b.shape)
-  shift = jnp.where(main, d, 0)
-  lo = jnp.where(main, twice_e2m1(b & 0xF) << shift, 0)
-  hi = jnp.where(main, twice_e2m1(b >> 4) << shift, 0)
+  shift, main, _ = _block_fields(scales_ref, base_ref, *b.shape)
+  lo, hi = int8_values(b, shift, main)
   words_ref[...] = ((lo & 0xFF) | ((hi & 0xFF) << 8)).astype(jnp.uint16)
 
 
 def _residual_kernel(data_ref, scales_ref, base_ref, residual_ref):
   b = data_ref[...].astype(jnp.int32)
-  s, _, main = _block_fields(scales_ref, base_ref, *b.shape)
-  outside = (~main & (s != _NAN_SCALE) & ((b & 0x77) != 0)).astype(jnp.int32)
+  _, _, other = _block_fields(scales_ref, base_ref, *b.shape)
+  outside = (other & ((b & 0x77) != 0)).astype(jnp.int32)
   residual_ref[...] = jnp.max(outside, axis=1)[:, None]
 
 
@@ -119,11 +115,9 @@ def residual(data, scales, base, *, tiles: Tiles | None = None, interpret: bool 
 
 
 def _finish_kernel(sums_ref, ea_ref, eb_ref, nan_a_ref, nan_b_ref, out_ref):
-  e = jnp.maximum(ea_ref[...][:, None] + eb_ref[...][None, :], -200)
-  a = e >> 1
-  out = sums_ref[...].astype(jnp.float32) * C.i32_to_f32((a + 127) << 23) * C.i32_to_f32((e - a + 127) << 23)
   nan = (nan_a_ref[...][:, None] | nan_b_ref[...][None, :]) != 0
-  out_ref[...] = jnp.where(nan, np.float32(np.nan), out).astype(out_ref.dtype)
+  out = int8_finish(sums_ref[...], ea_ref[...][:, None], eb_ref[...][None, :], nan)
+  out_ref[...] = out.astype(out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret"))

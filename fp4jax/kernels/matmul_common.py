@@ -81,6 +81,35 @@ def twice_e2m1(nibble):
   return jnp.where((nibble & _SIGN) != 0, -v, v)
 
 
+# ---- the int8 path's per-block and per-output arithmetic: one copy for XLA and the Pallas passes
+E8M0_NAN = 0xFF
+_E8M0_TOP = 0xFE  # 2**127: E2M1 values >= 2 overflow float32 there, so such blocks are never int8
+
+
+def int8_blocks(s, base):
+  """E8M0 scale bytes ``s`` (int32) of blocks whose row has base byte ``base`` (broadcast) ->
+  ``(shift, main, other)``: the block's shift ``d = s - base`` where the int8 values hold it
+  (``main``: ``d >= 0`` and below 2**127; ``d <= 3`` as the base is the top's minus 3), and
+  ``other``: a finite block they do not hold (its nonzero codes are the residual)."""
+  d = s - base
+  main = (d >= 0) & (s < _E8M0_TOP)
+  return jnp.where(main, d, 0), main, ~main & (s != E8M0_NAN)
+
+
+def int8_values(byte, shift, main):
+  """Packed E2M1 bytes (int32) -> the int8 values ``2 * E2M1 << shift`` of their low and high nibbles (0 off ``main``)."""
+  lo = jnp.where(main, twice_e2m1(byte & 0xF) << shift, 0)
+  hi = jnp.where(main, twice_e2m1(byte >> 4) << shift, 0)
+  return lo, hi
+
+
+def int8_finish(sums, ea, eb, nan):
+  """float32 ``sums * 2**(ea + eb)`` (``ea``, ``eb`` broadcast), NaN where ``nan``: one rounding of the int32 sums."""
+  # Below 2**-200 the result is 0 whatever the exponent: |sums| < 2**31.
+  e = jnp.maximum(ea + eb, -200)
+  return jnp.where(nan, jnp.nan, _bits.scale_by_pow2(sums.astype(jnp.float32), e))
+
+
 def element_log2_offset(fmt: Format) -> int:
   """log2 of (what :func:`decode_elements` returns) / (the element value)."""
   return E2M1_IN_E4M3_LOG2 if fmt.elem_bits == 4 else 0
