@@ -89,11 +89,20 @@ def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
     raise ValueError(f"qarray_sharding: a per-group global scale of shape {tuple(q.global_scale.shape)} "
                      "has no sharding rule yet; use a tensor-wide global scale")
   replicated = None if q.global_scale is None else NamedSharding(sharding.mesh, PartitionSpec())
-  leaves = sharding
-  if q.layout == "rows":
-    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-    leaves = NamedSharding(sharding.mesh, PartitionSpec(*(spec[::-1] if q.axis == -2 else spec)))
+  leaves = NamedSharding(sharding.mesh, _leaf_spec(q, sharding.spec))
   return QArray(leaves, leaves, replicated, q.fmt, q.axis, q.block_shape, q.layout)
+
+
+def _leaf_spec(q: QArray, spec: PartitionSpec) -> PartitionSpec:
+  """The spec of ``q``'s values and scales for ``spec``, a spec of its logical shape.
+
+  A ``"rows"`` QArray's leaves are ``(N, K...)`` whatever its logical
+  orientation: a ``(K, N)`` weight's spec is reversed.
+  """
+  if q.layout != "rows":
+    return spec
+  entries = tuple(spec) + (None,) * (2 - len(spec))
+  return PartitionSpec(*(entries[::-1] if q.axis == -2 else entries))
 
 
 def qarray_partition_spec(q: QArray, spec: PartitionSpec) -> QArray:
@@ -106,7 +115,9 @@ def qarray_partition_spec(q: QArray, spec: PartitionSpec) -> QArray:
 
   Args:
     q: a QArray, or its abstract form (``jax.eval_shape``).
-    spec: a ``PartitionSpec`` for an array of ``q``'s shape. A shard must
+    spec: a ``PartitionSpec`` for an array of ``q``'s shape (the logical
+      shape, for either storage layout: a ``"rows"`` QArray's leaves get it
+      in their own axis order, as in :func:`qarray_sharding`). A shard must
       hold whole blocks (:func:`check_block_sharding`); inside ``shard_map``
       a local shape that is not whole blocks fails ``quantize``'s checks.
   """
@@ -117,7 +128,9 @@ def qarray_partition_spec(q: QArray, spec: PartitionSpec) -> QArray:
   if q.global_scale is not None and len(q.global_scale.shape) > 0:
     raise ValueError(f"qarray_partition_spec: a per-group global scale of shape {tuple(q.global_scale.shape)} "
                      "has no sharding rule yet; use a tensor-wide global scale")
-  return QArray(spec, spec, None if q.global_scale is None else PartitionSpec(), q.fmt, q.axis, q.block_shape)
+  leaves = _leaf_spec(q, spec)
+  return QArray(leaves, leaves, None if q.global_scale is None else PartitionSpec(), q.fmt, q.axis, q.block_shape,
+                q.layout)
 
 
 def shard_qarray(q: QArray, sharding: NamedSharding) -> QArray:

@@ -162,6 +162,17 @@ def test_qarray_partition_spec():
     sharding.qarray_partition_spec(q, ("d",))
 
 
+def test_partition_spec_of_rows_layout_follows_the_byte_rows():
+  # A (K, N) weight blocked along K stores (N, K/2) byte rows: the logical spec is reversed for its
+  # leaves, the layout kept, as qarray_sharding does (shard_map's in_specs must match the pytree).
+  w = fj.quantize(jnp.ones((64, 8)), fj.MXFP4, axis=0).with_layout("rows")
+  spec = sharding.qarray_partition_spec(w, P(None, "d"))
+  assert spec.layout == "rows" and spec.values == P("d", None) and spec.scales == P("d", None)
+  assert jax.tree.structure(spec) == jax.tree.structure(jax.tree.map(lambda _: P(), w))
+  x = fj.quantize(jnp.ones((8, 64)), fj.NVFP4).with_layout("rows")  # (N, K) blocked along K: as is
+  assert sharding.qarray_partition_spec(x, P("d")).values == P("d", None)
+
+
 def test_hlo_collectives_reads_sync_and_async_forms():
   text = """
   %all-reduce = f32[] all-reduce(f32[] %reduce.5), channel_id=1, replica_groups={{0,1}}, to_apply=%max

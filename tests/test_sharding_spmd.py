@@ -133,6 +133,17 @@ SCRIPT = textwrap.dedent('''
     y = tp(xr, upm, downm)
     r["megatron_rel"] = rel(y, jax.jit(mlp)(xr, up, down))
     r["megatron_collectives"] = cols(tp, xr, upm, downm)
+    # The same with the weights in the "rows" layout (what quantize_params stores): the specs of
+    # the logical shapes, reordered for the byte rows by qarray_partition_spec / qarray_sharding.
+    upr, downr = up.with_layout("rows"), down.with_layout("rows")
+    tpr = jax.jit(jax.shard_map(lambda x, u, d: mlp(x, u, d, "d"), mesh=mesh1,
+                                in_specs=(P(), sharding.qarray_partition_spec(upr, P(None, "d")),
+                                          sharding.qarray_partition_spec(downr, P("d", None))),
+                                out_specs=P()))
+    uprm = sharding.shard_qarray(upr, NamedSharding(mesh1, P(None, "d")))
+    downrm = sharding.shard_qarray(downr, NamedSharding(mesh1, P("d", None)))
+    r["megatron_rows_bits"] = same_bits(tpr(xr, uprm, downrm), y)
+    r["megatron_rows_collectives"] = cols(tpr, xr, uprm, downrm)
 
     # QAT, data-parallel under shard_map. The weight enters replicated (P()), so its gradient
     # comes back summed over the mesh axis already (shard_map's check_vma transposes the implicit
@@ -232,6 +243,8 @@ def test_shard_map_megatron_mlp(report):
   r = report["shard_map"]
   assert r["megatron_rel"] <= bound(512)
   assert r["megatron_collectives"] == [["all-reduce", 256 * 256]]  # one psum of the activations
+  assert r["megatron_rows_bits"]  # "rows" weights: the same program's bits
+  assert r["megatron_rows_collectives"] == [["all-reduce", 256 * 256]]
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
