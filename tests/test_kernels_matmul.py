@@ -89,6 +89,31 @@ def test_e4m3_scale_to_f32_with_offset():
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("fmt", [fj.MXFP4, fj.NVFP4], ids=lambda f: f.name)
+def test_bf16_pairs_dequantize_every_byte_and_scale_byte_as_the_tile_form(fmt):
+  """The two-pass path's XLA dequantization (values joined by a bitcast) against dequantize_tile
+  (the kernels' form) bit for bit, and against numpy float64 + ml_dtypes: every element byte
+  under every scale byte, one scale per row (NaN scales included)."""
+  data = np.tile(np.arange(256, dtype=np.uint8), (256, 1))  # (256 rows, 256 bytes)
+  scale_bytes = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 512 // fmt.block_size, axis=1)
+  got = jax.jit(common.dequantize_bf16_pairs, static_argnums=2)(jnp.asarray(data), jnp.asarray(scale_bytes), fmt)
+  tile = jax.jit(common.dequantize_tile, static_argnums=(2, 3))(jnp.asarray(data), jnp.asarray(scale_bytes), fmt,
+                                                                 jnp.bfloat16)
+  assert got.shape == (256, 512) and got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(tile).view(np.uint16))
+  e2m1 = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float64)
+  codes = np.stack([data & 15, data >> 4], axis=-1).reshape(256, 512)  # low nibble first
+  s64 = scale_bytes[:, :1].view(fmt.scale_dtype).astype(np.float64)
+  with np.errstate(over="ignore", invalid="ignore"):
+    want = (e2m1[codes] * s64).astype(ml_dtypes.bfloat16).astype(np.float64)
+  g = np.asarray(got).astype(np.float64)
+  # A product below float32's normal range may read 0 (XLA's CPU flushes float32 subnormals).
+  g = np.where((np.abs(want) < 2.0**-126) & (g == 0), want, g)
+  np.testing.assert_array_equal(g, want)
+  with pytest.raises(ValueError, match="4-bit"):
+    common.dequantize_bf16_pairs(jnp.asarray(data), jnp.asarray(scale_bytes), fj.MXFP8_E4M3)
+
+
 # ---- W4A16 ------------------------------------------------------------------------------
 W4A16_CASES = [
     # fmt, M, K, N, out dtype: odd M, K and N multiples of the block but not powers of two

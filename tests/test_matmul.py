@@ -158,6 +158,27 @@ def test_two_pass_path_matches_reference(kind):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["w4a16", "mx"])
+def test_two_pass_bf16_output_rounds_float32_sums_once(kind):
+  """MXFP4 (no global scale): the GEMM writes bfloat16 itself. Its sums must still be float32 ones,
+  rounded once: within half a bfloat16 ulp of the float64 product plus float32 accumulation
+  (summing K = 4096 products in bfloat16 would miss by tens of ulps)."""
+  fmt, k = fj.MXFP4, 4096
+  if kind == "w4a16":
+    lhs = jax.random.normal(jax.random.key(0), (8, k), jnp.bfloat16)
+    x64 = np.asarray(lhs, np.float64)
+  else:
+    lhs = quantized((8, k), fmt, -1, seed=5)
+    x64 = dequant64(lhs)
+  w = quantized((k, 16), fmt, 0)
+  out = mm.run_two_pass(kind, lhs, w, (((1,), (0,)), ((), ())), jnp.bfloat16)
+  assert out.dtype == jnp.bfloat16
+  w64 = dequant64(w)
+  ref, mag = x64 @ w64, np.abs(x64) @ np.abs(w64)
+  err = np.abs(np.asarray(out, np.float64) - ref)
+  np.testing.assert_array_less(err, 2.0**-8 * np.abs(ref) + 2 * k * 2.0**-24 * mag + 1e-30)
+
+
 def test_gradients_through_the_kernel_use_the_reference_vjp():
   x = jax.random.normal(jax.random.key(0), (3, 64), jnp.bfloat16)
   w = quantized((64, 16), fj.MXFP4, 0)
