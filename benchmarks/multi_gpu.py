@@ -75,7 +75,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qat_step  # noqa: E402  (benchmarks/qat_step.py: the QAT block and its step)
 from multi_gpu_support import (  # noqa: E402  (the model, timing, HLO and report helpers)
     EPS_BF16, LHS, NO_COMBINE, Program, Run, Stack, backend_dot, bench, exchange_stack, grad_bound, is_q, log,
-    make_params, param_shardings, param_specs, rel_err, render, same_bits, summarize, tp_spec)
+    make_params, param_shardings, param_specs, rel_err, render, same_bits, sequence_parallel_stack, summarize, tp_spec)
 
 
 # ---- 0. the interconnect -----------------------------------------------------------------
@@ -119,6 +119,8 @@ def tp_case(run, meshes, params_by_mesh, fmt, m, label, mesh_n, chunks=1, lhs=Fa
   def local(p, x):
     if chunks == "exchange":
       return exchange_stack(p, x, a.d, a.ffn // tp, a.pairs, "tp", backend_dot(a.backend))
+    if chunks == "sp":
+      return sequence_parallel_stack(p, x, a.d, a.ffn // tp, a.pairs, "tp", backend_dot(a.backend))
     if chunks == 1:
       return model.apply(p, x)
     return jnp.concatenate([model.apply(p, c) for c in jnp.split(x, chunks)])
@@ -127,7 +129,7 @@ def tp_case(run, meshes, params_by_mesh, fmt, m, label, mesh_n, chunks=1, lhs=Fa
                      check_vma=False)  # fp4jax's Pallas kernels' outputs carry no varying-axes type yet
   rep = NamedSharding(mesh, P())
   xs = [jax.device_put(jax.random.normal(jax.random.key(10 + i), (m, a.d), jnp.bfloat16), rep) for i in range(2)]
-  options = {**(LHS if lhs else {}), **(NO_COMBINE if chunks not in (1, "exchange") else {})}
+  options = {**(LHS if lhs else {}), **(NO_COMBINE if isinstance(chunks, int) and chunks > 1 else {})}
   compiled = Program(fn, (param_shardings(params, mesh), rep), rep, (params, xs[0]), options=options)
   compile_s, cols = compiled.compile_s, compiled.collectives
   state = {"x": xs[1]}
@@ -141,10 +143,14 @@ def tp_case(run, meshes, params_by_mesh, fmt, m, label, mesh_n, chunks=1, lhs=Fa
   row = {"fmt": fmt.name, "m": m, "label": label, "devices": tp, "chunks": chunks, "lhs": lhs,
          "compile_s": compile_s, "collectives": summarize(cols), **timing,
          "tokens_per_s": m / timing["median_s"], "finite": bool(jnp.all(jnp.isfinite(first)))}
-  # Activations only: all-reduces / reduce-scatters of at most (M, d), exchanges of (M/2, d) rows.
+  # Activations only: all-reduces / reduce-scatters of at most (M, d), exchanges of (M/2, d) rows,
+  # and (sequence parallel) all-gathers of activation rows into at most (M, d): bf16 (XLA's CPU
+  # runtime gathers them in f32); a weight's bytes are uint8 / float4 / float8.
   bad = [str(c) for c in cols if not ((c.op in ("all-reduce", "reduce-scatter") and c.elements <= m * a.d)
-                                      or (c.op == "collective-permute" and c.elements <= m * a.d // 2))]
-  run.check(f"TP {fmt.name} M={m} {label}: only activation all-reduces / reduce-scatters / exchanges, no all-gather",
+                                      or (c.op == "collective-permute" and c.elements <= m * a.d // 2)
+                                      or (c.op == "all-gather" and chunks == "sp" and c.elements <= m * a.d
+                                          and all(t in ("bf16", "f32") for t, _ in c.shapes)))]
+  run.check(f"TP {fmt.name} M={m} {label}: only activation collectives, no all-gather of a weight",
             not bad, "; ".join(row["collectives"]) or "no collectives")
   run.check(f"TP {fmt.name} M={m} {label}: finite output", row["finite"])
   run.data["tp"].append(row)
@@ -171,7 +177,7 @@ def tp_auto_case(run, meshes, params_by_mesh, fmt, m):
 def tp_section(run, meshes, fmt):
   a = run.args
   log(f"== tensor-parallel inference, {fmt.name}")
-  base = make_params(a.d, a.ffn, a.pairs, fmt)
+  base = make_params(a.d, a.ffn, a.pairs, fmt, a.layout)
   params_by_mesh = {n: jax.device_put(base, param_shardings(base, meshes[n])) for n in (1, 2)}
   del base
   ms = [(m, "decode") for m in a.decode_m] + [(m, "prefill") for m in a.prefill_m]
@@ -190,6 +196,8 @@ def tp_section(run, meshes, fmt):
       for chunks, lhs in a.prefill_variants:
         if chunks == "exchange":
           label = f"2 GPUs, row exchanges instead of all-reduces{' + LHS' if lhs else ''}"
+        elif chunks == "sp":
+          label = f"2 GPUs, sequence parallel (reduce-scatter + all-gather){' + LHS' if lhs else ''}"
         else:
           label = (f"2 GPUs, {chunks} chunk{'s, GPU all-reduce combining off' if chunks > 1 else ''}"
                    f"{' + LHS' if lhs else ''}")
@@ -393,8 +401,8 @@ def variants(s):
   for v in s.split(","):
     if v:
       n, _, flag = v.partition("+")
-      if flag not in ("", "lhs") or not (n.isdigit() or n == "exchange"):
-        raise ValueError(f"prefill variant {v!r}: expected CHUNKS, exchange, or either +lhs")
+      if flag not in ("", "lhs") or not (n.isdigit() or n in ("exchange", "sp")):
+        raise ValueError(f"prefill variant {v!r}: expected CHUNKS, exchange or sp, each optionally +lhs")
       out.append((int(n) if n.isdigit() else n, flag == "lhs"))
   return out
 
@@ -407,8 +415,10 @@ def main(argv=None):
   p.add_argument("--formats", default="mxfp4,nvfp4")
   p.add_argument("--decode-m", type=ints, default=[1, 16])
   p.add_argument("--prefill-m", type=ints, default=[4096])
-  p.add_argument("--prefill-variants", type=variants, default=variants("1+lhs,exchange,exchange+lhs"),
-                 help="extra 2-GPU prefill programs: CHUNKS[+lhs] or exchange[+lhs], comma-separated")
+  p.add_argument("--prefill-variants", type=variants, default=variants("1+lhs,sp"),
+                 help="extra 2-GPU prefill programs: CHUNKS[+lhs], exchange[+lhs] or sp[+lhs], comma-separated")
+  p.add_argument("--layout", default="rows", choices=("rows", "logical"),
+                 help="storage layout of the TP weights: rows (quantize_params' default) or logical")
   p.add_argument("--qat-modes", default="nvfp4,mxfp4", help="modes of benchmarks/qat_step.py")
   p.add_argument("--qat-tokens", type=int, default=8192, help="tokens a step (1 GPU; DP's global batch)")
   p.add_argument("--qat-steps", type=int, default=5, help="back-to-back steps a sample")
@@ -427,6 +437,7 @@ def main(argv=None):
     a.d, a.ffn, a.pairs, a.decode_m, a.prefill_m, a.qat_tokens = 256, 512, 2, [1, 16], [128], 256
     a.samples, a.qat_steps, a.target_s = 2, 2, 0.02
   a.formats = [fj.get_format(f) for f in a.formats.split(",") if f]
+  a.layout = None if a.layout == "logical" else a.layout
   a.qat_modes = [m for m in a.qat_modes.split(",") if m]
   for mode in a.qat_modes:
     if mode not in qat_step.MODES:

@@ -67,7 +67,15 @@ class Pair(nn.Module):
 
   def branch(self, x):
     """``down(silu(up(rms(x))))``: on a shard of ``ffn``, the pair's partial sums."""
-    return self.down(nn.silu(self.up(rms_norm(x))))
+    return self.project(rms_norm(x))
+
+  def hidden(self, x):
+    """``silu(up(rms(x)))``: on a shard of ``ffn``, the pair's hidden activations."""
+    return nn.silu(self.up(rms_norm(x)))
+
+  def project(self, h):
+    """``down(silu(up(h)))`` of normalized rows ``h``."""
+    return self.down(nn.silu(self.up(h)))
 
   def __call__(self, x):
     y = self.branch(x)
@@ -115,11 +123,36 @@ def exchange_stack(params, x, d, ffn, pairs, axis_name, dot_general=None):
   return jnp.concatenate([first, second])
 
 
-def make_params(d, ffn, pairs, fmt):
-  """A linen ``{"params": ...}`` tree of QArray kernels (blocked along their input axis, as
-  ``quantize_params`` stores Dense kernels), made on the default device one weight at a time."""
-  quant = jax.jit(lambda k, shape, scale: fj.quantize(jax.random.normal(k, shape, jnp.float32) * scale, fmt, axis=0),
-                  static_argnums=(1, 2))
+def sequence_parallel_stack(params, x, d, ffn, pairs, axis_name, dot_general=None):
+  """The Stack's local shard with Megatron's sequence parallelism: each all-reduce split in two.
+
+  The residual stream stays split by rows (tokens) between the pairs: each pair's partial sums
+  are reduce-scattered (``psum_scatter``), the device adds its rows' sums to its rows and
+  normalizes only them, and the normalized rows are all-gathered for the next pair's up
+  projection (an all-gather of activations, never of a weight). The same bytes cross the link
+  as with one all-reduce per pair, but the row-wise work between the GEMMs (the residual add, the
+  RMS norm) runs on ``M / n`` rows per device instead of all ``M``. The sums are those of
+  ``psum`` (one bfloat16 rounding of the partial sums' total), so the output equals ``Stack``'s.
+  """
+  pair = Pair(d, ffn, None, dot_general)
+  n = lax.psum(1, axis_name)
+  rows = x.shape[0] // n
+  own = lax.dynamic_slice_in_dim(x, lax.axis_index(axis_name) * rows, rows)
+  h = rms_norm(x)
+  for i in range(pairs):
+    project = functools.partial(pair.apply, {"params": params["params"][f"pair_{i}"]}, method=Pair.project)
+    own = own + lax.psum_scatter(project(h), axis_name, scatter_dimension=0, tiled=True)
+    if i + 1 < pairs:
+      h = lax.all_gather(rms_norm(own), axis_name, axis=0, tiled=True)
+  return lax.all_gather(own, axis_name, axis=0, tiled=True)
+
+
+def make_params(d, ffn, pairs, fmt, layout="rows"):
+  """A linen ``{"params": ...}`` tree of QArray kernels blocked along their input axis, stored in
+  ``layout`` (``"rows"``, what ``quantize_params`` stores by default, or None, the logical
+  layout), made on the default device one weight at a time."""
+  quant = jax.jit(lambda k, shape, scale: fj.quantize(jax.random.normal(k, shape, jnp.float32) * scale, fmt,
+                                                      axis=0).with_layout(layout), static_argnums=(1, 2))
   tree = {}
   for i in range(pairs):
     ku, kd = jax.random.split(jax.random.fold_in(jax.random.key(1), i))
