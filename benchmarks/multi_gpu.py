@@ -4,7 +4,9 @@ One process, one command. Every ratio compares programs compiled and timed in th
 1-device mesh (the first device) and on a 2-device mesh (the first two). What it measures:
 
 1. **Tensor-parallel inference** of a stack of ``--pairs`` MLP pairs of ``fp4jax.flax.QDense``
-   layers holding MXFP4 / NVFP4 QArray weights (``x + down(silu(up(rms(x))))``, up ``d -> ffn``,
+   layers holding MXFP4 / NVFP4 QArray weights stored as ``quantize_params`` stores them
+   (``--layout rows``, its default; ``logical`` for the runs before 2026-11-30's fifth session)
+   (``x + down(silu(up(rms(x))))``, up ``d -> ffn``,
    down ``ffn -> d``, bf16 activations), sharded Megatron-style under ``jax.shard_map``: up
    column-parallel (its output axis split), down row-parallel (its input axis, the block axis,
    split), one ``psum`` of the ``(M, d)`` activations per pair. ``check_vma=False``: fp4jax's Pallas
@@ -18,7 +20,9 @@ One process, one command. Every ratio compares programs compiled and timed in th
    option); N chunks of tokens whose all-reduces XLA may not combine, so one chunk's all-reduce
    can overlap the other's GEMMs; and "exchange": each all-reduce replaced by two ``ppermute``
    exchanges of half the rows, each with independent GEMMs to hide behind
-   (``multi_gpu_support.exchange_stack``; the same bytes, the same bf16 sums). For information (compiled, not timed or checked): the
+   (``multi_gpu_support.exchange_stack``; the same bytes, the same bf16 sums); and "sp": Megatron's
+   sequence parallelism, each all-reduce as a reduce-scatter and an all-gather of activation rows
+   with the norm on the device's rows only (``multi_gpu_support.sequence_parallel_stack``). For information (compiled, not timed or checked): the
    same stack under plain ``jit`` with NamedShardings (automatic partitioning), where XLA gathers
    the operands of what it cannot partition (the kernels' byte matrices).
 2. **NVFP4's global amax** of a sharded tensor: one all-reduce (max) of a scalar, under ``jit``
