@@ -148,13 +148,13 @@ def run_two_pass(kind, lhs, rhs, dims, out_dtype):
   # The barrier keeps XLA from fusing the dequantization into its own GEMM
   # emitter, which measured slower than the library GEMM on the bf16 copies.
   a, b = lax.optimization_barrier((a, b))
-  dims = (((1,), (1,)), ((), ()))
+  rows_by_rows = (((1,), (1,)), ((), ()))
   if ga is None and gb is None:
     # The GEMM sums in float32 and rounds once to out_dtype in its epilogue: the bits of a float32
     # output converted after, without writing and reading the float32 product (about 15% of a
     # 4096 x 4096 x 14336 bf16 product).
-    return lax.dot_general(a, b, dims, preferred_element_type=out_dtype).reshape(*lead, b.shape[0])
-  out = lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, rows_by_rows, preferred_element_type=out_dtype).reshape(*lead, b.shape[0])
+  out = lax.dot_general(a, b, rows_by_rows, preferred_element_type=jnp.float32)
   for g in (ga, gb):
     if g is not None:
       out = out * g
