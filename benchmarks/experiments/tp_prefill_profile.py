@@ -7,7 +7,9 @@ it ran alongside other kernels). Variants: "psum" (one all-reduce per pair, the 
 default), "prefetch" (the next pair's weights tied to this pair's partial sums), "sp" (sequence parallel: reduce-scatter + all-gather), "splitN" (each down projection in N column parts, an all-reduce each), "chunksN" (N row chunks, each
 through the whole stack) and "interleavedN" (N row chunks, pair by pair); chunked variants with
 XLA's all-reduce combining off (so for "splitN"). A "+lhs" suffix: the latency-hiding scheduler; then "+pgle": profile-guided latency estimation
-(``jax_enable_pgle``, two profiled calls, then a recompile).
+(``jax_enable_pgle``, two profiled calls, then a recompile). ``--m 1 --pairs N --no-profile``: the
+decode question, whether a 2-device call is bound by the host issuing it (its enqueue time per call
+against its wall time per call) and how that changes with the layers a call runs.
 
   PYTHONPATH=. python benchmarks/experiments/tp_prefill_profile.py --out DIR   # 2 GPUs
 """
@@ -20,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +144,22 @@ def timeline(trace_dir, plane_name="/device:GPU:0"):
   return [(s, round((t - t0) / 1e3, 1), round(d / 1e3, 1), n) for s, t, d, n in sorted(events, key=lambda e: e[1])]
 
 
+def host_enqueue_s(call, n=50):
+  """Seconds the host takes to issue one call: the time to issue ``n`` back-to-back calls (each on
+  the previous output, nothing awaited) over ``n``. Near the per-call wall time, the program is bound
+  by dispatch, not by the GPUs. None on the CPU, whose runtime deadlocks on back-to-back collective
+  programs over fake devices (see multi_gpu_support.bench)."""
+  if jax.default_backend() == "cpu":
+    return None
+  jax.block_until_ready(call(0))
+  t = time.perf_counter()
+  for i in range(n):
+    out = call(i + 1)
+  issued = time.perf_counter() - t
+  jax.block_until_ready(out)
+  return issued / n
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--out", required=True)
@@ -149,8 +168,12 @@ def main():
   p.add_argument("--layout", default="rows", choices=("rows", "logical"))
   p.add_argument("--variants", default="1:psum,2:psum,2:sp")
   p.add_argument("--timeline", action="store_true", help="keep GPU 0's kernel timeline in the JSON")
+  p.add_argument("--pairs", type=int, default=4, help="MLP pairs in the stack (a call)")
+  p.add_argument("--d", type=int, default=4096)
+  p.add_argument("--ffn", type=int, default=14336)
+  p.add_argument("--no-profile", action="store_true", help="timing and host enqueue time only")
   a = p.parse_args()
-  d, ffn, pairs = 4096, 14336, 4
+  d, ffn, pairs = a.d, a.ffn, a.pairs
   devs = jax.devices()
   meshes = {n: Mesh(np.array(devs[:n]), ("tp",), axis_types=(AxisType.Auto,)) for n in (1, 2)}
   base = make_params(d, ffn, pairs, fj.get_format(a.fmt), None if a.layout == "logical" else a.layout)
@@ -178,12 +201,17 @@ def main():
       return state["x"]
 
     t = bench(call, 5)
-    trace_dir = tempfile.mkdtemp()
-    prof = gpu_profile.profile(call, 3, trace_dir)
-    out[v] = {"timing": t, "profile": prof, "hlo_ops": [str(c) for c in prog.collectives]}
-    if a.timeline:
+    enqueue = host_enqueue_s(call)
+    prof = {}
+    if not a.no_profile:
+      trace_dir = tempfile.mkdtemp()
+      prof = gpu_profile.profile(call, 3, trace_dir)
+    out[v] = {"timing": t, "host_enqueue_s": enqueue, "profile": prof, "hlo_ops": [str(c) for c in prog.collectives],
+              "pairs": pairs, "m": a.m}
+    if a.timeline and prof:
       out[v]["timeline"] = timeline(trace_dir)
-    print(v, f"{t['median_s'] * 1e3:.3f} ms", flush=True)
+    print(v, f"{t['median_s'] * 1e3:.3f} ms; host enqueue a call:",
+          "n/a" if enqueue is None else f"{enqueue * 1e3:.3f} ms", flush=True)
     for plane, r in prof.items():
       print(" ", plane, {k: r[k] for k in ("nccl_us", "other_us", "nccl_overlapped_us")}, flush=True)
       for name, us, c in r["top"][:12]:
