@@ -279,6 +279,33 @@ def test_w4a16_extreme_scales_are_exact():
   assert_matches(out, x64, w64, F32)
 
 
+@pytest.mark.parametrize("decode", ["jnp", "bits"])
+@pytest.mark.parametrize("k", [32, 64])
+def test_w4a16_top_scales_are_exact(k, decode):
+  """E8M0 scales of 2**125, whose products are still finite: the bits decode's interpret twin read
+  them as Inf at K = 32 (XLA moved its 2**6 onto the scale); the jnp decode's tile form did from
+  2**122 up (its 2**6 was on the scale)."""
+  m, n = 2, 16
+  rng = np.random.default_rng(1)
+  codes = rng.integers(0, 16, (k, n)).astype(np.uint8)
+  values = jnp.asarray(codes.astype(ml_dtypes.uint4).view(ml_dtypes.float4_e2m1fn))
+  exps = np.full((k // 32, n), 252, np.uint8)  # 2**125
+  w = fj.QArray(values, jnp.asarray(exps).view(jnp.float8_e8m0fnu), None, fj.MXFP4, -2)
+  x = jnp.asarray(rng.standard_normal((m, k)) * 2.0**-10, jnp.bfloat16)  # sums stay below float32's max
+  p = w.with_layout("rows")
+  cfg = wk.Config(block_m=16, block_n=16, block_k=32, decode=decode)
+  out = wk.w4a16_matmul(x, p.values, p.scales, None, fmt=fj.MXFP4, out_dtype=jnp.float32, config=cfg,
+                        interpret=INTERPRET)
+  assert_matches(out, np.asarray(x).astype(np.float64), dequant64(w), F32)
+
+
+def test_e2m1_to_f32_is_exact_for_every_code():
+  n = np.arange(16)
+  want = n.astype(np.uint8).astype(ml_dtypes.uint4).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+  got = np.asarray(common.e2m1_to_f32(jnp.asarray(n, jnp.int32)))
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # -0.0 included
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(x=jnp.zeros((2, 64), jnp.float32)), "bfloat16"),
     (dict(x=jnp.zeros((2, 96), jnp.bfloat16)), "does not match"),

@@ -72,6 +72,24 @@ def decode_elements(data, fmt: Format):
   return lax.bitcast_convert_type(data, fmt.elem_dtype)
 
 
+def e2m1_to_f32(nibble):
+  """4-bit E2M1 codes (int32, 0..15) -> their float32 values, exactly, from bits alone.
+
+  No constant multiply (``E4M3 value * 2**6`` would be one): XLA moves a constant
+  factor of a product onto its smaller operand, so ``v * 64 * scale`` may run as
+  ``v * (64 * scale)``, which overflows float32 for E8M0 scales of ``2**122`` and
+  up (seen on the CPU inside a Pallas interpret kernel). Normal codes: ``2**(E -
+  1) * (1 + M / 2)``; the subnormal ``M * 0.5``.
+  """
+  n = nibble.astype(jnp.int32)
+  e, m = (n >> 1) & 3, n & 1
+  sign = (n & _SIGN) << (32 - int(_E2M1.bits))
+  normal = ((e - 1 + _bits.F32_EXP_BIAS) << _bits.F32_MANT_BITS) | (m << (_bits.F32_MANT_BITS - 1))
+  half = jnp.where(m == 1, (_bits.F32_EXP_BIAS - 1) << _bits.F32_MANT_BITS, 0)  # 0.5 or 0
+  bits = sign | jnp.where(e > 0, normal, half)
+  return lax.bitcast_convert_type(bits.astype(jnp.uint32), jnp.float32)
+
+
 def twice_e2m1(nibble):
   """4-bit E2M1 codes (int32) -> twice their values as int32: magnitudes 0, 1, 2, 3, 4, 6, 8, 12.
 
