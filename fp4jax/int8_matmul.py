@@ -24,7 +24,6 @@ uint8 ``(R, K / 2)`` packed E2M1 codes and uint8 ``(R, K / 32)`` E8M0 scales.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -69,7 +68,7 @@ def rebase_codes(data, scales, base):
   b = data.astype(jnp.int32).reshape(r, nb, nbytes // nb)
   nonzero = jnp.any((b & 0x77) != 0, axis=-1)
   lo, hi = common.int8_values(b, shift[:, :, None], main[:, :, None])
-  codes = jnp.stack([lo, hi], axis=-1).reshape(r, 2 * nbytes).astype(jnp.int8)
+  codes = common.interleave_last(lo, hi).reshape(r, 2 * nbytes).astype(jnp.int8)
   return codes, jnp.any(nonzero & other, axis=1)
 
 
