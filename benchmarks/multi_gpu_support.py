@@ -69,13 +69,13 @@ class Pair(nn.Module):
     """``down(silu(up(rms(x))))``: on a shard of ``ffn``, the pair's partial sums."""
     return self.project(rms_norm(x))
 
-  def hidden(self, x):
-    """``silu(up(rms(x)))``: on a shard of ``ffn``, the pair's hidden activations."""
-    return nn.silu(self.up(rms_norm(x)))
+  def hidden(self, h):
+    """``silu(up(h))`` of normalized rows ``h``: on a shard of ``ffn``, the pair's hidden activations."""
+    return nn.silu(self.up(h))
 
   def project(self, h):
     """``down(silu(up(h)))`` of normalized rows ``h``."""
-    return self.down(nn.silu(self.up(h)))
+    return self.down(self.hidden(h))
 
   def __call__(self, x):
     y = self.branch(x)

@@ -38,7 +38,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import gpu_profile  # noqa: E402
 from multi_gpu_support import (  # noqa: E402
-    LHS, NO_COMBINE, Pair, Program, Stack, bench, make_params, param_shardings, param_specs,
+    LHS, NO_COMBINE, Pair, Program, Stack, bench, make_params, param_shardings, param_specs, rms_norm,
     sequence_parallel_stack)
 
 
@@ -87,7 +87,7 @@ def split_down_stack(params, x, d, ffn, pairs, axis_name, parts=2, dot_general=N
                 dot_general=dot_general)
   for i in range(pairs):
     layer = params["params"][f"pair_{i}"]
-    h = pair.apply({"params": layer}, x, method=Pair.hidden)
+    h = pair.apply({"params": layer}, rms_norm(x), method=Pair.hidden)
     kernel = layer["down"]["kernel"]
     sums = [lax.psum(down.apply({"params": {"kernel": column_part(kernel, j, parts)}}, h), axis_name)
             for j in range(parts)]
