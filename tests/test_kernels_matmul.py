@@ -129,6 +129,10 @@ W4A16_CASES = [
     # decode shapes whose K the default config splits (2 and 4 ways)
     (fj.NVFP4, 2, 512, 48, F32),
     (fj.MXFP4, 1, 1024, 32, BF16),
+    # 16 < M <= 128: the bit decode, split K; 32 rows x @ w.T, then swap_ab with 64 and 128 rows
+    (fj.MXFP4, 20, 512, 48, BF16),
+    (fj.NVFP4, 33, 1024, 80, F32),
+    (fj.MXFP4, 100, 1024, 48, BF16),
 ]
 
 
@@ -137,8 +141,11 @@ def test_w4a16_default_config_matches_float64(fmt, m, k, n, out_dtype):
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
   w = quantized((k, n), fmt, 0, seed=k + n)
   p = w.with_layout("rows")
-  split = wk.default_config(m, k, n, fmt).split_k
+  cfg = wk.default_config(m, k, n, fmt)
+  split = cfg.split_k
   assert split == {512: 2, 1024: 4}.get(k, 1)
+  if fmt.elem_bits == 4 and k % 32 == 0 and m <= 128:
+    assert cfg.decode == "bits" and cfg.swap_ab == (m > 32)
   # Split-K programs write float32 partial sums, one slab each: poison all of them.
   buf = poisoned((m, n), out_dtype) if split == 1 else poisoned((split, m, n), jnp.float32)
   out = wk.w4a16_matmul(x, p.values, p.scales, p.global_scale, fmt=fmt, out_dtype=out_dtype,

@@ -172,6 +172,7 @@ def main():
   p.add_argument("--d", type=int, default=4096)
   p.add_argument("--ffn", type=int, default=14336)
   p.add_argument("--no-profile", action="store_true", help="timing and host enqueue time only")
+  p.add_argument("--compiler-options", default="{}", help="JSON: XLA options for every program's compile call")
   a = p.parse_args()
   d, ffn, pairs = a.d, a.ffn, a.pairs
   devs = jax.devices()
@@ -190,7 +191,8 @@ def main():
     # again with the measured kernel and collective times for the latency-hiding scheduler.
     jax.config.update("jax_enable_pgle", pgle)
     jax.config.update("jax_pgle_profiling_runs", 2)
-    options = {**(LHS if lhs else {}), **(NO_COMBINE if variant[-1].isdigit() else {})}
+    options = {**(LHS if lhs else {}), **(NO_COMBINE if variant[-1].isdigit() else {}),
+               **json.loads(a.compiler_options)}
     prog, x = program(meshes[n], params[n], variant, d, ffn, pairs, a.m, options or None)
     state = {"x": x}
 

@@ -75,10 +75,16 @@ def default_config(m: int, k: int, n: int, fmt: Format) -> Config:
   decode (about 11 -> 4.7 instructions a weight; 1 x 8192 x 8192: 39 -> 24 us,
   ``benchmarks/results/w4a16_bits.json``) with 128 x 256 tiles; 8-bit weights
   64 x 128 tiles.
-  ``M <= 64``: one ``block_m`` of rows, ``block_n`` small enough for at least
-  128 programs on the 132 SMs, long ``block_k`` chunks; the plain ``x @ w.T``
-  orientation measured faster than ``swap_ab``. Prefill: large tiles, so each
-  decoded weight tile feeds many rows.
+  ``16 < M <= 128``, 4-bit weights: one ``block_m`` of rows, the bit decode,
+  ``K`` split 4 ways; up to 32 rows the ``x @ w.T`` orientation with 128 x 256
+  tiles, above it ``swap_ab`` (the decoded weight on the MMA's wide side) with
+  64 x 256 tiles (64 rows) or 128 x 128 (128 rows). H200, MXFP4, against the
+  jnp-decode tiles used before (``benchmarks/results/w4a16_mid.json``): 32 x
+  8192^2 53 -> 33 us, 64 x 8192^2 70 -> 47 us, 64 x 14336 x 4096 85 -> 41 us,
+  128 x 8192^2 142 -> 66 us (XLA's bf16 dot: 40, 41, 38, 44 us).
+  Otherwise ``M <= 64`` (8-bit weights): one ``block_m`` of rows, ``block_n``
+  small enough for at least 128 programs on the 132 SMs, long ``block_k``
+  chunks. Prefill: large tiles, so each decoded weight tile feeds many rows.
   """
   minimum = max(16, fmt.block_size)
   if m <= 16:
@@ -90,6 +96,13 @@ def default_config(m: int, k: int, n: int, fmt: Format) -> Config:
     split_k = next((s for s in (8, 4, 2) if block_k and k % (block_k * s) == 0), 1)
     cfg = Config(block_m=16, block_n=128 if bits else 64, block_k=block_k or 0, split_k=split_k, swap_ab=False,
                  num_warps=4, num_stages=3, decode="bits" if bits else "jnp")
+  elif m <= 128 and fmt.elem_bits == 4 and common.pick_block(k, 128, 32):
+    block_m = max(32, 1 << (m - 1).bit_length())
+    swap = block_m > 32
+    block_k = common.pick_block(k, 128 if block_m == 128 else 256, 32)
+    split_k = next(s for s in (4, 2, 1) if k % (block_k * s) == 0)
+    cfg = Config(block_m=block_m, block_n=64 if block_m == 64 else 128, block_k=block_k, split_k=split_k,
+                 swap_ab=swap, num_warps=4, num_stages=3, decode="bits")
   elif m <= 64:
     block_k = common.pick_block(k, 256, minimum)
     block_m = max(16, 1 << (max(m, 1) - 1).bit_length())
