@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CMDBUF = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 CMDBUF_COLL = CMDBUF.replace("CUSTOM_CALL", "CUSTOM_CALL,COLLECTIVES")
 NCCL = "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
+PERSISTENT = "--xla_gpu_collectives_use_persistent_cliques=true"
 # The same as NCCL + CMDBUF_COLL, given to each program's compile call instead of the environment.
 OPTIONS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES",
            "xla_gpu_graph_min_graph_size": 1, "xla_gpu_unsupported_use_all_reduce_one_shot_kernel": False}
@@ -45,6 +46,12 @@ SETTINGS = {  # name: XLA_FLAGS, and optionally pairs (4), m (--m), compiler opt
     "nccl_cmdbuf_collectives_va": {"flags": NCCL + " " + CMDBUF_COLL + " --xla_gpu_enable_command_buffer_va_remapping=true"},
     "nccl_cmdbuf_collectives_pdl": {"flags": NCCL + " " + CMDBUF_COLL + " --xla_gpu_enable_pdl=true"},
     "options_nccl_cmdbuf_collectives": {"flags": "", "options": OPTIONS},
+    # third round: a fixed host cost per 2-GPU call (~0.14 ms over one GPU's) besides ~18 us per all-reduce
+    "persistent": {"flags": PERSISTENT},
+    "persistent_16pairs": {"flags": PERSISTENT, "pairs": 16},
+    "persistent_m16": {"flags": PERSISTENT, "m": 16},
+    "persistent_cmdbuf_collectives": {"flags": PERSISTENT + " " + CMDBUF_COLL},
+    "persistent_cmdbuf_collectives_16pairs": {"flags": PERSISTENT + " " + CMDBUF_COLL, "pairs": 16},
     "prefill_default": {"flags": "", "m": 4096},
     "prefill_nccl_cmdbuf_collectives": {"flags": NCCL + " " + CMDBUF_COLL, "m": 4096},
 }
