@@ -52,6 +52,10 @@ SETTINGS = {  # name: XLA_FLAGS, and optionally pairs (4), m (--m), compiler opt
     "persistent_m16": {"flags": PERSISTENT, "m": 16},
     "persistent_cmdbuf_collectives": {"flags": PERSISTENT + " " + CMDBUF_COLL},
     "persistent_cmdbuf_collectives_16pairs": {"flags": PERSISTENT + " " + CMDBUF_COLL, "pairs": 16},
+    # fourth round: 16 decode steps in one call (a fori_loop), so the host issues a loop, not 16 calls
+    "loop16": {"flags": "", "variants": "1:loop16,2:loop16"},
+    "loop16_cmdbuf_while": {"flags": CMDBUF_COLL.replace("CUSTOM_CALL", "CUSTOM_CALL,WHILE,CONDITIONAL"),
+                            "variants": "1:loop16,2:loop16"},
     "prefill_default": {"flags": "", "m": 4096},
     "prefill_nccl_cmdbuf_collectives": {"flags": NCCL + " " + CMDBUF_COLL, "m": 4096},
 }
@@ -78,7 +82,7 @@ def main():
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
     d = os.path.join(a.out, name)
     cmd = [sys.executable, os.path.join(HERE, "tp_prefill_profile.py"), "--out", d, "--m", str(m),
-           "--pairs", str(pairs), "--variants", "1:psum,2:psum", "--no-profile", "--fmt", a.fmt, *a.extra.split()]
+           "--pairs", str(pairs), "--variants", setting.get("variants", "1:psum,2:psum"), "--no-profile", "--fmt", a.fmt, *a.extra.split()]
     if "options" in setting:
       cmd += ["--compiler-options", json.dumps(setting["options"])]
     t = time.time()
@@ -87,7 +91,7 @@ def main():
       log, rc = r.stdout + r.stderr, r.returncode
     except subprocess.TimeoutExpired as e:
       log, rc = f"timeout: {e}", "timeout"
-    entry = {"xla_flags": flags, "options": setting.get("options"), "pairs": pairs, "m": m, "rc": rc, "wall_s": round(time.time() - t, 1), "log_tail": log[-1500:]}
+    entry = {"variants": setting.get("variants", "1:psum,2:psum"), "xla_flags": flags, "options": setting.get("options"), "pairs": pairs, "m": m, "rc": rc, "wall_s": round(time.time() - t, 1), "log_tail": log[-1500:]}
     path = os.path.join(d, "tp_prefill_profile.json")
     if os.path.exists(path):
       with open(path) as f:

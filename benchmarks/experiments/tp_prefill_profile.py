@@ -5,7 +5,7 @@ Builds benchmarks/multi_gpu.py's stack (d=4096, ffn=14336, 4 pairs, MXFP4 weight
 profiles three calls of each (gpu_profile.profile: per-GPU kernel totals, NCCL time, how much of
 it ran alongside other kernels). Variants: "psum" (one all-reduce per pair, the benchmark's
 default), "prefetch" (the next pair's weights tied to this pair's partial sums), "sp" (sequence parallel: reduce-scatter + all-gather), "splitN" (each down projection in N column parts, an all-reduce each), "chunksN" (N row chunks, each
-through the whole stack) and "interleavedN" (N row chunks, pair by pair); chunked variants with
+through the whole stack) and "interleavedN" (N row chunks, pair by pair), "loopN" (N decode steps in one call, a ``fori_loop``); chunked variants with
 XLA's all-reduce combining off (so for "splitN"). A "+lhs" suffix: the latency-hiding scheduler; then "+pgle": profile-guided latency estimation
 (``jax_enable_pgle``, two profiled calls, then a recompile). ``--m 1 --pairs N --no-profile``: the
 decode question, whether a 2-device call is bound by the host issuing it (its enqueue time per call
@@ -120,6 +120,8 @@ def program(mesh, params, variant, d, ffn, pairs, m, options):
       return split_down_stack(p, x, d, ffn // tp, pairs, "tp", int(variant[5:]))
     if variant.startswith("chunks"):  # each chunk through the whole stack, then concatenated
       return jnp.concatenate([model.apply(p, c) for c in jnp.split(x, int(variant[6:]))])
+    if variant.startswith("loop"):  # N decode steps in one call, each step's output the next one's input
+      return lax.fori_loop(0, int(variant[4:]), lambda i, y: model.apply(p, y), x)
     if variant.startswith("interleaved"):  # pair by pair over the chunks
       return interleaved_stack(p, x, d, ffn // tp, pairs, "tp", int(variant[11:]))
     return model.apply(p, x)
@@ -191,7 +193,8 @@ def main():
     # again with the measured kernel and collective times for the latency-hiding scheduler.
     jax.config.update("jax_enable_pgle", pgle)
     jax.config.update("jax_pgle_profiling_runs", 2)
-    options = {**(LHS if lhs else {}), **(NO_COMBINE if variant[-1].isdigit() else {}),
+    chunked = variant[-1].isdigit() and not variant.startswith("loop")
+    options = {**(LHS if lhs else {}), **(NO_COMBINE if chunked else {}),
                **json.loads(a.compiler_options)}
     prog, x = program(meshes[n], params[n], variant, d, ffn, pairs, a.m, options or None)
     state = {"x": x}
