@@ -5,7 +5,9 @@ The 2-GPU M = 1 decode of benchmarks/multi_gpu.py's stack takes 0.39 ms a call w
 This runs ``tp_prefill_profile.py --m 1 --no-profile`` (1- and 2-GPU programs: wall time and host
 enqueue time a call) once per setting, each in a fresh process because XLA reads ``XLA_FLAGS`` once:
 the defaults, more layers a call, CUDA graphs (command buffers) with and without the collectives in
-them, NCCL instead of XLA's one-shot all-reduce kernel, and all-reduces on the compute stream.
+them, NCCL instead of XLA's one-shot all-reduce kernel, all-reduces on the compute stream, PDL, and
+16 decode steps in one call (a ``fori_loop``). Results: benchmarks/results/tp_decode/, read in
+benchmarks/results/multi_gpu_experiments.md section 9.
 
   PYTHONPATH=. python benchmarks/experiments/tp_decode_flags.py --out DIR [--settings a,b] [--m 1]
 """
@@ -24,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CMDBUF = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 CMDBUF_COLL = CMDBUF.replace("CUSTOM_CALL", "CUSTOM_CALL,COLLECTIVES")
 NCCL = "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
+# Not flags of jax 0.11.2's XLA (its runs stop at start; kept so the record says what was asked):
 PERSISTENT = "--xla_gpu_collectives_use_persistent_cliques=true"
 # The same as NCCL + CMDBUF_COLL, given to each program's compile call instead of the environment.
 OPTIONS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES",
