@@ -64,6 +64,27 @@ SETTINGS = {  # name: XLA_FLAGS, and optionally pairs (4), m (--m), compiler opt
 }
 
 
+def timed_variants(out, m, pairs, variants, env, timeout_s, extra=()):
+  """``tp_prefill_profile.py --no-profile`` in a fresh process with ``env``: ``(rc, log, {variant: ms a call,
+  host enqueue ms a call, collectives})``, the dict empty where it wrote no results."""
+  cmd = [sys.executable, os.path.join(HERE, "tp_prefill_profile.py"), "--out", out, "--m", str(m),
+         "--pairs", str(pairs), "--variants", variants, "--no-profile", *extra]
+  try:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    log, rc = r.stdout + r.stderr, r.returncode
+  except subprocess.TimeoutExpired as e:
+    log, rc = f"timeout: {e}", "timeout"
+  timed = {}
+  path = os.path.join(out, "tp_prefill_profile.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      for v, got in json.load(f).items():
+        timed[v] = {"ms_per_call": got["timing"]["median_s"] * 1e3,
+                    "host_enqueue_ms": None if got["host_enqueue_s"] is None else got["host_enqueue_s"] * 1e3,
+                    "collectives": got["hlo_ops"]}
+  return rc, log, timed
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--out", required=True)
@@ -83,26 +104,13 @@ def main():
     setting = SETTINGS[name]
     flags, pairs, m = setting["flags"], setting.get("pairs", 4), setting.get("m", a.m)
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
-    d = os.path.join(a.out, name)
-    cmd = [sys.executable, os.path.join(HERE, "tp_prefill_profile.py"), "--out", d, "--m", str(m),
-           "--pairs", str(pairs), "--variants", setting.get("variants", "1:psum,2:psum"), "--no-profile", "--fmt", a.fmt, *a.extra.split()]
-    if "options" in setting:
-      cmd += ["--compiler-options", json.dumps(setting["options"])]
+    variants = setting.get("variants", "1:psum,2:psum")
+    extra = [*a.extra.split(), *(["--compiler-options", json.dumps(setting["options"])] if "options" in setting else [])]
     t = time.time()
-    try:
-      r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout_s)
-      log, rc = r.stdout + r.stderr, r.returncode
-    except subprocess.TimeoutExpired as e:
-      log, rc = f"timeout: {e}", "timeout"
-    entry = {"variants": setting.get("variants", "1:psum,2:psum"), "xla_flags": flags, "options": setting.get("options"), "pairs": pairs, "m": m, "rc": rc, "wall_s": round(time.time() - t, 1), "log_tail": log[-1500:]}
-    path = os.path.join(d, "tp_prefill_profile.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        got = json.load(f)
-      for v, r in got.items():
-        entry[v] = {"ms_per_call": r["timing"]["median_s"] * 1e3,
-                    "host_enqueue_ms": None if r["host_enqueue_s"] is None else r["host_enqueue_s"] * 1e3,
-                    "collectives": r["hlo_ops"]}
+    rc, log, timed = timed_variants(os.path.join(a.out, name), m, pairs, variants, env, a.timeout_s,
+                                    ["--fmt", a.fmt, *extra])
+    entry = {"variants": variants, "xla_flags": flags, "options": setting.get("options"), "pairs": pairs, "m": m,
+             "rc": rc, "wall_s": round(time.time() - t, 1), "log_tail": log[-1500:], **timed}
     results[name] = entry
     print(name, {k: v for k, v in entry.items() if k != "log_tail"}, flush=True)
     with open(os.path.join(a.out, "tp_decode_flags.json"), "w") as f:

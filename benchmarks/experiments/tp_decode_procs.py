@@ -27,6 +27,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from tp_decode_flags import timed_variants  # noqa: E402
 
 
 def worker(a):
@@ -111,19 +113,12 @@ def launch(a):
     entry = {}
     size = ["--d", str(a.d), "--ffn", str(a.ffn), "--fmt", a.fmt]
     if not a.cpu and not a.no_single:  # the single-process programs, for comparison in the same session
-      d = os.path.join(a.out, f"single_{case}")
-      r = subprocess.run([sys.executable, os.path.join(HERE, "tp_prefill_profile.py"), "--out", d, "--m", str(m),
-                          "--pairs", str(pairs), "--variants", "1:psum,2:psum", "--no-profile", *size],
-                         env=env, capture_output=True, text=True, timeout=a.timeout_s)
-      entry["single_rc"] = r.returncode
-      path = os.path.join(d, "tp_prefill_profile.json")
-      if os.path.exists(path):
-        with open(path) as f:
-          for v, got in json.load(f).items():
-            entry[f"single_{v}"] = {"ms_per_call": got["timing"]["median_s"] * 1e3,
-                                    "host_enqueue_ms": got["host_enqueue_s"] and got["host_enqueue_s"] * 1e3}
-      else:
-        entry["single_log"] = (r.stdout + r.stderr)[-1500:]
+      rc, log, timed = timed_variants(os.path.join(a.out, f"single_{case}"), m, pairs, "1:psum,2:psum", env,
+                                      a.timeout_s, size)
+      entry["single_rc"] = rc
+      entry.update({f"single_{v}": r for v, r in timed.items()})
+      if not timed:
+        entry["single_log"] = log[-1500:]
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(i), "--port", port,
                                "--m", str(m), "--pairs", str(pairs), "--samples", str(a.samples),

@@ -208,11 +208,12 @@ def dequantize_bf16_pairs(data, scales, fmt: Format):
   factor, s = block_factors(scales, fmt)
   per_byte = functools.partial(expand_blocks, block_size=fmt.block_size // 2)
   s = per_byte(s)
+  factor = None if factor is None else per_byte(factor)
 
   def bits(v):
     v = v.astype(jnp.float32)
     if factor is not None:
-      v = v * per_byte(factor)
+      v = v * factor
     b = (v * s).astype(jnp.bfloat16)
     return lax.bitcast_convert_type(b, jnp.uint16).astype(jnp.uint32)
 

@@ -161,8 +161,6 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
     return acc
 
   def body(i, acc):
-    if blocks:
-      return body_blocks(i, acc)
     x = common.load_rows(x_ref.at[:, pl.ds(pl.multiple_of(i * bk, bk), bk)], rows_m)
     wd = common.load_rows(w_ref.at[:, pl.ds(pl.multiple_of(i * bytes_k, bytes_k), bytes_k)], rows_n)
     ws = common.load_rows(s_ref.at[:, pl.ds(pl.multiple_of(i * nb, nb), nb)], rows_n)
@@ -175,7 +173,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
     return acc + product(x_even, lo) + product(x_odd, hi)
 
   shape = (cfg.block_n, cfg.block_m) if cfg.swap_ab else (cfg.block_m, cfg.block_n)
-  acc = lax.fori_loop(0, k_steps, body, jnp.zeros(shape, jnp.float32))
+  acc = lax.fori_loop(0, k_steps, body_blocks if blocks else body, jnp.zeros(shape, jnp.float32))
   if cfg.swap_ab:
     acc = acc.T
   if has_global:
