@@ -166,8 +166,6 @@ _W4A16 = [
     (None, 3),  # the decode default (the inline-PTX decode for 4-bit weights)
     (None, 50),  # the 64-row default (swap_ab, the bit decode, split K)
     (wk.Config(block_m=16, block_n=16, block_k=32, swap_ab=True, decode="bits"), 20),
-    (wk.Config(block_m=16, block_n=128, block_k=256, split_k=1, decode="bits_blocks"), 1),
-    (wk.Config(block_m=64, block_n=64, block_k=128, swap_ab=True, decode="bits_blocks"), 50),
 ]
 
 

@@ -162,12 +162,8 @@ def test_w4a16_default_config_matches_float64(fmt, m, k, n, out_dtype):
     (wk.Config(block_m=16, block_n=32, block_k=64, split_k=5, decode="bits"), fj.MXFP4),
     (wk.Config(block_m=16, block_n=16, block_k=32, split_k=1, swap_ab=True, decode="bits"), fj.NVFP4),
     (wk.Config(block_m=32, block_n=128, block_k=64, split_k=1, num_warps=8, decode="bits"), fj.NVFP4),
-    (wk.Config(block_m=16, block_n=32, block_k=64, split_k=5, decode="bits_blocks"), fj.MXFP4),
-    (wk.Config(block_m=32, block_n=32, block_k=64, split_k=1, swap_ab=True, decode="bits_blocks"), fj.NVFP4),
-    (wk.Config(block_m=16, block_n=64, block_k=32, split_k=1, decode="bits_blocks"), fj.NVFP4),
 ], ids=["splitk5_swap_nvfp4", "bm32_bn16_mxfp4", "prefill_tile_nvfp4", "bits_splitk5_mxfp4",
-        "bits_tiny_swap_nvfp4", "bits_bm32_nvfp4", "blocks_splitk5_mxfp4", "blocks_swap_nvfp4",
-        "blocks_bk32_nvfp4"])
+        "bits_tiny_swap_nvfp4", "bits_bm32_nvfp4"])
 def test_w4a16_configs(cfg, fmt):
   m, k, n = 19, 320, 80
   x = jax.random.normal(jax.random.key(3), (m, k), jnp.bfloat16)
@@ -290,7 +286,7 @@ def test_w4a16_extreme_scales_are_exact():
   assert_matches(out, x64, w64, F32)
 
 
-@pytest.mark.parametrize("decode", ["jnp", "bits", "bits_blocks"])
+@pytest.mark.parametrize("decode", ["jnp", "bits"])
 @pytest.mark.parametrize("k", [32, 64])
 def test_w4a16_top_scales_are_exact(k, decode):
   """E8M0 scales of 2**125, whose products are still finite: the bits decode's interpret twin read
@@ -326,7 +322,6 @@ def test_e2m1_to_f32_is_exact_for_every_code():
     (dict(global_scale=jnp.float32(1.0)), "global scale"),
     (dict(config=wk.Config(decode="lut")), "decode"),
     (dict(config=wk.Config(block_k=16, decode="bits")), "block_k >= 32"),
-    (dict(config=wk.Config(block_k=16, decode="bits_blocks")), "block_k >= 32"),
 ])
 def test_w4a16_rejects_bad_input(bad, match):
   w = quantized((64, 32), fj.MXFP4, 0, seed=0).with_layout("rows")

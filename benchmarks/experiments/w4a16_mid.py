@@ -11,7 +11,7 @@ bf16 dot in the same process (benchmarks/experiments/w4a16_decode.case).
 
   PYTHONPATH=. python benchmarks/experiments/w4a16_mid.py --out DIR [--budget-s S]
   ... --layers: jitted QDense.apply against nn.Dense.apply in bf16 at the same shapes
-  ... --blocks: Config.decode="bits_blocks" against the default at M = 1, 16, 64 (not yet run)
+  (--blocks, which timed Config.decode="bits_blocks", went with that option: commit 1652100 has both)
 """
 from __future__ import annotations
 
@@ -52,8 +52,6 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--budget-s", type=float, default=300)
   ap.add_argument("--cases", default=None, help="MxKxN,... (default: CASES)")
-  ap.add_argument("--blocks", action="store_true",
-                  help="instead: Config.decode='bits_blocks' (32 elements of K a step) against the default at M = 1, 16, 64")
   ap.add_argument("--layers", action="store_true",
                   help="instead: jitted QDense.apply (the library's default config) vs nn.Dense.apply in bf16")
   args = ap.parse_args()
@@ -63,8 +61,6 @@ def main():
   res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": []}
   if args.layers:
     return layers(cases, res, args.out, end)
-  if args.blocks:
-    return blocks(res, args.out, end)
   for m, k, n in cases:
     if time.time() > end:
       break
@@ -79,34 +75,6 @@ def main():
                                                                   default=None))
     res["cases"].append(r)
     with open(os.path.join(args.out, "w4a16_mid.json"), "w") as f:
-      json.dump(res, f, indent=1)
-
-
-BLOCKS_CASES = [(1, 8192, 8192), (16, 4096, 14336), (1, 14336, 4096), (64, 8192, 8192)]
-
-
-def blocks(res, out, end):
-  """The step-wise bit decode: a thread holds 32 elements of K's decoded weights at a time, so the
-  tiles can grow (or the occupancy rise) without the chunk-wide decode's ~167 registers a thread."""
-  for m, k, n in BLOCKS_CASES:
-    if time.time() > end:
-      break
-    methods = {"default": (mma(None), False)}
-    bm = max(16, 1 << (m - 1).bit_length())
-    grid = ([(False, bn, bk, sk, nw) for bn, bk, sk, nw in ((128, 256, 8, 4), (128, 512, 8, 4), (256, 256, 8, 4),
-                                                            (256, 256, 8, 8), (128, 256, 4, 4), (64, 256, 8, 4),
-                                                            (256, 512, 4, 8), (128, 128, 8, 4))]
-            if m <= 16 else [(True, 64, 256, 4, 4), (True, 128, 256, 4, 4), (True, 128, 256, 4, 8), (False, 128, 256, 4, 4)])
-    for swap, bn, bk, sk, nw in grid:
-      if k % (bk * sk) == 0:
-        name = f"blocks_{'swap_' if swap else ''}{bm}x{bn}x{bk}_s{sk}_w{nw}"
-        methods[name] = (mma(wk.Config(bm, bn, bk, sk, swap, nw, 3, decode="bits_blocks")), False)
-    r = D.case(m, k, n, fj.MXFP4, methods)
-    t = r["t"]
-    B.log("blocks", m, k, n, {name: f"{v * 1e6:.1f}us" for name, v in sorted(t.items(), key=lambda kv: kv[1])[:6]},
-          "errors", sorted({e if isinstance(e, float) else str(e)[:80] for e in r["err"].values()}, key=str)[-3:])
-    res["cases"].append(r)
-    with open(os.path.join(out, "w4a16_blocks.json"), "w") as f:
       json.dump(res, f, indent=1)
 
 

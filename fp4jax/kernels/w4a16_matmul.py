@@ -52,11 +52,6 @@ class Config:
   of ``x`` and the high ones into another with the odd columns, so the decoded
   halves are never interleaved (interleaving them gave wrong sums on the H200;
   strided reads of the two column sets measured no faster than this split).
-  ``"bits_blocks"``: the same decode 32 elements of ``K`` at a time, each step
-  with its own loads and two products of depth 16, so that a thread holds one
-  step's decoded weights and scales instead of a whole ``block_k`` chunk's
-  (the chunk-wide decode needs ~167 registers a thread at 128 x 256 tiles:
-  ``benchmarks/results/w4a16_bits_ncu.txt``). An experiment, not yet timed.
   """
 
   block_m: int = 16
@@ -134,7 +129,6 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
   rows_n = common.row_mask(0, cfg.block_n, n)
 
   bits = cfg.decode == "bits" and fmt.elem_bits == 4
-  blocks = cfg.decode == "bits_blocks" and fmt.elem_bits == 4
 
   def product(x, w):
     if cfg.swap_ab:
@@ -144,21 +138,6 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
   def halves(x):
     """``(rows, c)`` -> its even and odd columns, ``(rows, c / 2)`` each."""
     return jnp.unstack(x.reshape(x.shape[0], x.shape[1] // 2, 2), axis=-1)
-
-  def body_blocks(i, acc):
-    # 32 elements of K a step: 16 bytes of each weight row, one (MX) or two (NVFP4) scale blocks.
-    per_step = 32 // fmt.block_size
-    for b in range(bk // 32):
-      x = common.load_rows(x_ref.at[:, pl.ds(pl.multiple_of(i * bk + b * 32, 32), 32)], rows_m)
-      wd = common.load_rows(w_ref.at[:, pl.ds(pl.multiple_of(i * bytes_k + b * 16, 16), 16)], rows_n)
-      ws = common.load_rows(s_ref.at[:, pl.ds(i * nb + b * per_step, per_step)], rows_n)
-      scales = common.scale_to_f32(ws, fmt).astype(jnp.bfloat16)
-      scales = (jnp.broadcast_to(scales, wd.shape) if per_step == 1  # no reshape: a plain broadcast
-                else common.expand_blocks(scales, fmt.block_size // 2))
-      lo, hi = e2m1_bits.decode_scaled(wd, scales, interpret=interpret)
-      x_even, x_odd = halves(x)
-      acc = acc + product(x_even, lo) + product(x_odd, hi)
-    return acc
 
   def body(i, acc):
     x = common.load_rows(x_ref.at[:, pl.ds(pl.multiple_of(i * bk, bk), bk)], rows_m)
@@ -173,7 +152,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
     return acc + product(x_even, lo) + product(x_odd, hi)
 
   shape = (cfg.block_n, cfg.block_m) if cfg.swap_ab else (cfg.block_m, cfg.block_n)
-  acc = lax.fori_loop(0, k_steps, body_blocks if blocks else body, jnp.zeros(shape, jnp.float32))
+  acc = lax.fori_loop(0, k_steps, body, jnp.zeros(shape, jnp.float32))
   if cfg.swap_ab:
     acc = acc.T
   if has_global:
@@ -197,8 +176,8 @@ def _check(x, w_data, w_scales, global_scale, fmt: Format, cfg: Config):
                      f"({n}, {k // fmt.block_size}))")
   if fmt.has_global_scale != (global_scale is not None):
     raise ValueError(f"w4a16: {fmt!r} {'needs' if fmt.has_global_scale else 'has no'} global scale")
-  if cfg.decode not in ("jnp", "bits", "bits_blocks"):
-    raise ValueError(f"w4a16: Config.decode must be 'jnp', 'bits' or 'bits_blocks', got {cfg.decode!r}")
+  if cfg.decode not in ("jnp", "bits"):
+    raise ValueError(f"w4a16: Config.decode must be 'jnp' or 'bits', got {cfg.decode!r}")
   if cfg.decode != "jnp" and fmt.elem_bits == 4 and cfg.block_k < 32:
     raise ValueError(f"w4a16: Config.decode={cfg.decode!r} needs block_k >= 32 (each half of a chunk feeds a product "
                      f"of depth block_k / 2, at least 16), got block_k={cfg.block_k}")
