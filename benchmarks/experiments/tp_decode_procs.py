@@ -13,6 +13,8 @@ through ``jax.distributed`` and time the same shard_map stack over the same 2-de
 
   PYTHONPATH=. python benchmarks/experiments/tp_decode_procs.py --out DIR [--cases 1x4,16x4,1x16]
   # on the CPU (2 processes of one CPU device each, gloo): add --cpu --d 256 --ffn 512
+  # the all-reduces as tp_decode_peer's Mosaic GPU kernel over NVSHMEM:
+  #   ... --peer --no-single --xla-flags=--xla_gpu_experimental_enable_nvshmem=true
 """
 
 from __future__ import annotations
@@ -56,7 +58,11 @@ def worker(a):
 
   def stack(mesh):
     tp = mesh.devices.size
-    fn = jax.shard_map(lambda p, x: Stack(d, ffn // tp, pairs, "tp").apply(p, x), mesh=mesh,
+    local = lambda p, x: Stack(d, ffn // tp, pairs, "tp").apply(p, x)
+    if a.peer and tp == 2:  # each psum as tp_decode_peer's Mosaic GPU kernel (NVSHMEM between processes)
+      from tp_decode_peer import peer_stack
+      local = lambda p, x: peer_stack(p, x, d, ffn // tp, pairs, "tp")
+    fn = jax.shard_map(local, mesh=mesh,
                        in_specs=(param_specs(base), P()), out_specs=P(), check_vma=False)
     rep = NamedSharding(mesh, P())
     shardings = param_shardings(base, mesh)
@@ -122,7 +128,8 @@ def launch(a):
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(i), "--port", port,
                                "--m", str(m), "--pairs", str(pairs), "--samples", str(a.samples),
-                               "--calls", str(a.calls), *size, *(["--cpu"] if a.cpu else [])],
+                               "--calls", str(a.calls), *size, *(["--cpu"] if a.cpu else []),
+                               *(["--peer"] if a.peer else [])],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     for i, p in enumerate(procs):
       try:
@@ -152,6 +159,9 @@ def main():
   p.add_argument("--cpu", action="store_true")
   p.add_argument("--xla-flags", default="", help="added to XLA_FLAGS of every process it starts")
   p.add_argument("--no-single", action="store_true", help="only the 2-process runs")
+  p.add_argument("--peer", action="store_true",
+                 help="the 2-process stack all-reduces with tp_decode_peer.peer_allreduce (a Mosaic GPU kernel "
+                      "writing to the peer GPU; give --xla-flags=--xla_gpu_experimental_enable_nvshmem=true)")
   p.add_argument("--timeout-s", type=int, default=180)
   p.add_argument("--budget-s", type=float, default=400)
   p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
