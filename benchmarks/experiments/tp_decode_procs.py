@@ -13,8 +13,9 @@ through ``jax.distributed`` and time the same shard_map stack over the same 2-de
 
   PYTHONPATH=. python benchmarks/experiments/tp_decode_procs.py --out DIR [--cases 1x4,16x4,1x16]
   # on the CPU (2 processes of one CPU device each, gloo): add --cpu --d 256 --ffn 512
-  # the all-reduces as tp_decode_peer's Mosaic GPU kernel over NVSHMEM:
-  #   ... --peer --no-single --xla-flags=--xla_gpu_experimental_enable_nvshmem=true
+  # the all-reduces as tp_decode_peer's Mosaic GPU kernel: ... --peer --no-single (on the H200 x2 machine,
+  # jax 0.11.2, it failed in XLA's ncclGetPeerDevicePointer; --xla_gpu_experimental_enable_nvshmem, the
+  # jax example's other route, is not a flag of that XLA)
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def worker(a):
   def stack(mesh):
     tp = mesh.devices.size
     local = lambda p, x: Stack(d, ffn // tp, pairs, "tp").apply(p, x)
-    if a.peer and tp == 2:  # each psum as tp_decode_peer's Mosaic GPU kernel (NVSHMEM between processes)
+    if a.peer and tp == 2:  # each psum as tp_decode_peer's Mosaic GPU kernel (peer memory between processes)
       from tp_decode_peer import peer_stack
       local = lambda p, x: peer_stack(p, x, d, ffn // tp, pairs, "tp")
     fn = jax.shard_map(local, mesh=mesh,
@@ -161,7 +162,7 @@ def main():
   p.add_argument("--no-single", action="store_true", help="only the 2-process runs")
   p.add_argument("--peer", action="store_true",
                  help="the 2-process stack all-reduces with tp_decode_peer.peer_allreduce (a Mosaic GPU kernel "
-                      "writing to the peer GPU; give --xla-flags=--xla_gpu_experimental_enable_nvshmem=true)")
+                      "writing to the peer GPU)")
   p.add_argument("--timeout-s", type=int, default=180)
   p.add_argument("--budget-s", type=float, default=400)
   p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
