@@ -17,6 +17,9 @@ calls on distinct inputs rotating beyond the L2, median of 5 samples):
   data: fewer bits toggle, less power, higher clocks), for reference;
 * parts of the int8 path: re-basing each operand (Pallas; the weight's also with XLA ops), the int8 GEMM
   alone, the finish pass alone, and all steps without the ``lax.cond`` (to price the residual test);
+* the four-bytes-a-word passes (``int8_rebase.WORDS``): their bits against the byte passes' on both
+  operands (``words_equal_bytes``), the weight's re-basing and residual check, and, when the bits agree,
+  the whole ``scaled_matmul`` with them (``int8_a_rows_words``);
 * ``fallback``: ``scaled_matmul`` on heavy-tailed activations (Student t, 3 degrees of freedom), whose
   rows span more binades than the int8 values hold, so the cond takes the two-pass path.
 
@@ -62,17 +65,30 @@ def operands(m, k, n, sets, heavy=False):
 INTERPRET = jax.default_backend() == "cpu"  # the CPU smoke run interprets the kernels
 
 
-def rebase(q, kernel=True):
-  """(codes, row exponent, NaN rows) of an MXFP4 QArray, as the int8 path makes them."""
+def rebase(q, kernel=True, words=False):
+  """(codes, row exponent, NaN rows) of an MXFP4 QArray, as the int8 path makes them (``words``: the
+  four-bytes-a-word kernel)."""
   data, scales = byte_matrix(q)
   base, nan = int8_matmul.row_bases(scales)
-  codes = int8_matmul.rows_codes(data, scales, base, kernel=kernel, interpret=INTERPRET)
+  if kernel and words:
+    codes = int8_rebase.rebase(data, scales, base, interpret=INTERPRET, words=True)
+  else:
+    codes = int8_matmul.rows_codes(data, scales, base, kernel=kernel, interpret=INTERPRET)
   return codes, int8_matmul.row_exponent(base), nan
 
 
-def residual(q):
+def residual(q, words=False):
   data, scales = byte_matrix(q)
-  return int8_matmul.rows_residual(data, scales, int8_matmul.row_bases(scales)[0], kernel=True, interpret=INTERPRET)
+  base = int8_matmul.row_bases(scales)[0]
+  if words:
+    return int8_rebase.residual(data, scales, base, interpret=INTERPRET, words=True)
+  return int8_matmul.rows_residual(data, scales, base, kernel=True, interpret=INTERPRET)
+
+
+def words_equal(q):
+  """Whether the word kernels give the byte kernels' codes and residual flags for ``q``."""
+  return bool(jnp.array_equal(rebase(q, words=True)[0], rebase(q)[0])) and bool(
+      jnp.array_equal(residual(q, words=True), residual(q)))
 
 
 def finish_alone(sums, tiles=None):
@@ -116,6 +132,17 @@ def case(m, k, n):
   t["rebase_w"] = mb.bench(lambda a, w: rebase(w), calls)
   t["rebase_w_xla"] = mb.bench(lambda a, w: rebase(w, kernel=False), calls)
   t["residual_check_w"] = mb.bench(lambda a, w: residual(w), calls)
+  # The four-bytes-a-word passes (int8_rebase.WORDS), checked against the byte passes' bits first.
+  words_ok = words_equal(aq[0]) and words_equal(wq[0])
+  t["rebase_w_words"] = mb.bench(lambda a, w: rebase(w, words=True), calls)
+  t["residual_check_w_words"] = mb.bench(lambda a, w: residual(w, words=True), calls)
+  if words_ok:
+    int8_rebase.WORDS = True
+    try:
+      t["int8_a_rows_words"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16),
+                                        [(a.with_layout("rows"), w) for a, w in calls])
+    finally:
+      int8_rebase.WORDS = False
   codes = [(rebase(a)[0], rebase(w)[0]) for a, w in calls]
   t["int8_gemm_alone"] = mb.bench(lambda x, y: lax.dot_general(x, y, DN, preferred_element_type=jnp.int32), codes)
   sums = [lax.dot_general(x, y, DN, preferred_element_type=jnp.int32) for x, y in codes[:2]]
@@ -127,7 +154,7 @@ def case(m, k, n):
   t["fallback_heavy_tails"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16),
                                        mb.make_calls(ah, wq))
   row = {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()},
-         "normal_data_has_residual": has_residual}
+         "normal_data_has_residual": has_residual, "words_equal_bytes": words_ok}
   row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
   return row
 

@@ -75,14 +75,16 @@ def rebase_codes(data, scales, base):
 def rows_residual(data, scales, base, *, kernel: bool = False, interpret: bool = False):
   """bool ``(R,)``: the row has a nonzero block outside the int8 span (read-only pass; Pallas where a tile fits)."""
   if kernel and int8_rebase_kernels().rebase_tiles(*data.shape):
-    return int8_rebase_kernels().residual(data, scales, base, interpret=interpret)
+    ik = int8_rebase_kernels()
+    return ik.residual(data, scales, base, interpret=interpret, words=ik.WORDS)  # read now, not at a cached trace
   return rebase_codes(data, scales, base)[1]
 
 
 def rows_codes(data, scales, base, *, kernel: bool = False, interpret: bool = False):
   """int8 ``(R, K)`` codes of packed MXFP4 rows at base bytes ``base`` (Pallas where a tile fits)."""
   if kernel and int8_rebase_kernels().rebase_tiles(*data.shape):
-    return int8_rebase_kernels().rebase(data, scales, base, interpret=interpret)
+    ik = int8_rebase_kernels()
+    return ik.rebase(data, scales, base, interpret=interpret, words=ik.WORDS)
   return rebase_codes(data, scales, base)[0]
 
 

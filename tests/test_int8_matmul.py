@@ -119,7 +119,8 @@ def test_scaled_matmul_auto_on_a_gpu_takes_the_int8_path(monkeypatch):
   np.testing.assert_array_equal(np.asarray(out), want.astype(np.float32))
 
 
-def test_the_pallas_passes_give_the_xla_ops_bits():
+@pytest.mark.parametrize("words", [False, True], ids=["bytes", "words"])
+def test_the_pallas_passes_give_the_xla_ops_bits(words):
   # Every scale byte (NaN, 2**127, zero included) and random codes; bases from the rows' own scales.
   # Compiled on a GPU, interpreted elsewhere.
   interpret = not kernels.on_gpu()
@@ -131,8 +132,9 @@ def test_the_pallas_passes_give_the_xla_ops_bits():
   codes, residual = im.rebase_codes(data, scales, base)
   assert residual[:8].any() and not residual[8:].any()
   for tiles in (ik.Tiles(4, 512), ik.Tiles(8, 64), ik.Tiles(1, 16)):
-    np.testing.assert_array_equal(ik.rebase(data, scales, base, tiles=tiles, interpret=interpret), codes)
-    np.testing.assert_array_equal(ik.residual(data, scales, base, tiles=tiles, interpret=interpret), residual)
+    np.testing.assert_array_equal(ik.rebase(data, scales, base, tiles=tiles, interpret=interpret, words=words), codes)
+    np.testing.assert_array_equal(ik.residual(data, scales, base, tiles=tiles, interpret=interpret, words=words),
+                                  residual)
   sums = jax.random.randint(key, (16, 64), -2**31 + 1, 2**31 - 1, jnp.int32)
   ea = jax.random.randint(jax.random.key(6), (16,), -140, 130)
   eb = jax.random.randint(jax.random.key(7), (64,), -140, 130)
@@ -148,3 +150,27 @@ def test_obstacles_name_the_format():
   assert im.int8_obstacle(fj.MXFP4, fj.MXFP4, 4096) is None
   assert "MXFP4" in im.int8_obstacle(fj.MXFP4, fj.NVFP4, 4096)
   assert "MXFP4" in im.int8_obstacle(fj.MXFP8_E4M3, fj.MXFP4, 4096)
+
+
+def test_the_word_kernels_give_every_byte_in_every_position_the_xla_ops_bits():
+  # Four bytes share a uint32 in the words kernels, and a carry or shift across byte lanes would
+  # corrupt a neighbour: every byte value sits in each of the four positions of a word, beside
+  # neighbours of every sign, under every shift 0..3, a block off the span (main False), a zero
+  # block, a NaN block and the 2**127 block; the residual of rows with and without other blocks.
+  interpret = not kernels.on_gpu()
+  values = np.arange(256, dtype=np.uint8)
+  # (16, 512): 32 blocks a row; rolls 0..3 put each value in each position of a word.
+  data = jnp.asarray(np.stack([np.concatenate([np.roll(values, r), np.roll(values[::-1], r + 1)])
+                               for r in list(range(4)) * 4]))
+  scale_of_block = np.array([125, 124, 123, 122] * 6 + [0, 1, 0xFF, 0xFE, 125, 125, 122, 123], np.uint8)
+  scales = np.tile(scale_of_block, (16, 1))
+  scales[8:, 24:28] = 124  # rows 8.. stay within the span: no residual there
+  scales = jnp.asarray(scales)
+  base, _ = im.row_bases(scales)
+  codes, residual = im.rebase_codes(data, scales, base)
+  assert residual[:8].any() and not residual[8:].any()
+  assert len(set(np.asarray(scales[0, :24] - base[0]).tolist())) == 4  # shifts 0..3 all occur
+  for tiles in (ik.Tiles(4, 512), ik.Tiles(2, 64), ik.Tiles(1, 16)):
+    np.testing.assert_array_equal(ik.rebase(data, scales, base, tiles=tiles, interpret=interpret, words=True), codes)
+    np.testing.assert_array_equal(ik.residual(data, scales, base, tiles=tiles, interpret=interpret, words=True),
+                                  residual)
