@@ -101,6 +101,10 @@ def _u32(v):
   return jnp.uint32(v)
 
 
+def _use_words(words: bool | None) -> bool:
+  return WORDS if words is None else words
+
+
 def _words(data_ref):
   """``(rows, blocks, 4)`` uint32 of a ``(rows, blocks, 16)`` byte tile: word ``w`` holds bytes
   ``4w .. 4w + 3`` of its block, byte ``4w`` lowest (strided loads, so no in-register reshape)."""
@@ -182,7 +186,7 @@ def rebase(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = 
 
   ``words``: the four-bytes-a-word kernel (default :data:`WORDS`)."""
   r, nbytes = data.shape
-  if WORDS if words is None else words:
+  if _use_words(words):
     out = _row_pass(_rebase_words_kernel, data, scales, base,
                     lambda br, nbk: pl.BlockSpec((br, nbk, 8), lambda i, j: (i, j, 0)),
                     lambda r, nk: jax.ShapeDtypeStruct((r, nbytes // _BLOCK_BYTES, 8), jnp.uint32),
@@ -200,7 +204,7 @@ def residual(data, scales, base, *, tiles: Tiles | None = None, interpret: bool 
   """bool ``(R,)``: the row has a nonzero block outside the int8 span; reads the codes, writes a flag a tile.
 
   ``words``: the four-bytes-a-word kernel (default :data:`WORDS`)."""
-  kernel = _residual_words_kernel if (WORDS if words is None else words) else _residual_kernel
+  kernel = _residual_words_kernel if _use_words(words) else _residual_kernel
   flags = _row_pass(kernel, data, scales, base, lambda br, nbk: pl.BlockSpec((br, 1), lambda i, j: (i, j)),
                     lambda r, nk: jax.ShapeDtypeStruct((r, nk), jnp.int32), tiles, interpret, "int8_residual")
   return jnp.any(flags != 0, axis=1)
