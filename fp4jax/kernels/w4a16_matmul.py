@@ -135,10 +135,6 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
       return lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-  def halves(x):
-    """``(rows, c)`` -> its even and odd columns, ``(rows, c / 2)`` each."""
-    return jnp.unstack(x.reshape(x.shape[0], x.shape[1] // 2, 2), axis=-1)
-
   def body(i, acc):
     x = common.load_rows(x_ref.at[:, pl.ds(pl.multiple_of(i * bk, bk), bk)], rows_m)
     wd = common.load_rows(w_ref.at[:, pl.ds(pl.multiple_of(i * bytes_k, bytes_k), bytes_k)], rows_n)
@@ -148,7 +144,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, fmt: Format, cfg: Config, k_steps: int,
     scales = common.expand_blocks(common.scale_to_f32(ws, fmt).astype(jnp.bfloat16), fmt.block_size // 2)
     # (block_n, block_k / 2) each: the chunk's even and odd columns of the weight.
     lo, hi = e2m1_bits.decode_scaled(wd, scales, interpret=interpret)
-    x_even, x_odd = halves(x)
+    x_even, x_odd = jnp.unstack(x.reshape(x.shape[0], bk // 2, 2), axis=-1)
     return acc + product(x_even, lo) + product(x_odd, hi)
 
   shape = (cfg.block_n, cfg.block_m) if cfg.swap_ab else (cfg.block_m, cfg.block_n)
@@ -178,8 +174,8 @@ def _check(x, w_data, w_scales, global_scale, fmt: Format, cfg: Config):
     raise ValueError(f"w4a16: {fmt!r} {'needs' if fmt.has_global_scale else 'has no'} global scale")
   if cfg.decode not in ("jnp", "bits"):
     raise ValueError(f"w4a16: Config.decode must be 'jnp' or 'bits', got {cfg.decode!r}")
-  if cfg.decode != "jnp" and fmt.elem_bits == 4 and cfg.block_k < 32:
-    raise ValueError(f"w4a16: Config.decode={cfg.decode!r} needs block_k >= 32 (each half of a chunk feeds a product "
+  if cfg.decode == "bits" and fmt.elem_bits == 4 and cfg.block_k < 32:
+    raise ValueError(f"w4a16: Config.decode='bits' needs block_k >= 32 (each half of a chunk feeds a product "
                      f"of depth block_k / 2, at least 16), got block_k={cfg.block_k}")
   for name in ("block_m", "block_n", "block_k"):
     v = getattr(cfg, name)
