@@ -76,7 +76,7 @@ def rows_residual(data, scales, base, *, kernel: bool = False, interpret: bool =
   """bool ``(R,)``: the row has a nonzero block outside the int8 span (read-only pass; Pallas where a tile fits)."""
   if kernel and int8_rebase_kernels().rebase_tiles(*data.shape):
     ik = int8_rebase_kernels()
-    return ik.residual(data, scales, base, interpret=interpret, words=ik.WORDS)  # read now, not at a cached trace
+    return ik.residual(data, scales, base, interpret=interpret, words=ik.WORDS)
   return rebase_codes(data, scales, base)[1]
 
 

@@ -52,7 +52,8 @@ class Tiles(NamedTuple):
 #: in registers as int32, so tiles stay small.
 REBASE_TILES = Tiles(4, 512)
 FINISH_TILES = Tiles(4, 1024)
-#: Whether :func:`rebase` and :func:`residual` take the four-bytes-a-word kernels by default.
+#: Whether the int8 path (:func:`fp4jax.int8_matmul.rows_codes`, ``rows_residual``) takes the
+#: four-bytes-a-word kernels; read when it traces.
 WORDS = False
 
 
@@ -79,11 +80,11 @@ def _block_fields(scales_ref, base_ref):
   return int8_blocks(scales_ref[...].astype(jnp.int32), base_ref[...][:, None, None])
 
 
-def _rebase_kernel(data_ref, scales_ref, base_ref, words_ref):
+def _rebase_kernel(data_ref, scales_ref, base_ref, pairs_ref):
   b = data_ref[...].astype(jnp.int32)
   shift, main, _ = _block_fields(scales_ref, base_ref)
   lo, hi = int8_values(b, shift, main)
-  words_ref[...] = ((lo & 0xFF) | ((hi & 0xFF) << 8)).astype(jnp.uint16)
+  pairs_ref[...] = ((lo & 0xFF) | ((hi & 0xFF) << 8)).astype(jnp.uint16)
 
 
 def _residual_kernel(data_ref, scales_ref, base_ref, residual_ref):
@@ -99,10 +100,6 @@ _BYTES = 0x01010101  # bit 0 of each of its four bytes
 
 def _u32(v):
   return jnp.uint32(v)
-
-
-def _use_words(words: bool | None) -> bool:
-  return WORDS if words is None else words
 
 
 def _words(data_ref):
@@ -181,12 +178,12 @@ def _row_pass(kernel, data, scales, base, out_spec, out_shape, tiles, interpret,
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret", "words"))
-def rebase(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False, words: bool | None = None):
+def rebase(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False, words: bool = False):
   """int8 ``(R, K)`` codes of packed MXFP4 rows ``data`` given each row's base exponent byte.
 
-  ``words``: the four-bytes-a-word kernel (default :data:`WORDS`)."""
+  ``words``: the four-bytes-a-word kernel (the int8 path passes :data:`WORDS`)."""
   r, nbytes = data.shape
-  if _use_words(words):
+  if words:
     out = _row_pass(_rebase_words_kernel, data, scales, base,
                     lambda br, nbk: pl.BlockSpec((br, nbk, 8), lambda i, j: (i, j, 0)),
                     lambda r, nk: jax.ShapeDtypeStruct((r, nbytes // _BLOCK_BYTES, 8), jnp.uint32),
@@ -200,11 +197,11 @@ def rebase(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = 
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret", "words"))
-def residual(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False, words: bool | None = None):
+def residual(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False, words: bool = False):
   """bool ``(R,)``: the row has a nonzero block outside the int8 span; reads the codes, writes a flag a tile.
 
-  ``words``: the four-bytes-a-word kernel (default :data:`WORDS`)."""
-  kernel = _residual_words_kernel if _use_words(words) else _residual_kernel
+  ``words``: the four-bytes-a-word kernel (the int8 path passes :data:`WORDS`)."""
+  kernel = _residual_words_kernel if words else _residual_kernel
   flags = _row_pass(kernel, data, scales, base, lambda br, nbk: pl.BlockSpec((br, 1), lambda i, j: (i, j)),
                     lambda r, nk: jax.ShapeDtypeStruct((r, nk), jnp.int32), tiles, interpret, "int8_residual")
   return jnp.any(flags != 0, axis=1)
