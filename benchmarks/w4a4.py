@@ -8,20 +8,23 @@ Per shape ``M x K x N``, in one process (``benchmarks/matmul.py``'s method: one 
 calls on distinct inputs rotating beyond the L2, median of 5 samples):
 
 * ``bf16``: ``jnp.dot(x, w)``, x ``(M, K)`` and w ``(K, N)`` bfloat16 normal data (what a user runs
-  today); ``bf16_w_nk`` the same with w stored ``(N, K)``;
+  today);
 * ``int8``: ``fj.scaled_matmul(a, w)``, a an MXFP4 QArray ``(M, K)`` (blocked along K), w an MXFP4
   QArray ``(K, N)`` stored ``layout="rows"`` (as ``quantize_params`` stores weights), bfloat16 out:
-  ``backend="auto"``, which takes the int8 path above ``KERNEL_MAX_ROWS["mx"]`` rows;
+  ``backend="auto"``, which takes the int8 path above ``KERNEL_MAX_ROWS["mx"]`` rows; ``int8_a_rows``
+  the same with ``a`` stored ``"rows"`` too;
 * ``two_pass``: the bfloat16 two-pass path on the same operands (the previous default);
-* ``bf16_of_quantized_values``: the bf16 dot of the quantized operands' values (faster than on raw
-  data: fewer bits toggle, less power, higher clocks), for reference;
-* parts of the int8 path: re-basing each operand (Pallas; the weight's also with XLA ops), the int8 GEMM
-  alone, the finish pass alone, and all steps without the ``lax.cond`` (to price the residual test);
-* the four-bytes-a-word passes (``int8_rebase.WORDS``): their bits against the byte passes' on both
-  operands (``words_equal_bytes``), the weight's re-basing and residual check, and, when the bits agree,
-  the whole ``scaled_matmul`` with them (``int8_a_rows_words``);
+* parts of the int8 path: re-basing each operand (Pallas, four bytes a word; ``rebase_w_bytes`` the byte
+  kernel), the weight's residual check, XLA's int8 GEMM alone, the finish pass alone, the Mosaic GPU GEMM
+  with the finish as epilogue alone (``fused_gemm_alone``, on Hopper), and all steps without the
+  ``lax.cond`` (to price the residual test) with XLA's GEMM + finish (``int8_no_cond``) or the fused
+  kernel (``int8_no_cond_fused``);
+* ``words_equal_bytes``: the word passes' bits against the byte passes' on both operands;
 * ``fallback``: ``scaled_matmul`` on heavy-tailed activations (Student t, 3 degrees of freedom), whose
   rows span more binades than the int8 values hold, so the cond takes the two-pass path.
+
+Earlier runs also timed the bf16 dot with w stored ``(N, K)`` and on the quantized operands' values
+(``w4a4/*.json`` before this commit).
 
 ``--check`` compares the int8 path's float32 output with the exact product rounded to float32 (float64
 on the host), bit for bit, at a small shape, and the fallback against the reference.
@@ -30,6 +33,7 @@ on the host), bit for bit, at a small shape, and the fallback against the refere
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -45,7 +49,7 @@ import matmul as mb  # noqa: E402  (benchmarks/matmul.py: bench, n_sets)
 
 import fp4jax as fj  # noqa: E402
 from fp4jax import int8_matmul  # noqa: E402
-from fp4jax.kernels import int8_rebase  # noqa: E402
+from fp4jax.kernels import int8_gemm, int8_rebase  # noqa: E402
 from fp4jax.prepared import byte_matrix  # noqa: E402
 
 SHAPES = "8192x8192x8192,4096x4096x14336,1024x8192x8192,4096x14336x4096,256x8192x8192"
@@ -63,32 +67,33 @@ def operands(m, k, n, sets, heavy=False):
 
 
 INTERPRET = jax.default_backend() == "cpu"  # the CPU smoke run interprets the kernels
+FUSED = int8_gemm.on_hopper()  # the Mosaic GPU GEMM + finish (fp4jax.kernels.int8_gemm) runs here
 
 
-def rebase(q, kernel=True, words=False):
+def rebase(q, kernel=True, words=None):
   """(codes, row exponent, NaN rows) of an MXFP4 QArray, as the int8 path makes them (``words``: the
   four-bytes-a-word kernel)."""
   data, scales = byte_matrix(q)
   base, nan = int8_matmul.row_bases(scales)
-  if kernel and words:
-    codes = int8_rebase.rebase(data, scales, base, interpret=INTERPRET, words=True)
+  if kernel and words is not None:
+    codes = int8_rebase.rebase(data, scales, base, interpret=INTERPRET, words=words)
   else:
     codes = int8_matmul.rows_codes(data, scales, base, kernel=kernel, interpret=INTERPRET)
   return codes, int8_matmul.row_exponent(base), nan
 
 
-def residual(q, words=False):
+def residual(q, words=None):
   data, scales = byte_matrix(q)
   base = int8_matmul.row_bases(scales)[0]
-  if words:
-    return int8_rebase.residual(data, scales, base, interpret=INTERPRET, words=True)
+  if words is not None:
+    return int8_rebase.residual(data, scales, base, interpret=INTERPRET, words=words)
   return int8_matmul.rows_residual(data, scales, base, kernel=True, interpret=INTERPRET)
 
 
 def words_equal(q):
   """Whether the word kernels give the byte kernels' codes and residual flags for ``q``."""
-  return bool(jnp.array_equal(rebase(q, words=True)[0], rebase(q)[0])) and bool(
-      jnp.array_equal(residual(q, words=True), residual(q)))
+  return bool(jnp.array_equal(rebase(q, words=True)[0], rebase(q, words=False)[0])) and bool(
+      jnp.array_equal(residual(q, words=True), residual(q, words=False)))
 
 
 def finish_alone(sums, tiles=None):
@@ -98,9 +103,12 @@ def finish_alone(sums, tiles=None):
                             interpret=INTERPRET)
 
 
-def no_cond(a, w):
-  """The int8 path's steps without the residual test and cond (valid only when there is no residual)."""
+def no_cond(a, w, fused=False):
+  """The int8 path's steps without the residual test and cond (valid only when there is no residual):
+  XLA's int8 GEMM and the finish pass, or (``fused``) the Mosaic GPU GEMM with the finish as its epilogue."""
   (ca, ea, na), (cb, eb, nb) = rebase(a), rebase(w)
+  if fused:
+    return int8_gemm.scaled_gemm(ca, cb, ea, eb, na, nb, out_dtype=jnp.bfloat16)
   s = lax.dot_general(ca, cb, DN, preferred_element_type=jnp.int32)
   return int8_rebase.finish(s, ea, eb, na, nb, out_dtype=jnp.bfloat16, interpret=INTERPRET)
 
@@ -113,14 +121,7 @@ def case(m, k, n):
   xb = [jax.random.normal(keys[i], (m, k), jnp.bfloat16) for i in range(sets)]
   wb = [jax.random.normal(keys[sets + i], (k, n), jnp.bfloat16) for i in range(sets)]
   t = {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
-  wt = [w.T for w in wb]
-  t["bf16_w_nk"] = mb.bench(lambda x, w: lax.dot_general(x, w, DN, preferred_element_type=jnp.float32)
-                            .astype(jnp.bfloat16), mb.make_calls(xb, wt))
-  # The same dot on the quantized operands' values: low-entropy bits draw less power, and the GPU clocks higher.
-  xb = [a.dequantize(jnp.bfloat16) for a in aq]
-  wb = [fj.dequantize(w.with_layout(None), jnp.bfloat16) for w in wq]
-  t["bf16_of_quantized_values"] = mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))
-  del xb, wb, wt
+  del xb, wb
   dims = (((1,), (0,)), ((), ()))
   t["int8"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16), calls)
   # Activations stored as byte rows too (quantize(..., layout="rows")): no per-call packing of the codes.
@@ -130,25 +131,22 @@ def case(m, k, n):
   t["two_pass"] = mb.bench(lambda a, w: fj.matmul.run_two_pass("mx", a, w, dims, jnp.bfloat16), calls)
   t["rebase_a"] = mb.bench(lambda a, w: rebase(a), calls)
   t["rebase_w"] = mb.bench(lambda a, w: rebase(w), calls)
-  t["rebase_w_xla"] = mb.bench(lambda a, w: rebase(w, kernel=False), calls)
   t["residual_check_w"] = mb.bench(lambda a, w: residual(w), calls)
-  # The four-bytes-a-word passes (int8_rebase.WORDS), checked against the byte passes' bits first.
+  # The four-bytes-a-word passes (int8_rebase.WORDS, on) against the byte passes' bits.
   words_ok = words_equal(aq[0]) and words_equal(wq[0])
-  t["rebase_w_words"] = mb.bench(lambda a, w: rebase(w, words=True), calls)
-  t["residual_check_w_words"] = mb.bench(lambda a, w: residual(w, words=True), calls)
-  if words_ok:
-    int8_rebase.WORDS = True
-    try:
-      t["int8_a_rows_words"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16),
-                                        [(a.with_layout("rows"), w) for a, w in calls])
-    finally:
-      int8_rebase.WORDS = False
+  t["rebase_w_bytes"] = mb.bench(lambda a, w: rebase(w, words=False), calls)
   codes = [(rebase(a)[0], rebase(w)[0]) for a, w in calls]
   t["int8_gemm_alone"] = mb.bench(lambda x, y: lax.dot_general(x, y, DN, preferred_element_type=jnp.int32), codes)
+  if FUSED:
+    zeros = lambda r: jnp.zeros((r,), jnp.int32)
+    t["fused_gemm_alone"] = mb.bench(lambda x, y: int8_gemm.scaled_gemm(
+        x, y, zeros(m), zeros(n), zeros(m) != 0, zeros(n) != 0, out_dtype=jnp.bfloat16), codes)
   sums = [lax.dot_general(x, y, DN, preferred_element_type=jnp.int32) for x, y in codes[:2]]
   t["finish_alone"] = mb.bench(finish_alone, [(x,) for x in sums])
   del codes, sums
   t["int8_no_cond"] = mb.bench(no_cond, calls)
+  if FUSED:
+    t["int8_no_cond_fused"] = mb.bench(functools.partial(no_cond, fused=True), calls)
   has_residual = bool(jnp.any(residual(aq[0])))
   ah, _ = operands(m, k, n, sets, heavy=True)
   t["fallback_heavy_tails"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16),

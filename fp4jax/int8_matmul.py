@@ -31,7 +31,7 @@ from fp4jax.formats import Format
 from fp4jax.kernels import matmul_common as common
 
 __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "rebase_codes", "rows_residual", "rows_codes",
-           "row_exponent", "finish_sums", "int8_product"]
+           "row_exponent", "fused_gemm", "finish_sums", "int8_product"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
 SPAN = 4
@@ -99,6 +99,18 @@ def int8_rebase_kernels():
   return int8_rebase
 
 
+def int8_gemm_kernel():
+  from fp4jax.kernels import int8_gemm  # lazy: the core does not need Pallas
+
+  return int8_gemm
+
+
+def fused_gemm(m: int, n: int, k: int, out_dtype) -> bool:
+  """Whether the GEMM and finish run as one Mosaic GPU kernel here (a Hopper GPU, shapes it tiles)."""
+  ig = int8_gemm_kernel()
+  return ig.on_hopper() and ig.gemm_obstacle(m, n, k, out_dtype) is None
+
+
 def finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype):
   """XLA ops: ``where(nan_a | nan_b, NaN, sums * 2**(ea + eb))`` as ``out_dtype`` (rounded once to float32 first)."""
   return common.int8_finish(sums, ea[:, None], eb[None, :], nan_a[:, None] | nan_b[None, :]).astype(out_dtype)
@@ -113,7 +125,9 @@ def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, ker
   has residual blocks, ``fallback()`` (an exact path of the same output,
   e.g. the bfloat16 two-pass product) runs instead, under ``lax.cond``, after
   only a read-only check of the operands. ``kernels``: the passes in Pallas
-  (the same bits) where a tile fits, else XLA ops.
+  (the same bits) where a tile fits, else XLA ops; on a Hopper GPU the GEMM
+  and the finish as one Mosaic GPU kernel (:mod:`fp4jax.kernels.int8_gemm`)
+  where its tiles fit.
   """
   opts = {"kernel": kernels, "interpret": interpret}
   (base_a, nan_a), (base_b, nan_b) = row_bases(a_scales), row_bases(b_scales)
@@ -121,8 +135,10 @@ def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, ker
 
   def exact():
     codes_a, codes_b = rows_codes(a_data, a_scales, base_a, **opts), rows_codes(b_data, b_scales, base_b, **opts)
-    sums = lax.dot_general(codes_a, codes_b, _DN, preferred_element_type=jnp.int32)
     ea, eb = row_exponent(base_a), row_exponent(base_b)
+    if kernels and not interpret and fused_gemm(m, n, codes_a.shape[1], out_dtype):
+      return int8_gemm_kernel().scaled_gemm(codes_a, codes_b, ea, eb, nan_a, nan_b, out_dtype=out_dtype)
+    sums = lax.dot_general(codes_a, codes_b, _DN, preferred_element_type=jnp.int32)
     if kernels and int8_rebase_kernels().finish_tiles(m, n):
       return int8_rebase_kernels().finish(sums, ea, eb, nan_a, nan_b, out_dtype=out_dtype, interpret=interpret)
     return finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype)

@@ -208,3 +208,16 @@ def test_int8_passes_lower(tiles, words):
   sums = jnp.asarray(rng.integers(-2**20, 2**20, (16, 64), dtype=np.int32))
   e, clear = jnp.zeros((16,), jnp.int32), jnp.zeros((16,), bool)
   _lower(lambda s: ik.finish(s, e, e[:1].repeat(64), clear, clear[:1].repeat(64), out_dtype=jnp.bfloat16), sums)
+
+
+# ---- the int8 GEMM with its finish as the epilogue (Mosaic GPU) ------------------------------
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
+def test_int8_gemm_lowers(out_dtype):
+  from fp4jax.kernels import int8_gemm as gk
+
+  a, b = jnp.zeros((256, 384), jnp.int8), jnp.zeros((512, 384), jnp.int8)
+  ea, eb = jnp.zeros((256,), jnp.int32), jnp.zeros((512,), jnp.int32)
+  with _gpu_target():
+    text = jax.jit(lambda *x: gk.scaled_gemm(*x, out_dtype=out_dtype)).trace(
+        a, b, ea, eb, ea == 1, eb == 1).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text, "no Mosaic GPU kernel in the lowering"

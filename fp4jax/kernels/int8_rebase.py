@@ -19,7 +19,8 @@ divides go to the XLA ops (:func:`rebase_tiles`, :func:`finish_tiles`).
 logic on one uint32, the block's shift and sign applied per byte lane), an
 independent second implementation of the same values: the byte passes spend
 ~34 int32 operations a byte and are bound by them (``benchmarks/results/w4a4.md``).
-Off by default (:data:`WORDS`) until a GPU run has checked its bits and timed it.
+On by default (:data:`WORDS`) since the H200 run of d765888: the same bits as the byte passes, and the
+whole product 1-9% faster with them at the four shapes of ``benchmarks/w4a4.py``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class Tiles(NamedTuple):
 REBASE_TILES = Tiles(4, 512)
 FINISH_TILES = Tiles(4, 1024)
 #: Whether the int8 path (:func:`fp4jax.int8_matmul.rows_codes`, ``rows_residual``) takes the
-#: four-bytes-a-word kernels; read when it traces.
-WORDS = False
+#: four-bytes-a-word kernels (read when it traces); False gives the byte kernels, the same bits.
+WORDS = True
 
 
 def rebase_tiles(rows: int, nbytes: int, tiles: Tiles | None = None) -> tuple[int, int] | None:
