@@ -9,6 +9,8 @@ calls on distinct inputs rotating beyond the L2, median of 5 samples):
 
 * ``bf16``: ``jnp.dot(x, w)``, x ``(M, K)`` and w ``(K, N)`` bfloat16 normal data (what a user runs
   today);
+* ``qdense_w4a4``: ``fp4jax.flax.QDense.apply`` on bfloat16 ``x`` with ``w`` as its kernel and a config
+  that quantizes the activations to MXFP4 (what a W4A4 model runs: quantize, then the int8 path);
 * ``int8``: ``fj.scaled_matmul(a, w)``, a an MXFP4 QArray ``(M, K)`` (blocked along K), w an MXFP4
   QArray ``(K, N)`` stored ``layout="rows"`` (as ``quantize_params`` stores weights), bfloat16 out:
   ``backend="auto"``, which takes the int8 path above ``KERNEL_MAX_ROWS["mx"]`` rows; ``int8_a_rows``
@@ -48,6 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matmul as mb  # noqa: E402  (benchmarks/matmul.py: bench, n_sets)
 
 import fp4jax as fj  # noqa: E402
+from fp4jax.flax import QDense  # noqa: E402
+from fp4jax.qat import OperandConfig, QatConfig  # noqa: E402
 from fp4jax import int8_matmul  # noqa: E402
 from fp4jax.kernels import int8_gemm, int8_rebase  # noqa: E402
 from fp4jax.prepared import byte_matrix  # noqa: E402
@@ -121,6 +125,10 @@ def case(m, k, n):
   xb = [jax.random.normal(keys[i], (m, k), jnp.bfloat16) for i in range(sets)]
   wb = [jax.random.normal(keys[sets + i], (k, n), jnp.bfloat16) for i in range(sets)]
   t = {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
+  # What a W4A4 model runs: a QDense whose kernel quantize_params stored, activations quantized per call.
+  layer = QDense(n, use_bias=False, dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16,
+                 config=QatConfig(lhs=OperandConfig(fj.MXFP4), rhs=OperandConfig(None), grad=OperandConfig(None)))
+  t["qdense_w4a4"] = mb.bench(lambda x, w: layer.apply({"params": {"kernel": w}}, x), mb.make_calls(xb, wq))
   del xb, wb
   dims = (((1,), (0,)), ((), ()))
   t["int8"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16), calls)

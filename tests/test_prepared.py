@@ -95,6 +95,34 @@ def test_quantize_stores_rows_when_asked():
     fj.quantize(x.reshape(2, 32, 24), fj.MXFP4, axis=1, layout="rows")
 
 
+@pytest.mark.parametrize("fmt", [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3, fj.MXFP8_E5M2], ids=lambda f: f.name)
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_the_quantize_kernel_writes_rows_directly(fmt, axis):
+  # A 2-D array blocked along its last axis: the kernel's packed bytes become the leaves as they are
+  # (quantize_pack.quantize_rows), equal to the reference's QArray relaid out; no pack op outside the kernel.
+  x = jax.random.normal(jax.random.key(1), (64, 256), jnp.float32) * 4
+  with kernels.interpret_mode():
+    got = fj.quantize(x, fmt, axis=axis, layout="rows", backend="pallas")
+    jaxpr = jax.make_jaxpr(lambda v: fj.quantize(v, fmt, axis=axis, layout="rows", backend="pallas"))(x)
+  assert_bit_identical(got, fj.quantize(x, fmt, axis=axis, backend="xla").with_layout("rows"))
+  assert got.layout == "rows" and got.axis == -1
+  # No value outside the kernels in the element dtype: the codes are never viewed as float4 / float8.
+  assert jnp.dtype(fmt.elem_dtype) not in dtypes_outside_kernels(jaxpr.jaxpr)
+
+
+def dtypes_outside_kernels(jaxpr):
+  """Dtypes of the values a jaxpr and its nested jit calls make, not looking inside Pallas kernels."""
+  from jax.extend.core import jaxprs_in_params
+
+  found = set()
+  for eqn in jaxpr.eqns:
+    found |= {v.aval.dtype for v in eqn.outvars}
+    if eqn.primitive.name != "pallas_call":
+      for sub in jaxprs_in_params(eqn.params):
+        found |= dtypes_outside_kernels(sub)
+  return found
+
+
 def test_transpose_of_rows_moves_no_data():
   w = quantized((96, 40), fj.NVFP4, 0)
   r = w.with_layout("rows")

@@ -404,3 +404,28 @@ def test_leading_axis_backward_operands_keep_the_direct_values(rounding, hadamar
   direct = fake_quantize_operand(direct, op, 0, jnp.bfloat16, key)
   assert got.shape == (48, 3, 24)
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(direct, np.float32))
+
+
+@pytest.mark.parametrize("fmt", [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3], ids=lambda f: f.name)
+def test_w4a4_inference_quantizes_activations_as_byte_rows(fmt, monkeypatch):
+  # PTQ inference with a stored weight: (..., K) activations go to scaled_dot_general as one 2-D "rows"
+  # QArray (what the quantize kernel writes), with the codes and scales of quantizing them as they are.
+  from fp4jax import matmul as mm
+
+  x = normal(40, (2, 6, 128), jnp.float32)
+  w = fj.quantize(normal(41, (128, 48), jnp.float32), fmt, axis=0, layout="rows")
+  cfg = QatConfig(lhs=OperandConfig(fmt), rhs=OperandConfig(None), grad=OperandConfig(None))
+  seen = []
+  real = mm._dot
+  monkeypatch.setattr(mm, "_dot", lambda lhs, *a: seen.append(lhs) or real(lhs, *a))
+  got = qat.quantized_dot_general(x, w, (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32, config=cfg)
+  assert [(q.shape, q.layout) for q in seen] == [((12, 128), "rows")]
+  want = fj.scaled_dot_general(fj.quantize(x, fmt, axis=-1), w, (((2,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+  chex.assert_shape(got, (2, 6, 48))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Contracting another axis than the last: the activations keep their shape and logical layout.
+  seen.clear()
+  qat.quantized_dot_general(x, w, (((2,), (0,)), ((), ())), config=cfg)  # still rows
+  qat.quantized_dot_general(x[0].T, w, (((0,), (0,)), ((), ())), config=cfg)
+  assert [q.layout for q in seen] == ["rows", None]

@@ -45,6 +45,7 @@ __all__ = [
     "quantize_packed",
     "quantize",
     "quantize_qarray",
+    "quantize_rows",
     "tensor_amax",
     "quantize_packed_reference",
     "supported",
@@ -377,6 +378,22 @@ def quantize_qarray(x, fmt: Format, *, axis: int, scale_rule: str, global_scale=
   sshape[axis] //= fmt.block_size
   scales = lax.bitcast_convert_type(scales, fmt.scale_dtype).reshape(sshape)
   return QArray(values, scales, gs, fmt, axis)
+
+
+def quantize_rows(x, fmt: Format, *, scale_rule: str, global_scale=None, config: Config | None = None,
+                  interpret: bool = False) -> QArray:
+  """:func:`quantize_qarray` of a 2-D ``x`` blocked along its last axis, stored ``layout="rows"``.
+
+  The kernel's packed bytes are already the byte rows (two codes a byte along the last axis, element
+  ``2i`` low): they become the QArray's leaves as they are, where ``with_layout(quantize_qarray(...),
+  "rows")`` would reinterpret them as ``float4_e2m1fn`` and pack them again (on a GPU, XLA copies for
+  the first and runs a pass for the second). The same leaves either way (tests compare them).
+  """
+  codes, scales, gs = _quantize_core(x, global_scale, fmt=fmt, axis=-1, scale_rule=scale_rule,
+                                     pack_last=True, config=config, interpret=interpret)
+  m, k = x.shape
+  return QArray(codes.reshape(m, k * fmt.elem_bits // 8), scales.reshape(m, k // fmt.block_size), gs, fmt, -1,
+                None, "rows")
 
 
 def tensor_amax(x, fmt, *, axis: int = -1, config: Config | None = None, interpret: bool = False):

@@ -186,11 +186,27 @@ def _inference_dot(lhs, rhs, dims, cfg: QatConfig | None, out_dtype):
     if isinstance(x, QArray) and x.axis % x.ndim not in c:
       raise ValueError(f"quantized_dot_general: {name} QArray of shape {x.shape} is blocked along axis "
                        f"{x.axis}, not along a contracting axis {c}")
-  if not isinstance(lhs, QArray) and cfg is not None and cfg.lhs.fmt is not None:
-    lhs = quantize(lhs, cfg.lhs.fmt, axis=lc[-1], scale_rule=cfg.lhs.rule, axis_name=cfg.axis_name)
   if not isinstance(rhs, QArray) and cfg is not None and cfg.rhs.fmt is not None:
     rhs = quantize(rhs, cfg.rhs.fmt, axis=rc[-1], scale_rule=cfg.rhs.rule, axis_name=cfg.axis_name)
+  if not isinstance(lhs, QArray) and cfg is not None and cfg.lhs.fmt is not None:
+    if _rows_activations(lhs, dims, cfg.lhs.fmt):
+      # Activations (..., K) times a weight: quantized as the 2-D byte rows the matmul paths read, so the
+      # quantize kernel's packed bytes go to the GEMM as they are (no float4 view, no re-packing per call).
+      # Blocks run along K either way: the same codes and scales, the same product.
+      lead, k = lhs.shape[:-1], lhs.shape[-1]
+      q = quantize(lhs.reshape(-1, k), cfg.lhs.fmt, axis=-1, scale_rule=cfg.lhs.rule, axis_name=cfg.axis_name,
+                   layout="rows")
+      out = scaled_dot_general(q, rhs, (((1,), rc), ((), ())), preferred_element_type=out_dtype)
+      return out.reshape(*lead, *out.shape[1:])
+    lhs = quantize(lhs, cfg.lhs.fmt, axis=lc[-1], scale_rule=cfg.lhs.rule, axis_name=cfg.axis_name)
   return scaled_dot_general(lhs, rhs, dims, preferred_element_type=out_dtype)
+
+
+def _rows_activations(lhs, dims, fmt) -> bool:
+  """Whether ``lhs`` contracts its last axis alone, with no batch axes, in a format the byte rows hold."""
+  (lc, _), (lb, _) = dims
+  return (lhs.ndim >= 2 and tuple(lc) == (lhs.ndim - 1,) and not lb and fmt.elem_storage == "native"
+          and fmt.elem_bits in (4, 8) and lhs.shape[-1] % fmt.block_size == 0)
 
 
 def quantized_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
