@@ -49,6 +49,23 @@ def test_obstacles_name_the_shapes_and_dtype():
                    jnp.zeros(200, bool), jnp.zeros(256, bool), out_dtype=jnp.bfloat16)
 
 
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
+def test_the_epilogue_arithmetic_is_int8_finish(out_dtype):
+  # The kernel's epilogue (_finish_tile) is plain jnp on the accumulator tile: here on the CPU against the
+  # int8 path's finish for every pair of row exponents the path makes (-128..123), NaN rows and columns,
+  # and sums from 0 to the largest int32 ones (rounded to float32), so bits outside the kernel are checked too.
+  e = jnp.concatenate([jnp.arange(-128, 124, dtype=jnp.int32), jnp.array([0, 0], jnp.int32)])
+  nan = jnp.arange(e.size) >= e.size - 1
+  sums = jnp.array([0, 1, -1, 3, 96 * 96, -(2**24 + 1), 2**31 - 1, -(2**31) + 1, 12345677], jnp.int32)
+  acc = jnp.broadcast_to(sums[:, None, None], (sums.size, e.size, e.size)).reshape(-1, e.size)
+  ea = jnp.tile(e, sums.size)
+  ea_folded = jnp.where(jnp.tile(nan, sums.size), gk.NAN_EXPONENT, ea)
+  eb_folded = jnp.where(nan, gk.NAN_EXPONENT, e)
+  got = gk._finish_tile(acc, ea_folded, eb_folded, out_dtype)
+  want = im.finish_sums(acc, ea, e, jnp.tile(nan, sums.size), nan, out_dtype)
+  assert_same_bits(got, want)
+
+
 def test_int8_product_takes_the_fused_gemm_only_where_it_runs(monkeypatch):
   # Off a Hopper GPU, in interpret mode and for shapes no tile divides, the int8 path keeps XLA's GEMM
   # and finish. Traced only (make_jaxpr): nothing compiles, so this runs on any machine.
