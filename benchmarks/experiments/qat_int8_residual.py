@@ -1,0 +1,73 @@
+"""How often would the MXFP4 QAT step's GEMM operands need the int8 path's fallback? (issue 15, CPU)
+
+The int8 path (``fp4jax/int8_matmul.py``) multiplies MXFP4 x MXFP4 exactly on the int8 tensor cores when every
+row of both operands keeps its nonzero blocks within 4 binades of the row's top block; one row outside sends the
+whole product to the two-pass bfloat16 fallback. Putting QAT's GEMMs on the int8 path only pays if the operands of
+``benchmarks/qat_step.py`` (SwiGLU block, d = 4096, ffn = 14336, random data as there) mostly have no such row.
+
+This counts, per operand as the int8 path would see it (rows = the GEMM's free axis, blocks along its contracting
+axis), the fraction of rows with residual blocks, with the step's own data at full contraction lengths and fewer
+tokens (the row fraction does not depend on how many rows there are):
+
+* forward: ``x`` (tokens x d), ``W1^T`` / ``W3^T`` (ffn x d), ``h = silu(x W1) * (x W3)`` (tokens x ffn), ``W2^T``
+  (d x ffn);
+* the first backward operand: the output gradient ``g = 2 (y - t) / size`` (tokens x d) of ``dh = g W2^T``.
+
+  PYTHONPATH=. python benchmarks/experiments/qat_int8_residual.py --out DIR [--tokens 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import fp4jax as fj
+from fp4jax import int8_matmul
+from fp4jax.prepared import byte_matrix
+
+
+def residual_rows(x):
+  """Fraction of rows of ``x`` (rows, K), quantized to MXFP4 along K, with residual blocks (the fallback's trigger)."""
+  data, scales = byte_matrix(fj.quantize(x, fj.MXFP4, axis=-1, layout="rows"))
+  base, _ = int8_matmul.row_bases(scales)
+  return float(jnp.mean(int8_matmul.rows_residual(data, scales, base)))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", required=True)
+  p.add_argument("--tokens", type=int, default=1024)
+  p.add_argument("--d", type=int, default=4096)
+  p.add_argument("--ffn", type=int, default=14336)
+  a = p.parse_args(argv)
+  os.makedirs(a.out, exist_ok=True)
+  d, ffn, t = a.d, a.ffn, a.tokens
+  k = jax.random.split(jax.random.key(0), 8)  # benchmarks/qat_step.py's inputs(), fewer tokens
+  w1, w3 = (jax.random.normal(k[i], (d, ffn)) * d**-0.5 for i in (0, 1))
+  w2 = jax.random.normal(k[2], (ffn, d)) * ffn**-0.5
+  x = jax.random.normal(k[3], (t, d), jnp.bfloat16).astype(jnp.float32)
+  target = jax.random.normal(k[5], (t, d), jnp.float32)
+  h = jax.jit(lambda x: jax.nn.silu(x @ w1) * (x @ w3))(x)
+  y = h @ w2
+  g = 2 * (y - target) / y.size
+  res = {"tokens": t, "d": d, "ffn": ffn, "residual_row_fraction": {
+      "x (tokens x d)": residual_rows(x),
+      "W1^T (ffn x d)": residual_rows(w1.T),
+      "W3^T (ffn x d)": residual_rows(w3.T),
+      "h (tokens x ffn)": residual_rows(h),
+      "W2^T (d x ffn)": residual_rows(w2.T),
+      "g (tokens x d)": residual_rows(g),
+  }}
+  print(json.dumps(res, indent=1), flush=True)
+  with open(os.path.join(a.out, "qat_int8_residual.json"), "w") as f:
+    json.dump(res, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
