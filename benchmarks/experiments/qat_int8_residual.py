@@ -11,9 +11,13 @@ tokens (the row fraction does not depend on how many rows there are):
 
 * forward: ``x`` (tokens x d), ``W1^T`` / ``W3^T`` (ffn x d), ``h = silu(x W1) * (x W3)`` (tokens x ffn), ``W2^T``
   (d x ffn);
-* the first backward operand: the output gradient ``g = 2 (y - t) / size`` (tokens x d) of ``dh = g W2^T``.
+* backward, unquantized gradients as a stand-in for the stochastically rounded ones (the same blocks' exponents up to
+  rounding): ``g = 2 (y - t) / size`` (tokens x d) and ``W2`` (ffn x d) of ``dh = g W2^T``; ``dh`` (tokens x ffn) of
+  ``dx``; and the weight gradients' operands blocked along tokens: ``x^T``, ``h^T``, ``g^T`` and the pre-activation
+  gradients ``g1^T``, ``g3^T``. Rows blocked along tokens have ``tokens / 32`` blocks: fewer tokens than the step's
+  8192 can only under-count them.
 
-  PYTHONPATH=. python benchmarks/experiments/qat_int8_residual.py --out DIR [--tokens 1024]
+  PYTHONPATH=. python benchmarks/experiments/qat_int8_residual.py --out DIR [--tokens 2048]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def residual_rows(x):
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--out", required=True)
-  p.add_argument("--tokens", type=int, default=1024)
+  p.add_argument("--tokens", type=int, default=2048)
   p.add_argument("--d", type=int, default=4096)
   p.add_argument("--ffn", type=int, default=14336)
   a = p.parse_args(argv)
@@ -52,9 +56,14 @@ def main(argv=None):
   w2 = jax.random.normal(k[2], (ffn, d)) * ffn**-0.5
   x = jax.random.normal(k[3], (t, d), jnp.bfloat16).astype(jnp.float32)
   target = jax.random.normal(k[5], (t, d), jnp.float32)
-  h = jax.jit(lambda x: jax.nn.silu(x @ w1) * (x @ w3))(x)
+  a1, a3 = x @ w1, x @ w3
+  h = jax.nn.silu(a1) * a3
   y = h @ w2
   g = 2 * (y - target) / y.size
+  dh = g @ w2.T
+  # Gradients at the two pre-activations (the weight gradients' other operands).
+  g1 = dh * a3 * jax.grad(lambda v: jnp.sum(jax.nn.silu(v)))(a1)
+  g3 = dh * jax.nn.silu(a1)
   res = {"tokens": t, "d": d, "ffn": ffn, "residual_row_fraction": {
       "x (tokens x d)": residual_rows(x),
       "W1^T (ffn x d)": residual_rows(w1.T),
@@ -62,6 +71,14 @@ def main(argv=None):
       "h (tokens x ffn)": residual_rows(h),
       "W2^T (d x ffn)": residual_rows(w2.T),
       "g (tokens x d)": residual_rows(g),
+      "W2 (ffn x d)": residual_rows(w2),
+      "dh (tokens x ffn)": residual_rows(dh),
+      # Weight gradients dW = X^T G sum over tokens: rows are features, blocks along tokens.
+      "x^T (d x tokens)": residual_rows(x.T),
+      "g1^T (ffn x tokens)": residual_rows(g1.T),
+      "g3^T (ffn x tokens)": residual_rows(g3.T),
+      "h^T (ffn x tokens)": residual_rows(h.T),
+      "g^T (d x tokens)": residual_rows(g.T),
   }}
   print(json.dumps(res, indent=1), flush=True)
   with open(os.path.join(a.out, "qat_int8_residual.json"), "w") as f:
