@@ -31,7 +31,7 @@ from fp4jax.formats import Format
 from fp4jax.kernels import matmul_common as common
 
 __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "rebase_codes", "rows_residual", "rows_codes",
-           "row_exponent", "fused_gemm", "finish_sums", "int8_product"]
+           "row_exponent", "fused_gemm_runs", "finish_sums", "int8_product"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
 SPAN = 4
@@ -105,7 +105,7 @@ def int8_gemm_kernel():
   return int8_gemm
 
 
-def fused_gemm(m: int, n: int, k: int, out_dtype) -> bool:
+def fused_gemm_runs(m: int, n: int, k: int, out_dtype) -> bool:
   """Whether the GEMM and finish run as one Mosaic GPU kernel here (a Hopper GPU, shapes it tiles)."""
   ig = int8_gemm_kernel()
   return ig.on_hopper() and ig.gemm_obstacle(m, n, k, out_dtype) is None
@@ -136,7 +136,7 @@ def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, ker
   def exact():
     codes_a, codes_b = rows_codes(a_data, a_scales, base_a, **opts), rows_codes(b_data, b_scales, base_b, **opts)
     ea, eb = row_exponent(base_a), row_exponent(base_b)
-    if kernels and not interpret and fused_gemm(m, n, codes_a.shape[1], out_dtype):
+    if kernels and not interpret and fused_gemm_runs(m, n, codes_a.shape[1], out_dtype):
       return int8_gemm_kernel().scaled_gemm(codes_a, codes_b, ea, eb, nan_a, nan_b, out_dtype=out_dtype)
     sums = lax.dot_general(codes_a, codes_b, _DN, preferred_element_type=jnp.int32)
     if kernels and int8_rebase_kernels().finish_tiles(m, n):

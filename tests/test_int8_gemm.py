@@ -69,11 +69,11 @@ def test_the_epilogue_arithmetic_is_int8_finish(out_dtype):
 def test_int8_product_takes_the_fused_gemm_only_where_it_runs(monkeypatch):
   # Off a Hopper GPU, in interpret mode and for shapes no tile divides, the int8 path keeps XLA's GEMM
   # and finish. Traced only (make_jaxpr): nothing compiles, so this runs on any machine.
-  assert im.fused_gemm(256, 512, 384, jnp.bfloat16) == gk.on_hopper()
+  assert im.fused_gemm_runs(256, 512, 384, jnp.bfloat16) == gk.on_hopper()
   monkeypatch.setattr(gk, "on_hopper", lambda: True)
-  assert im.fused_gemm(256, 512, 384, jnp.bfloat16)
-  assert not im.fused_gemm(256, 500, 384, jnp.bfloat16)
-  assert not im.fused_gemm(256, 512, 384, jnp.int32)
+  assert im.fused_gemm_runs(256, 512, 384, jnp.bfloat16)
+  assert not im.fused_gemm_runs(256, 500, 384, jnp.bfloat16)
+  assert not im.fused_gemm_runs(256, 512, 384, jnp.int32)
   called = []
   monkeypatch.setattr(gk, "scaled_gemm", lambda *a, **kw: called.append(kw) or xla_ops(*a, kw["out_dtype"]))
   data = jax.random.randint(jax.random.key(0), (256, 192), 0, 256, jnp.int32).astype(jnp.uint8)
@@ -122,7 +122,7 @@ def test_int8_product_on_hopper_equals_the_xla_ops():
   sa = jax.random.randint(k3, (256, 32), 100, 103, jnp.int32).astype(jnp.uint8).at[7, 3].set(255)
   sb = jax.random.randint(k4, (512, 32), 140, 143, jnp.int32).astype(jnp.uint8).at[9, 0].set(255)
   fallback = lambda: jnp.zeros((256, 512), jnp.bfloat16)
-  assert im.fused_gemm(256, 512, 1024, jnp.bfloat16)
+  assert im.fused_gemm_runs(256, 512, 1024, jnp.bfloat16)
   got = im.int8_product(a, sa, b, sb, jnp.bfloat16, fallback, kernels=True)
   want = im.int8_product(a, sa, b, sb, jnp.bfloat16, fallback, kernels=False)
   assert_same_bits(got, want)
