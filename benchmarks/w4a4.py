@@ -80,9 +80,9 @@ def rebase(q, kernel=True, words=None):
   data, scales = byte_matrix(q)
   base, nan = int8_matmul.row_bases(scales)
   if kernel and words is not None:
-    codes = int8_rebase.rebase(data, scales, base, interpret=INTERPRET, words=words)
+    codes = int8_rebase.rebase(data, scales, base, interpret=INTERPRET, words=words)[0]
   else:
-    codes = int8_matmul.rows_codes(data, scales, base, kernel=kernel, interpret=INTERPRET)
+    codes = int8_matmul.rows_codes(data, scales, base, kernel=kernel, interpret=INTERPRET)[0]
   return codes, int8_matmul.row_exponent(base), nan
 
 
@@ -179,7 +179,8 @@ def sweep(size=8192):
   out = {"rebase": {}, "finish": {}}
   for cand in REBASE_CANDIDATES:
     tiles = int8_rebase.Tiles(*cand)
-    out["rebase"][str(cand)] = mb.bench(lambda d, s, b: int8_rebase.rebase(d, s, b, tiles=tiles, interpret=INTERPRET),
+    out["rebase"][str(cand)] = mb.bench(lambda d, s, b: int8_rebase.rebase(d, s, b, tiles=tiles, interpret=INTERPRET,
+                                                                            words=int8_rebase.WORDS),
                                         [(d, s, b) for (d, s), b in zip(mats, bases)]) * 1e6
   sums = [jax.random.randint(jax.random.key(i), (size, size), -2**20, 2**20, jnp.int32) for i in range(2)]
   for cand in FINISH_CANDIDATES:

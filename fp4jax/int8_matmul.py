@@ -73,19 +73,17 @@ def rebase_codes(data, scales, base):
 
 
 def rows_residual(data, scales, base, *, kernel: bool = False, interpret: bool = False):
-  """bool ``(R,)``: the row has a nonzero block outside the int8 span (read-only pass; Pallas where a tile fits)."""
-  if kernel and int8_rebase_kernels().rebase_tiles(*data.shape):
-    ik = int8_rebase_kernels()
-    return ik.residual(data, scales, base, interpret=interpret, words=ik.WORDS)
-  return rebase_codes(data, scales, base)[1]
+  """bool ``(R,)``: the row has a nonzero block outside the int8 span (Pallas where a tile fits)."""
+  return rows_codes(data, scales, base, kernel=kernel, interpret=interpret)[1]
 
 
 def rows_codes(data, scales, base, *, kernel: bool = False, interpret: bool = False):
-  """int8 ``(R, K)`` codes of packed MXFP4 rows at base bytes ``base`` (Pallas where a tile fits)."""
+  """``(codes int8 (R, K), residual bool (R,))`` of packed MXFP4 rows at base bytes ``base``, one pass
+  (Pallas where a tile fits, else :func:`rebase_codes`)."""
   if kernel and int8_rebase_kernels().rebase_tiles(*data.shape):
     ik = int8_rebase_kernels()
     return ik.rebase(data, scales, base, interpret=interpret, words=ik.WORDS)
-  return rebase_codes(data, scales, base)[0]
+  return rebase_codes(data, scales, base)
 
 
 def row_exponent(base):
@@ -123,18 +121,22 @@ def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, ker
   The int8 GEMM's int32 sums are exact; each output is rounded once to
   float32 (``S * 2**(ea + eb)``), then to ``out_dtype``. When either operand
   has residual blocks, ``fallback()`` (an exact path of the same output,
-  e.g. the bfloat16 two-pass product) runs instead, under ``lax.cond``, after
-  only a read-only check of the operands. ``kernels``: the passes in Pallas
-  (the same bits) where a tile fits, else XLA ops; on a Hopper GPU the GEMM
+  e.g. the bfloat16 two-pass product) runs instead, under ``lax.cond``.
+  ``kernels``: the passes in Pallas (the same bits) where a tile fits, else
+  XLA ops; on a Hopper GPU the GEMM
   and the finish as one Mosaic GPU kernel (:mod:`fp4jax.kernels.int8_gemm`)
   where its tiles fit.
+
+  The re-basing pass also writes the residual flags, so each operand is read
+  once; on the fallback its codes are wasted work.
   """
   opts = {"kernel": kernels, "interpret": interpret}
   (base_a, nan_a), (base_b, nan_b) = row_bases(a_scales), row_bases(b_scales)
   m, n = a_data.shape[0], b_data.shape[0]
+  (codes_a, residual_a), (codes_b, residual_b) = (rows_codes(a_data, a_scales, base_a, **opts),
+                                                    rows_codes(b_data, b_scales, base_b, **opts))
 
   def exact():
-    codes_a, codes_b = rows_codes(a_data, a_scales, base_a, **opts), rows_codes(b_data, b_scales, base_b, **opts)
     ea, eb = row_exponent(base_a), row_exponent(base_b)
     if kernels and not interpret and fused_gemm_runs(m, n, codes_a.shape[1], out_dtype):
       return int8_gemm_kernel().scaled_gemm(codes_a, codes_b, ea, eb, nan_a, nan_b, out_dtype=out_dtype)
@@ -143,6 +145,4 @@ def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, ker
       return int8_rebase_kernels().finish(sums, ea, eb, nan_a, nan_b, out_dtype=out_dtype, interpret=interpret)
     return finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype)
 
-  residual = jnp.any(rows_residual(a_data, a_scales, base_a, **opts)) | jnp.any(
-      rows_residual(b_data, b_scales, base_b, **opts))
-  return lax.cond(residual, fallback, exact)
+  return lax.cond(jnp.any(residual_a) | jnp.any(residual_b), fallback, exact)

@@ -203,7 +203,8 @@ def test_int8_passes_lower(tiles, words):
   data = jnp.asarray(rng.integers(0, 256, (16, 512), dtype=np.uint8))
   scales = jnp.asarray(rng.integers(118, 126, (16, 32), dtype=np.uint8))
   base = jnp.full((16,), 122, jnp.int32)
-  _lower(lambda d, s, b: ik.rebase(d, s, b, tiles=tiles, words=words), data, scales, base)
+  text = _lower(lambda d, s, b: ik.rebase(d, s, b, tiles=tiles, words=words), data, scales, base)
+  assert ("prmt.b32" in text) == words  # compiled, the word pass takes PTX's byte permute, not its emulation
   _lower(lambda d, s, b: ik.residual(d, s, b, tiles=tiles, words=words), data, scales, base)
   sums = jnp.asarray(rng.integers(-2**20, 2**20, (16, 64), dtype=np.int32))
   e, clear = jnp.zeros((16,), jnp.int32), jnp.zeros((16,), bool)
@@ -221,3 +222,27 @@ def test_int8_gemm_lowers(out_dtype):
     text = jax.jit(lambda *x: gk.scaled_gemm(*x, out_dtype=out_dtype)).trace(
         a, b, ea, eb, ea == 1, eb == 1).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text, "no Mosaic GPU kernel in the lowering"
+
+
+@pytest.mark.parametrize("config", [dict(delay_release=1), dict(cluster="n"), dict(cluster="m", delay_release=1)],
+                         ids=str)
+def test_int8_gemm_lowers_with_the_tuning_options(config):
+  # Kept for benchmarks/experiments/int8_gemm_mgpu.py; none was faster than the default on the H200.
+  from fp4jax.kernels import int8_gemm as gk
+
+  cfg = gk.Config(**config)
+  a, b = jnp.zeros((512, 384), jnp.int8), jnp.zeros((1024, 384), jnp.int8)
+  ea, eb = jnp.zeros((512,), jnp.int32), jnp.zeros((1024,), jnp.int32)
+  with _gpu_target():
+    text = jax.jit(lambda *x: gk.scaled_gemm(*x, out_dtype=jnp.bfloat16, config=cfg)).trace(
+        a, b, ea, eb, ea == 1, eb == 1).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text, "no Mosaic GPU kernel in the lowering"
+
+
+def test_int8_gemm_config_rejects_what_it_cannot_run():
+  from fp4jax.kernels import int8_gemm as gk
+
+  with pytest.raises(ValueError, match="cluster"):
+    gk.Config(cluster="k")
+  with pytest.raises(ValueError, match="delay_release"):
+    gk.Config(delay_release=3, stages=3)

@@ -74,6 +74,15 @@ CONFIGS = {
     "m128n128k64s6": Config(tile_k=64, stages=6),
     "m128n128k128s3_w4": Config(grid_tile_width=4),
     "m128n128k128s3_w16": Config(grid_tile_width=16),
+    # Consecutive wgmma groups overlapped (one left in flight), and clusters of two CTAs multicasting the
+    # operand tile they share (ninth session).
+    "d1": Config(delay_release=1),
+    "d1_s4": Config(delay_release=1, stages=4),
+    "d1_cn": Config(delay_release=1, cluster="n"),
+    "d1_cm": Config(delay_release=1, cluster="m"),
+    "d1_cm_w16": Config(delay_release=1, cluster="m", grid_tile_width=16),
+    "d1_cn_s4": Config(delay_release=1, cluster="n", stages=4),
+    "d0_cm": Config(cluster="m"),
 }
 
 

@@ -52,6 +52,18 @@ class Config:
   stages: int = 3  # 4 leaves no room for a float32 epilogue tile in 227 KB of shared memory
   epi: int = 64  # the epilogue's square tile through shared memory
   grid_tile_width: int = 8  # the persistent loop's snake order (L2 reuse)
+  # wgmma groups left in flight before a step's shared memory is released (0: each step waits for its
+  # own, so the tensor cores idle while the next issues; 1 overlaps consecutive steps).
+  delay_release: int = 0
+  # Two CTAs a cluster sharing (TMA-multicasting) the operand tile they have in common: "n" (neighbours
+  # along N share A's tile), "m" (along M, B's), or None.
+  cluster: str | None = None
+
+  def __post_init__(self):
+    if self.cluster not in (None, "m", "n"):
+      raise ValueError(f"Config.cluster must be None, 'm' or 'n', got {self.cluster!r}")
+    if not 0 <= self.delay_release < self.stages:
+      raise ValueError(f"Config.delay_release must be in [0, stages={self.stages}), got {self.delay_release}")
 
 
 #: Measured on the H200 (benchmarks/experiments/int8_gemm_mgpu.py): 698 us at 8192^3, 320 at
@@ -69,12 +81,17 @@ def gemm_obstacle(m: int, n: int, k: int, out_dtype, config: Config = CONFIG) ->
   """Why :func:`scaled_gemm` does not take these shapes and output dtype, or None (any machine)."""
   if jnp.dtype(out_dtype) not in [jnp.dtype(d) for d in OUT_DTYPES]:
     return f"output dtype {jnp.dtype(out_dtype).name} is not one of bfloat16, float16, float32"
-  cm, cn = config.tile_m, 2 * config.tile_n
+  cm, cn = _cluster_tile(config)
   if m % cm or n % cn or k % config.tile_k:
     return f"({m}, {k}) x ({n}, {k}) does not tile by {cm} x {cn} x {config.tile_k}"
   if k < config.stages * config.tile_k:
     return f"K={k} is shorter than the pipeline ({config.stages} steps of {config.tile_k})"
   return None
+
+
+def _cluster_tile(c: Config) -> tuple[int, int]:
+  """(rows, columns) of output a cluster computes: a CTA's ``tile_m x 2 tile_n``, doubled along ``c.cluster``."""
+  return c.tile_m * (1 + (c.cluster == "m")), 2 * c.tile_n * (1 + (c.cluster == "n"))
 
 
 def _sm_count() -> int:
@@ -107,15 +124,19 @@ def _kernel(a_gmem, b_gmem, ea_gmem, eb_gmem, out_gmem, *, c: Config, k_iters: i
   out_swizzle = plgpu.find_swizzle(c.epi * out_bytes * 8)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_bytes)), plgpu.SwizzleTransform(out_swizzle))
 
+  shared = lambda along: ("cluster",) if c.cluster == along else ()
+
   def pipeline(body, context):
     return plgpu.emit_pipeline_warp_specialized(
         body,
         grid=(k_iters,),
         memory_registers=40,
         in_specs=[plgpu.BlockSpec((cta_m, c.tile_k), lambda kk: (0, kk), transforms=in_transforms,
-                                  memory_space=plgpu.SMEM),
+                                  memory_space=plgpu.SMEM, delay_release=c.delay_release,
+                                  collective_axes=shared("n")),
                   plgpu.BlockSpec((cta_n, c.tile_k), lambda kk: (0, kk), transforms=in_transforms,
-                                  memory_space=plgpu.SMEM)],
+                                  memory_space=plgpu.SMEM, delay_release=c.delay_release,
+                                  collective_axes=shared("m"))],
         wg_axis="wg",
         num_compute_wgs=2,
         max_concurrent_steps=c.stages,
@@ -140,6 +161,9 @@ def _kernel(a_gmem, b_gmem, ea_gmem, eb_gmem, out_gmem, *, c: Config, k_iters: i
     def _tiles(info):
       (lin,) = info.index
       mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, c.grid_tile_width)
+      if c.cluster is not None:  # the cluster's two CTAs take neighbouring tiles
+        cta = lax.axis_index("cluster")
+        mi, ni = (mi * 2 + cta, ni) if c.cluster == "m" else (mi, ni * 2 + cta)
       m_sl, n_sl = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
       wg_n = pl.ds(wg * c.tile_n, c.tile_n)
 
@@ -169,7 +193,7 @@ def _kernel(a_gmem, b_gmem, ea_gmem, eb_gmem, out_gmem, *, c: Config, k_iters: i
       def body(_, a_smem, b_smem, acc_ref):
         # B's tile is (N, K) in shared memory: wgmma reads it K-major through the transposed view.
         plgpu.wgmma(acc_ref, a_smem, b_smem.at[wg_n].transpose((1, 0)))
-        plgpu.wgmma_wait(0)
+        plgpu.wgmma_wait(c.delay_release)
         return acc_ref
 
       pipeline(body, context)(a_gmem.at[m_sl, :], b_gmem.at[n_sl, :], allocations=allocs)
@@ -190,13 +214,15 @@ def scaled_gemm(codes_a, codes_b, ea, eb, nan_a, nan_b, *, out_dtype, config: Co
     raise ValueError(f"scaled_gemm: {why}")
   ea = jnp.where(nan_a, NAN_EXPONENT, ea.astype(jnp.int32))
   eb = jnp.where(nan_b, NAN_EXPONENT, eb.astype(jnp.int32))
-  kernel = functools.partial(_kernel, c=config, k_iters=k // config.tile_k, m_iters=m // config.tile_m,
-                             n_iters=n // (2 * config.tile_n))
+  cm, cn = _cluster_tile(config)
+  kernel = functools.partial(_kernel, c=config, k_iters=k // config.tile_k, m_iters=m // cm, n_iters=n // cn)
+  clusters = {} if config.cluster is None else {"cluster": (2,), "cluster_names": ("cluster",)}
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(_sm_count(),),
+      grid=(_sm_count() // (1 + (config.cluster is not None)),),
       grid_names=("sm",),
+      **clusters,
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
