@@ -16,12 +16,13 @@ calls on distinct inputs rotating beyond the L2, median of 5 samples):
   ``backend="auto"``, which takes the int8 path above ``KERNEL_MAX_ROWS["mx"]`` rows; ``int8_a_rows``
   the same with ``a`` stored ``"rows"`` too;
 * ``two_pass``: the bfloat16 two-pass path on the same operands (the previous default);
-* parts of the int8 path: re-basing each operand (Pallas, four bytes a word; ``rebase_w_bytes`` the byte
-  kernel), the weight's residual check, XLA's int8 GEMM alone, the finish pass alone, the Mosaic GPU GEMM
-  with the finish as epilogue alone (``fused_gemm_alone``, on Hopper), and all steps without the
+* parts of the int8 path: re-basing each operand (the Pallas pass; ``rebase_w_xla_ops`` XLA's ops), the
+  weight's residual flags (since 777272f the re-basing pass's own, so the same pass), XLA's int8 GEMM
+  alone, the finish pass alone, the Mosaic GPU GEMM with the finish as epilogue alone (``fused_gemm_alone``, on Hopper), and all steps without the
   ``lax.cond`` (to price the residual test) with XLA's GEMM + finish (``int8_no_cond``) or the fused
   kernel (``int8_no_cond_fused``);
-* ``words_equal_bytes``: the word passes' bits against the byte passes' on both operands;
+* ``kernel_equals_xla_ops``: the Pallas pass's codes and flags against XLA's ops' on both operands (runs
+  before 2026-11-30's ninth session compared a word pass with a byte pass: ``words_equal_bytes``);
 * ``fallback``: ``scaled_matmul`` on heavy-tailed activations (Student t, 3 degrees of freedom), whose
   rows span more binades than the int8 values hold, so the cond takes the two-pass path.
 
@@ -74,30 +75,28 @@ INTERPRET = jax.default_backend() == "cpu"  # the CPU smoke run interprets the k
 FUSED = int8_gemm.on_hopper()  # the Mosaic GPU GEMM + finish (fp4jax.kernels.int8_gemm) runs here
 
 
-def rebase(q, kernel=True, words=None):
-  """(codes, row exponent, NaN rows) of an MXFP4 QArray, as the int8 path makes them (``words``: the
-  four-bytes-a-word kernel)."""
+def rebase(q, kernel=True):
+  """(codes, row exponent, NaN rows) of an MXFP4 QArray, as the int8 path makes them (``kernel``: the
+  Pallas pass, else XLA's ops)."""
   data, scales = byte_matrix(q)
   base, nan = int8_matmul.row_bases(scales)
-  if kernel and words is not None:
-    codes = int8_rebase.rebase(data, scales, base, interpret=INTERPRET, words=words)[0]
-  else:
-    codes = int8_matmul.rows_codes(data, scales, base, kernel=kernel, interpret=INTERPRET)[0]
+  codes = int8_matmul.rows_codes(data, scales, base, kernel=kernel, interpret=INTERPRET)[0]
   return codes, int8_matmul.row_exponent(base), nan
 
 
-def residual(q, words=None):
+def residual(q):
   data, scales = byte_matrix(q)
   base = int8_matmul.row_bases(scales)[0]
-  if words is not None:
-    return int8_rebase.residual(data, scales, base, interpret=INTERPRET, words=words)
   return int8_matmul.rows_residual(data, scales, base, kernel=True, interpret=INTERPRET)
 
 
-def words_equal(q):
-  """Whether the word kernels give the byte kernels' codes and residual flags for ``q``."""
-  return bool(jnp.array_equal(rebase(q, words=True)[0], rebase(q, words=False)[0])) and bool(
-      jnp.array_equal(residual(q, words=True), residual(q, words=False)))
+def kernel_equals_xla_ops(q):
+  """Whether the Pallas re-basing pass gives XLA's ops' codes and residual flags for ``q``."""
+  data, scales = byte_matrix(q)
+  base = int8_matmul.row_bases(scales)[0]
+  mine = int8_matmul.rows_codes(data, scales, base, kernel=True, interpret=INTERPRET)
+  theirs = int8_matmul.rebase_codes(data, scales, base)
+  return all(bool(jnp.array_equal(x, y)) for x, y in zip(mine, theirs))
 
 
 def finish_alone(sums, tiles=None):
@@ -140,9 +139,9 @@ def case(m, k, n):
   t["rebase_a"] = mb.bench(lambda a, w: rebase(a), calls)
   t["rebase_w"] = mb.bench(lambda a, w: rebase(w), calls)
   t["residual_check_w"] = mb.bench(lambda a, w: residual(w), calls)
-  # The four-bytes-a-word passes (int8_rebase.WORDS, on) against the byte passes' bits.
-  words_ok = words_equal(aq[0]) and words_equal(wq[0])
-  t["rebase_w_bytes"] = mb.bench(lambda a, w: rebase(w, words=False), calls)
+  # The Pallas pass (PTX byte permute) against XLA's ops, bits and time.
+  kernel_ok = kernel_equals_xla_ops(aq[0]) and kernel_equals_xla_ops(wq[0])
+  t["rebase_w_xla_ops"] = mb.bench(lambda a, w: rebase(w, kernel=False), calls)
   codes = [(rebase(a)[0], rebase(w)[0]) for a, w in calls]
   t["int8_gemm_alone"] = mb.bench(lambda x, y: lax.dot_general(x, y, DN, preferred_element_type=jnp.int32), codes)
   if FUSED:
@@ -160,7 +159,7 @@ def case(m, k, n):
   t["fallback_heavy_tails"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16),
                                        mb.make_calls(ah, wq))
   row = {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()},
-         "normal_data_has_residual": has_residual, "words_equal_bytes": words_ok}
+         "normal_data_has_residual": has_residual, "kernel_equals_xla_ops": kernel_ok}
   row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
   return row
 
@@ -179,8 +178,7 @@ def sweep(size=8192):
   out = {"rebase": {}, "finish": {}}
   for cand in REBASE_CANDIDATES:
     tiles = int8_rebase.Tiles(*cand)
-    out["rebase"][str(cand)] = mb.bench(lambda d, s, b: int8_rebase.rebase(d, s, b, tiles=tiles, interpret=INTERPRET,
-                                                                            words=int8_rebase.WORDS),
+    out["rebase"][str(cand)] = mb.bench(lambda d, s, b: int8_rebase.rebase(d, s, b, tiles=tiles, interpret=INTERPRET),
                                         [(d, s, b) for (d, s), b in zip(mats, bases)]) * 1e6
   sums = [jax.random.randint(jax.random.key(i), (size, size), -2**20, 2**20, jnp.int32) for i in range(2)]
   for cand in FINISH_CANDIDATES:

@@ -30,8 +30,8 @@ from jax import lax
 from fp4jax.formats import Format
 from fp4jax.kernels import matmul_common as common
 
-__all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "rebase_codes", "rows_residual", "rows_codes",
-           "row_exponent", "fused_gemm_runs", "finish_sums", "int8_product"]
+__all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "block_order", "rebase_codes", "rows_residual",
+           "rows_codes", "row_exponent", "fused_gemm_runs", "finish_sums", "int8_product"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
 SPAN = 4
@@ -60,8 +60,21 @@ def row_bases(scales):
   return jnp.maximum(top - (SPAN - 1), 0), jnp.any(nan, axis=1)
 
 
+def block_order(codes):
+  """Codes ``(R, K)`` in k order -> block order: inside each block of 32, the first four of every eight
+  (k = 0..3, 8..11, 16..19, 24..27), then the last four (4..7, ..., 28..31).
+
+  The re-basing kernel writes its codes so (each 32-bit word of packed codes gives two output words,
+  stored to the two contiguous halves of the block). Both operands of a product take the same order,
+  and integer addition does not depend on it: every int32 sum, hence every output bit, is the same.
+  """
+  r, k = codes.shape
+  return codes.reshape(r, k // _BLOCK, 4, 2, 4).transpose(0, 1, 3, 2, 4).reshape(r, k)
+
+
 def rebase_codes(data, scales, base):
-  """XLA ops: ``(codes int8 (R, K), residual bool (R,))`` of packed MXFP4 rows at base bytes ``base``."""
+  """XLA ops: ``(codes int8 (R, K), residual bool (R,))`` of packed MXFP4 rows at base bytes ``base``;
+  the codes in :func:`block_order`, as the kernel writes them."""
   r, nbytes = data.shape
   nb = scales.shape[1]
   shift, main, other = common.int8_blocks(scales.astype(jnp.int32), base[:, None])
@@ -69,7 +82,7 @@ def rebase_codes(data, scales, base):
   nonzero = jnp.any((b & 0x77) != 0, axis=-1)
   lo, hi = common.int8_values(b, shift[:, :, None], main[:, :, None])
   codes = common.interleave_last(lo, hi).reshape(r, 2 * nbytes).astype(jnp.int8)
-  return codes, jnp.any(nonzero & other, axis=1)
+  return block_order(codes), jnp.any(nonzero & other, axis=1)
 
 
 def rows_residual(data, scales, base, *, kernel: bool = False, interpret: bool = False):
@@ -82,7 +95,7 @@ def rows_codes(data, scales, base, *, kernel: bool = False, interpret: bool = Fa
   (Pallas where a tile fits, else :func:`rebase_codes`)."""
   if kernel and int8_rebase_kernels().rebase_tiles(*data.shape):
     ik = int8_rebase_kernels()
-    return ik.rebase(data, scales, base, interpret=interpret, words=ik.WORDS)
+    return ik.rebase(data, scales, base, interpret=interpret)
   return rebase_codes(data, scales, base)
 
 

@@ -48,6 +48,21 @@ def test_twice_e2m1_is_exhaustively_twice_the_value():
   np.testing.assert_array_equal(got, 2 * E2M1_VALUES)
 
 
+def test_the_codes_are_twice_the_e2m1_values_shifted_in_block_order():
+  # numpy, independent of fp4jax: element k's int8 value 2 * E2M1 * 2**d, then the block order (inside each
+  # block of 32: k = 0..3, 8..11, 16..19, 24..27, then 4..7, ..., 28..31), which the kernel writes.
+  data, scales = random_rows(jax.random.key(9), 4, 256)
+  base, _ = im.row_bases(scales)
+  nibbles = np.stack([np.asarray(data) & 0xF, np.asarray(data) >> 4], axis=-1).reshape(4, 256)
+  shift = np.repeat(np.asarray(scales, np.int64) - np.asarray(base, np.int64)[:, None], 32, axis=1)
+  assert set(np.unique(shift)) <= {0, 1, 2, 3}
+  k_order = (2 * E2M1_VALUES[nibbles] * 2.0 ** shift).astype(np.int64)
+  order = [k for half in range(2) for word in range(4) for k in range(8 * word + 4 * half, 8 * word + 4 * half + 4)]
+  want = k_order.reshape(4, 8, 32)[:, :, order].reshape(4, 256)
+  np.testing.assert_array_equal(np.asarray(im.rebase_codes(data, scales, base)[0]), want)
+  np.testing.assert_array_equal(np.asarray(im.block_order(jnp.asarray(k_order))), want)
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 64, 16), (7, 96, 24), (33, 1024, 40), (64, 4096, 8)])
 def test_the_product_is_the_exact_one_rounded_once(m, k, n):
   a, b = random_rows(jax.random.key(m), m, k), random_rows(jax.random.key(n + 1), n, k, 100, 103)
@@ -119,8 +134,7 @@ def test_scaled_matmul_auto_on_a_gpu_takes_the_int8_path(monkeypatch):
   np.testing.assert_array_equal(np.asarray(out), want.astype(np.float32))
 
 
-@pytest.mark.parametrize("words", [False, True], ids=["bytes", "words"])
-def test_the_pallas_passes_give_the_xla_ops_bits(words):
+def test_the_pallas_passes_give_the_xla_ops_bits():
   # Every scale byte (NaN, 2**127, zero included) and random codes; bases from the rows' own scales.
   # Compiled on a GPU, interpreted elsewhere.
   interpret = not kernels.on_gpu()
@@ -132,8 +146,8 @@ def test_the_pallas_passes_give_the_xla_ops_bits(words):
   codes, residual = im.rebase_codes(data, scales, base)
   assert residual[:8].any() and not residual[8:].any()
   for tiles in (ik.Tiles(4, 512), ik.Tiles(8, 64), ik.Tiles(1, 16)):
-    np.testing.assert_array_equal(ik.rebase(data, scales, base, tiles=tiles, interpret=interpret, words=words)[0], codes)
-    np.testing.assert_array_equal(ik.residual(data, scales, base, tiles=tiles, interpret=interpret, words=words),
+    np.testing.assert_array_equal(ik.rebase(data, scales, base, tiles=tiles, interpret=interpret)[0], codes)
+    np.testing.assert_array_equal(ik.residual(data, scales, base, tiles=tiles, interpret=interpret),
                                   residual)
   sums = jax.random.randint(key, (16, 64), -2**31 + 1, 2**31 - 1, jnp.int32)
   ea = jax.random.randint(jax.random.key(6), (16,), -140, 130)
@@ -152,8 +166,8 @@ def test_obstacles_name_the_format():
   assert "MXFP4" in im.int8_obstacle(fj.MXFP8_E4M3, fj.MXFP4, 4096)
 
 
-def test_the_word_kernels_give_every_byte_in_every_position_the_xla_ops_bits():
-  # Four bytes share a uint32 in the words kernels, and a carry or shift across byte lanes would
+def test_the_word_kernel_gives_every_byte_in_every_position_the_xla_ops_bits():
+  # Four bytes share a uint32 in the kernel, and a carry or shift across byte lanes would
   # corrupt a neighbour: every byte value sits in each of the four positions of a word, beside
   # neighbours of every sign, under every shift 0..3, a block off the span (main False), a zero
   # block, a NaN block and the 2**127 block; the residual of rows with and without other blocks.
@@ -171,6 +185,6 @@ def test_the_word_kernels_give_every_byte_in_every_position_the_xla_ops_bits():
   assert residual[:8].any() and not residual[8:].any()
   assert len(set(np.asarray(scales[0, :24] - base[0]).tolist())) == 4  # shifts 0..3 all occur
   for tiles in (ik.Tiles(4, 512), ik.Tiles(2, 64), ik.Tiles(1, 16)):
-    np.testing.assert_array_equal(ik.rebase(data, scales, base, tiles=tiles, interpret=interpret, words=True)[0], codes)
-    np.testing.assert_array_equal(ik.residual(data, scales, base, tiles=tiles, interpret=interpret, words=True),
+    np.testing.assert_array_equal(ik.rebase(data, scales, base, tiles=tiles, interpret=interpret)[0], codes)
+    np.testing.assert_array_equal(ik.residual(data, scales, base, tiles=tiles, interpret=interpret),
                                   residual)

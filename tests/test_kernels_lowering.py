@@ -196,16 +196,14 @@ def test_mx_matmul_lowers(a_fmt, b_fmt, mma):
 
 
 # ---- the int8 path's passes around XLA's int8 GEMM --------------------------------------------
-@pytest.mark.parametrize("words", [False, True], ids=["bytes", "words"])
 @pytest.mark.parametrize("tiles", [ik.REBASE_TILES, ik.Tiles(1, 16), ik.Tiles(8, 64, 8)], ids=str)
-def test_int8_passes_lower(tiles, words):
+def test_int8_passes_lower(tiles):
   rng = np.random.default_rng(0)
   data = jnp.asarray(rng.integers(0, 256, (16, 512), dtype=np.uint8))
   scales = jnp.asarray(rng.integers(118, 126, (16, 32), dtype=np.uint8))
   base = jnp.full((16,), 122, jnp.int32)
-  text = _lower(lambda d, s, b: ik.rebase(d, s, b, tiles=tiles, words=words), data, scales, base)
-  assert ("prmt.b32" in text) == words  # compiled, the word pass takes PTX's byte permute, not its emulation
-  _lower(lambda d, s, b: ik.residual(d, s, b, tiles=tiles, words=words), data, scales, base)
+  text = _lower(lambda d, s, b: ik.rebase(d, s, b, tiles=tiles), data, scales, base)
+  assert "prmt.b32" in text  # compiled, the pass takes PTX's byte permute, not its emulation
   sums = jnp.asarray(rng.integers(-2**20, 2**20, (16, 64), dtype=np.int32))
   e, clear = jnp.zeros((16,), jnp.int32), jnp.zeros((16,), bool)
   _lower(lambda s: ik.finish(s, e, e[:1].repeat(64), clear, clear[:1].repeat(64), out_dtype=jnp.bfloat16), sums)

@@ -4,10 +4,11 @@ After the PTX byte permute (``fp4jax/kernels/int8_rebase.py``, ~7 int ops a byte
 weight took 50-58 us on the H200 where moving its bytes (34 MB in, 67 MB out) takes ~30: so it is bound
 neither by its integer work nor by DRAM alone. Variants of the same tiling, timed side by side:
 
-* ``library``: ``int8_rebase.rebase`` (words, prmt), the int8 path's pass;
-* ``contiguous_stores``: the same work, the two output words of each input word stored to the block's
-  two contiguous halves instead of interleaved (a permuted K order: timing only, its codes are not the
-  library's; a GEMM would give the same int32 sums if both operands were permuted alike);
+* ``library``: ``int8_rebase.rebase``, the int8 path's pass (since the run below, codes in block order:
+  the two output words of each input word stored to the block's two contiguous halves);
+* ``interleaved_stores``: the same work with the two output words interleaved (k order, the library's
+  pass when the run was made, then named ``library``; the run's ``contiguous_stores`` column was this
+  script's variant of what the library now does);
 * ``no_stores``: the codes computed and folded into the flags (nothing but the flags written);
 * ``copy``: a Pallas pass of the same tiles that writes each input word twice (the bytes' floor).
 
@@ -53,9 +54,9 @@ def _variant_kernel(data_ref, scales_ref, base_ref, out_ref, flags_ref, *, mode)
   shift, main, other = ik._block_fields(scales_ref, base_ref)
   first, second = ik._word_values(w, shift, main, ik._prmt_emulated if INTERPRET else ik._prmt_ptx)
   outside = (other & ((w & jnp.uint32(0x77777777)) != 0)).astype(jnp.int32)
-  if mode == "contiguous_stores":
-    out_ref[:, :, 0:4] = first
-    out_ref[:, :, 4:8] = second
+  if mode == "interleaved_stores":
+    out_ref[:, :, pl.ds(0, 4, stride=2)] = first
+    out_ref[:, :, pl.ds(1, 4, stride=2)] = second
   else:  # no_stores: keep the codes alive through the flags
     folded = jnp.max(jnp.max(((first ^ second) == jnp.uint32(0x12345678)).astype(jnp.int32), axis=2), axis=1)
     outside = outside | folded[:, None, None]
@@ -99,14 +100,13 @@ def main(argv=None):
   for w in ws:
     d, s = byte_matrix(w)
     calls.append((d, s, int8_matmul.row_bases(s)[0]))
-  want = ik.rebase(*calls[0], words=True, interpret=INTERPRET)
+  want = ik.rebase(*calls[0], interpret=INTERPRET)
   res["rebase"] = {}
   for tiles in (ik.Tiles(4, 512), ik.Tiles(2, 1024), ik.Tiles(8, 1024, 8)):
-    row = {"library": mb.bench(lambda d, s, b: ik.rebase(d, s, b, tiles=tiles, words=True, interpret=INTERPRET),
-                               calls) * 1e6}
-    for mode in ("contiguous_stores", "no_stores", "copy"):
+    row = {"library": mb.bench(lambda d, s, b: ik.rebase(d, s, b, tiles=tiles, interpret=INTERPRET), calls) * 1e6}
+    for mode in ("interleaved_stores", "no_stores", "copy"):
       row[mode] = mb.bench(lambda d, s, b: variant(d, s, b, mode=mode, tiles=tiles), calls) * 1e6
-    flags = variant(*calls[0], mode="contiguous_stores", tiles=tiles)[1]
+    flags = variant(*calls[0], mode="interleaved_stores", tiles=tiles)[1]
     row["flags_equal"] = bool(jnp.array_equal(jnp.any(flags != 0, axis=1), want[1]))
     res["rebase"][str(tuple(tiles))] = row
     print(tiles, row, flush=True)

@@ -7,20 +7,22 @@
 * :func:`finish` — the int32 sums to ``out_dtype``: ``S * 2**(ea + eb)``, NaN
   rows and columns, one pass.
 
-Both give :mod:`fp4jax.int8_matmul`'s XLA ops' bits: the arithmetic is one
-copy in :mod:`fp4jax.kernels.matmul_common` (``int8_blocks``, ``int8_values``,
-``int8_finish``), and tests compare them in interpret mode. Shapes no tile
-divides go to the XLA ops (:func:`rebase_tiles`, :func:`finish_tiles`).
+Both give :mod:`fp4jax.int8_matmul`'s XLA ops' bits: the arithmetic is the
+same as :mod:`fp4jax.kernels.matmul_common`'s (``int8_blocks``, ``int8_values``,
+``int8_finish``), and tests compare them in interpret mode and on the GPU.
+Shapes no tile divides go to the XLA ops (:func:`rebase_tiles`,
+:func:`finish_tiles`).
 
-``words=True`` (the default, :data:`WORDS`) re-bases four bytes a uint32, an
-independent second implementation of the same values (:func:`_word_values`):
-the byte pass spends ~34 int32 operations a byte and is bound by them
-(``benchmarks/results/w4a4.md``). Each half-word's four nibbles are the
-selectors of PTX's byte permute (``prmt``), which looks their magnitudes up in
-a table of twice the E2M1 values and their signs in a mask table, about 7
-operations a byte where the bit-plane logic before it took ~21. Interpreted
-(on the CPU), a jnp emulation of ``prmt`` stands in; the compiled kernel's
-bits are checked on the GPU.
+The re-basing pass works on four bytes (eight codes) a uint32
+(:func:`_word_values`): each half-word's four nibbles are the selectors of
+PTX's byte permute (``prmt``), which looks their magnitudes up in a table of
+twice the E2M1 values and their signs in a mask table, about 7 operations a
+byte (the earlier byte pass took ~34 and was bound by them,
+``benchmarks/results/w4a4.md``). Interpreted (on the CPU), a jnp emulation of
+``prmt`` stands in; a lowering test checks the instruction is in the kernel and
+the GPU tests check its bits. Each word's two output words go to the two
+contiguous halves of its block (:func:`fp4jax.int8_matmul.block_order`), not
+interleaved: the interleaved stores cost ~15 us of ~50 on an 8192^2 weight.
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fp4jax.kernels import common as C
-from fp4jax.kernels.matmul_common import int8_blocks, int8_finish, int8_values, pick_block
+from fp4jax.kernels.matmul_common import int8_blocks, int8_finish, pick_block
 
-__all__ = ["Tiles", "REBASE_TILES", "FINISH_TILES", "WORDS", "residual", "rebase", "finish", "rebase_tiles",
-           "finish_tiles"]
+__all__ = ["Tiles", "REBASE_TILES", "FINISH_TILES", "residual", "rebase", "finish", "rebase_tiles", "finish_tiles"]
 
 _BLOCK_BYTES = 16  # an MXFP4 block of 32 codes
 
@@ -54,9 +55,6 @@ class Tiles(NamedTuple):
 #: in registers as int32, so tiles stay small.
 REBASE_TILES = Tiles(4, 512)
 FINISH_TILES = Tiles(4, 1024)
-#: Whether the int8 path (:func:`fp4jax.int8_matmul.rows_codes`, ``rows_residual``) takes the
-#: four-bytes-a-word kernels (read when it traces); False gives the byte kernels, the same bits.
-WORDS = True
 
 
 def rebase_tiles(rows: int, nbytes: int, tiles: Tiles | None = None) -> tuple[int, int] | None:
@@ -75,20 +73,9 @@ def finish_tiles(m: int, n: int, tiles: Tiles | None = None) -> tuple[int, int] 
 def _block_fields(scales_ref, base_ref):
   """:func:`~fp4jax.kernels.matmul_common.int8_blocks` per block of the tile: ``(rows, blocks, 1)``.
 
-  The tile is 3-D, ``(rows, blocks, 16 bytes)``, so each block's fields broadcast along the last axis
-  of the codes as they are (a 2-D tile built per-byte fields with a broadcast and a reshape). Both
-  forms measured the same on the H200, ~73 us for an 8192^2 weight: the byte pass is bound by its
-  ~34 int32 operations a byte, not by moving data (``benchmarks/results/w4a4.md``)."""
+  The tile is 3-D, ``(rows, blocks, 4 words)``, so each block's fields broadcast along the last axis
+  of the codes as they are, with no in-register reshape."""
   return int8_blocks(scales_ref[...].astype(jnp.int32), base_ref[...][:, None, None])
-
-
-def _rebase_kernel(data_ref, scales_ref, base_ref, pairs_ref, residual_ref):
-  b = data_ref[...].astype(jnp.int32)
-  shift, main, other = _block_fields(scales_ref, base_ref)
-  lo, hi = int8_values(b, shift, main)
-  pairs_ref[...] = ((lo & 0xFF) | ((hi & 0xFF) << 8)).astype(jnp.uint16)
-  outside = (other & ((b & 0x77) != 0)).astype(jnp.int32)
-  residual_ref[...] = jnp.max(jnp.max(outside, axis=2), axis=1)[:, None]
 
 
 # Twice the E2M1 magnitudes 0..7 (0, 1, 2, 3, 4, 6, 8, 12) as the eight bytes of a prmt table.
@@ -153,53 +140,48 @@ def _word_values(w, shift, main, prmt):
   return half(w & _u32(0xFFFF)), half(w >> _u32(16))
 
 
-def _rebase_words_kernel(data_ref, scales_ref, base_ref, out_ref, residual_ref, *, prmt):
+def _rebase_kernel(data_ref, scales_ref, base_ref, out_ref, residual_ref, *, prmt):
   shift, main, other = _block_fields(scales_ref, base_ref)
   w = data_ref[...]
   first, second = _word_values(w, shift, main, prmt)
-  out_ref[:, :, pl.ds(0, 4, stride=2)] = first
-  out_ref[:, :, pl.ds(1, 4, stride=2)] = second
+  out_ref[:, :, 0:4] = first  # the block's codes in block order: the first four of each eight,
+  out_ref[:, :, 4:8] = second  # then the last four
   outside = (other & ((w & _u32(0x77777777)) != 0)).astype(jnp.int32)
   residual_ref[...] = jnp.max(jnp.max(outside, axis=2), axis=1)[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret", "words"))
-def rebase(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False, words: bool = False):
-  """int8 ``(R, K)`` codes of packed MXFP4 rows ``data`` given each row's base exponent byte, and the
-  residual (bool ``(R,)``: the row has a nonzero block outside the int8 span), in one pass.
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def rebase(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False):
+  """int8 ``(R, K)`` codes of packed MXFP4 rows ``data`` given each row's base exponent byte, in block
+  order (:func:`fp4jax.int8_matmul.block_order`), and the residual (bool ``(R,)``: the row has a nonzero
+  block outside the int8 span), in one pass.
 
-  Tiles ``(rows, blocks, 16 bytes)`` of the byte rows (free reshapes of ``data`` and ``scales``), so each
-  block's fields broadcast along the last axis. ``words``: four bytes a uint32 (the int8 path passes
-  :data:`WORDS`; the PTX byte permute compiled, its jnp emulation interpreted).
+  Tiles ``(rows, blocks, 4 words)`` of the byte rows (free reshapes and a bitcast of ``data``), so each
+  block's fields broadcast along the last axis. Compiled, the magnitudes and signs come from PTX's byte
+  permute; interpreted, from its jnp emulation.
   """
   r, nbytes = data.shape
   br, bk = rebase_tiles(r, nbytes, tiles)
   nb, nbk = nbytes // _BLOCK_BYTES, bk // _BLOCK_BYTES
-  if words:  # little-endian: byte 4w of a block is the low byte of its word w
-    data3, lanes, out_lanes, out_dtype = jax.lax.bitcast_convert_type(
-        data.reshape(r, nb, 4, 4), jnp.uint32), 4, 8, jnp.uint32
-    kernel = functools.partial(_rebase_words_kernel, prmt=_prmt_emulated if interpret else _prmt_ptx)
-  else:  # two int8 values a byte as one uint16, low byte the even k: the kernel never interleaves
-    data3, lanes, out_lanes, out_dtype = data.reshape(r, nb, _BLOCK_BYTES), _BLOCK_BYTES, _BLOCK_BYTES, jnp.uint16
-    kernel = _rebase_kernel
+  words = jax.lax.bitcast_convert_type(data.reshape(r, nb, 4, 4), jnp.uint32)  # little-endian: byte 4w lowest
   out, flags = pl.pallas_call(
-      kernel,
+      functools.partial(_rebase_kernel, prmt=_prmt_emulated if interpret else _prmt_ptx),
       grid=(r // br, nb // nbk),
-      in_specs=[pl.BlockSpec((br, nbk, lanes), lambda i, j: (i, j, 0)),
+      in_specs=[pl.BlockSpec((br, nbk, 4), lambda i, j: (i, j, 0)),
                 pl.BlockSpec((br, nbk, 1), lambda i, j: (i, j, 0)),
                 pl.BlockSpec((br,), lambda i, j: (i,))],
-      out_specs=[pl.BlockSpec((br, nbk, out_lanes), lambda i, j: (i, j, 0)), pl.BlockSpec((br, 1), lambda i, j: (i, j))],
-      out_shape=[jax.ShapeDtypeStruct((r, nb, out_lanes), out_dtype), jax.ShapeDtypeStruct((r, nbytes // bk), jnp.int32)],
+      out_specs=[pl.BlockSpec((br, nbk, 8), lambda i, j: (i, j, 0)), pl.BlockSpec((br, 1), lambda i, j: (i, j))],
+      out_shape=[jax.ShapeDtypeStruct((r, nb, 8), jnp.uint32), jax.ShapeDtypeStruct((r, nbytes // bk), jnp.int32)],
       compiler_params=C.compiler_params((tiles or REBASE_TILES).warps, 1),
       interpret=interpret,
-      name="int8_rebase_words" if words else "int8_rebase",
-  )(data3, scales.reshape(r, nb, 1), base.astype(jnp.int32))
+      name="int8_rebase",
+  )(words, scales.reshape(r, nb, 1), base.astype(jnp.int32))
   return jax.lax.bitcast_convert_type(out, jnp.int8).reshape(r, 2 * nbytes), jnp.any(flags != 0, axis=1)
 
 
-def residual(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False, words: bool = False):
+def residual(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False):
   """bool ``(R,)``: the row has a nonzero block outside the int8 span (:func:`rebase`'s flags)."""
-  return rebase(data, scales, base, tiles=tiles, interpret=interpret, words=words)[1]
+  return rebase(data, scales, base, tiles=tiles, interpret=interpret)[1]
 
 
 def _finish_kernel(sums_ref, ea_ref, eb_ref, nan_a_ref, nan_b_ref, out_ref):
