@@ -164,6 +164,43 @@ def case(m, k, n):
   return row
 
 
+def layer_case(m, k, n):
+  """The W4A4 layer with the activations quantized to byte rows first, or straight into the int8 codes
+  (``matmul.FUSED_ACTIVATION_QUANTIZE``), beside the bf16 dot, the product on stored rows, and the two
+  quantize passes alone; plus the fused path's output bits against the byte-rows path's."""
+  sets = mb.n_sets(m * k * 2 + k * n * 2, cap=8)
+  aq, wq = operands(m, k, n, sets)
+  keys = jax.random.split(jax.random.key(3), 2 * sets)
+  xb = [jax.random.normal(keys[i], (m, k), jnp.bfloat16) for i in range(sets)]
+  wb = [jax.random.normal(keys[sets + i], (k, n), jnp.bfloat16) for i in range(sets)]
+  t = {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
+  del wb
+  layer = QDense(n, use_bias=False, dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16,
+                 config=QatConfig(lhs=OperandConfig(fj.MXFP4), rhs=OperandConfig(None), grad=OperandConfig(None)))
+  apply = lambda x, w: layer.apply({"params": {"kernel": w}}, x)
+  t["qdense_w4a4"] = mb.bench(apply, mb.make_calls(xb, wq))
+  before = np.asarray(jax.jit(apply)(xb[0], wq[0]), np.float32)
+  fj.matmul.FUSED_ACTIVATION_QUANTIZE = True
+  try:
+    t["qdense_w4a4_fused"] = mb.bench(apply, mb.make_calls(xb, wq))
+    fused_equal = bool(np.array_equal(np.asarray(jax.jit(apply)(xb[0], wq[0]), np.float32), before))
+  finally:
+    fj.matmul.FUSED_ACTIVATION_QUANTIZE = False
+  rows_calls = [(a.with_layout("rows"), w) for a, w in mb.make_calls(aq, wq)]
+  t["int8_a_rows"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16), rows_calls)
+  del rows_calls
+  t["quantize_rows"] = mb.bench(lambda x: fj.quantize(x, fj.MXFP4, axis=-1, layout="rows"), [(x,) for x in xb])
+  t["quantize_rows_and_rebase"] = mb.bench(
+      lambda x: int8_matmul.rebased(*byte_matrix(fj.quantize(x, fj.MXFP4, axis=-1, layout="rows")), kernels=True,
+                                    interpret=INTERPRET), [(x,) for x in xb])
+  t["quantize_codes"] = mb.bench(lambda x: int8_matmul.activation_rows(x, kernels=True, interpret=INTERPRET),
+                                 [(x,) for x in xb])
+  row = {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()},
+         "fused_equals_rows_path": fused_equal}
+  row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
+  return row
+
+
 REBASE_CANDIDATES = [(8, 256, 4), (4, 512, 4), (16, 256, 8), (8, 512, 8), (2, 1024, 4), (16, 128, 4), (32, 512, 4),
                      (8, 1024, 4), (16, 512, 4), (4, 2048, 8), (32, 256, 4)]
 FINISH_CANDIDATES = [(16, 256, 4), (8, 512, 4), (32, 256, 8), (16, 512, 8), (4, 1024, 4), (32, 128, 4), (32, 512, 4)]
@@ -217,6 +254,7 @@ def main(argv=None):
   p.add_argument("--check", action="store_true")
   p.add_argument("--sweep", action="store_true", help="tile sweep of the two passes first (sets the defaults)")
   p.add_argument("--budget-s", type=float, default=400)
+  p.add_argument("--layer", action="store_true", help="only the W4A4 layer with and without the fused quantize")
   a = p.parse_args(argv)
   os.makedirs(a.out, exist_ok=True)
   t0 = time.time()
@@ -231,7 +269,7 @@ def main(argv=None):
       print("budget reached", flush=True)
       break
     m, k, n = map(int, shape.split("x"))
-    res["rows"].append(case(m, k, n))
+    res["rows"].append(layer_case(m, k, n) if a.layer else case(m, k, n))
     print(json.dumps(res["rows"][-1]), flush=True)
     with open(path, "w") as f:
       json.dump(res, f, indent=1)

@@ -15,7 +15,7 @@ own package. ``tests/test_layering.py`` enforces this list.
   3. prepared, sharding
   4. scales [elements, fixed, search]
   5. reference [blocks, quantize, dot]
-  6. kernels [common, matmul_common, e2m1_bits, quantize_pack, dequantize, fake_quant, w4a16_matmul, mx_matmul, int8_rebase, int8_gemm]
+  6. kernels [common, matmul_common, e2m1_bits, quantize_pack, dequantize, fake_quant, w4a16_matmul, mx_matmul, int8_rebase, int8_gemm, int8_quantize]
   7. backend
   8. quantize, int8_matmul, matmul, layouts
   9. stats, params, qat [config, rounding, fake, dot]

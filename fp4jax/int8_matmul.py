@@ -27,11 +27,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from fp4jax.formats import Format
+from fp4jax.formats import MXFP4, Format
 from fp4jax.kernels import matmul_common as common
+from fp4jax.prepared import byte_matrix
+from fp4jax.quantize import quantize
 
 __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "block_order", "rebase_codes", "rows_residual",
-           "rows_codes", "row_exponent", "fused_gemm_runs", "finish_sums", "int8_product"]
+           "rows_codes", "row_exponent", "fused_gemm_runs", "finish_sums", "rebased", "activation_rows",
+           "int8_product", "rebased_product"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
 SPAN = 4
@@ -127,6 +130,33 @@ def finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype):
   return common.int8_finish(sums, ea[:, None], eb[None, :], nan_a[:, None] | nan_b[None, :]).astype(out_dtype)
 
 
+def rebased(data, scales, *, kernels: bool = False, interpret: bool = False):
+  """``(codes, base, nan, residual)`` of MXFP4 byte rows: the int8 codes (block order), each row's base
+  exponent byte, NaN rows and residual rows (one pass where a Pallas tile fits)."""
+  base, nan = row_bases(scales)
+  codes, residual = rows_codes(data, scales, base, kernel=kernels, interpret=interpret)
+  return codes, base, nan, residual
+
+
+def activation_rows(x, *, kernels: bool = False, interpret: bool = False):
+  """:func:`rebased` of ``quantize(x, MXFP4, axis=-1)`` for a 2-D floating ``x``, the OCP "floor" rule.
+
+  With ``kernels`` and a tile that fits, one Pallas pass from ``x`` (:mod:`fp4jax.kernels.int8_quantize`);
+  else the quantize, then :func:`rebased`. The same bits either way."""
+  if kernels:
+    iq = int8_quantize_kernel()
+    if jnp.dtype(x.dtype) in [jnp.dtype(d) for d in iq.INPUT_DTYPES] and iq.codes_tiles(*x.shape):
+      return iq.quantize_codes(x, interpret=interpret)
+  return rebased(*byte_matrix(quantize(x, MXFP4, axis=-1, scale_rule="floor", layout="rows")), kernels=kernels,
+                 interpret=interpret)
+
+
+def int8_quantize_kernel():
+  from fp4jax.kernels import int8_quantize  # lazy: the core does not need Pallas
+
+  return int8_quantize
+
+
 def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, kernels: bool = False,
                  interpret: bool = False):
   """``A @ B.T`` of MXFP4 byte rows ``A (M, K)`` and ``B (N, K)``, float32-exact, as ``out_dtype``.
@@ -136,18 +166,21 @@ def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, ker
   has residual blocks, ``fallback()`` (an exact path of the same output,
   e.g. the bfloat16 two-pass product) runs instead, under ``lax.cond``.
   ``kernels``: the passes in Pallas (the same bits) where a tile fits, else
-  XLA ops; on a Hopper GPU the GEMM
-  and the finish as one Mosaic GPU kernel (:mod:`fp4jax.kernels.int8_gemm`)
-  where its tiles fit.
+  XLA ops; on a Hopper GPU the GEMM and the finish as one Mosaic GPU kernel
+  (:mod:`fp4jax.kernels.int8_gemm`) where its tiles fit.
 
   The re-basing pass also writes the residual flags, so each operand is read
   once; on the fallback its codes are wasted work.
   """
-  opts = {"kernel": kernels, "interpret": interpret}
-  (base_a, nan_a), (base_b, nan_b) = row_bases(a_scales), row_bases(b_scales)
-  m, n = a_data.shape[0], b_data.shape[0]
-  (codes_a, residual_a), (codes_b, residual_b) = (rows_codes(a_data, a_scales, base_a, **opts),
-                                                    rows_codes(b_data, b_scales, base_b, **opts))
+  opts = {"kernels": kernels, "interpret": interpret}
+  return rebased_product(rebased(a_data, a_scales, **opts), rebased(b_data, b_scales, **opts), out_dtype, fallback,
+                         **opts)
+
+
+def rebased_product(a, b, out_dtype, fallback, *, kernels: bool = False, interpret: bool = False):
+  """:func:`int8_product` of operands already re-based: ``a``, ``b`` as :func:`rebased` returns them."""
+  (codes_a, base_a, nan_a, residual_a), (codes_b, base_b, nan_b, residual_b) = a, b
+  m, n = codes_a.shape[0], codes_b.shape[0]
 
   def exact():
     ea, eb = row_exponent(base_a), row_exponent(base_b)

@@ -46,9 +46,11 @@ from jax import lax
 from fp4jax import backend as backends
 from fp4jax import int8_matmul
 from fp4jax.backend import KERNEL_MAX_ROWS
+from fp4jax.formats import MXFP4
 from fp4jax.kernels import matmul_common as common
 from fp4jax.prepared import PREPARED_WEIGHT_GONE, byte_matrix, prepare_weight
 from fp4jax.qarray import QArray, as_array, float_dtype, validate_qarray
+from fp4jax.quantize import quantize
 from fp4jax.reference import scaled_dot_general_reference
 
 __all__ = [
@@ -60,6 +62,8 @@ __all__ = [
     "run_two_pass",
     "run_int8",
     "run_kernel",
+    "quantized_lhs_dot",
+    "FUSED_ACTIVATION_QUANTIZE",
     "KERNEL_MAX_ROWS",
 ]
 
@@ -277,6 +281,15 @@ def _dot(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
     # No elements: a sum over an empty axis (zeros), or an empty output. The
     # reference dequantizes, which has no blocks to work on.
     return jnp.zeros(_out_shape(lhs.shape, rhs.shape, dims), out_dtype)
+  kind, strategy, plan = _plan(lhs, rhs, dims, out_dtype, backend, dimension_numbers)
+  if strategy == "xla":
+    return scaled_dot_general_reference(lhs, rhs, dims, out_dtype)
+  return _with_reference_vjp(kind, strategy, dims, out_dtype, plan.interpret)(lhs, rhs)
+
+
+def _plan(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
+  """``(kernel kind, strategy, plan)``: strategy ``"xla"``, ``"kernel"``, ``"two_pass"`` or ``"int8"``.
+  Reads only shapes, dtypes and formats (works on abstract operands)."""
   kind, why = (None, "backend='xla'") if backend == "xla" else backends.dot_kernel(lhs, rhs, dims, out_dtype)
   if kind is None and backend == "pallas":
     raise ValueError(
@@ -284,13 +297,46 @@ def _dot(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
         f"with dimension_numbers {dimension_numbers!r}: {why}")
   plan = backends.choose(kind or "matmul", backend, None if kind else why, interpret_without_gpu=True)
   if plan.impl == "xla":
-    return scaled_dot_general_reference(lhs, rhs, dims, out_dtype)
+    return kind, "xla", plan
   strategy = "kernel"
   if backend == "auto" and _lhs_rows(lhs, dims) > KERNEL_MAX_ROWS[kind]:
     strategy = "two_pass"
     if kind == "mx" and int8_matmul.int8_obstacle(lhs.fmt, rhs.fmt, lhs.shape[dims[0][0][0]]) is None:
       strategy = "int8"
-  return _with_reference_vjp(kind, strategy, dims, out_dtype, plan.interpret)(lhs, rhs)
+  return kind, strategy, plan
+
+
+#: Whether :func:`quantized_lhs_dot` quantizes activations straight into the int8 path's codes (one Pallas
+#: pass, :mod:`fp4jax.kernels.int8_quantize`) where it takes that path; False quantizes to byte rows first.
+FUSED_ACTIVATION_QUANTIZE = False
+
+
+def quantized_lhs_dot(x, fmt, scale_rule, rhs, rhs_contract: int, out_dtype, *, axis_name=None):
+  """``scaled_dot_general(quantize(x, fmt, axis=-1, layout="rows"), rhs)`` of a 2-D floating ``x``
+  contracting its last axis with ``rhs``'s axis ``rhs_contract`` (a W4A4 layer's product).
+
+  Where that product takes the int8 path on a GPU with an MXFP4 ``x`` under the "floor" rule (and
+  :data:`FUSED_ACTIVATION_QUANTIZE`), ``x`` is quantized straight into the int8 codes: the same bits,
+  one pass over ``x`` fewer; the exact fallback quantizes it to byte rows as before.
+  """
+  dims = (((1,), (rhs_contract,)), ((), ()))
+  rule = fmt.default_scale_rule if scale_rule is None else scale_rule
+
+  def quant(x):
+    return quantize(x, fmt, axis=-1, scale_rule=rule, axis_name=axis_name, layout="rows")
+
+  if FUSED_ACTIVATION_QUANTIZE and fmt == MXFP4 and rule == "floor" and isinstance(rhs, QArray):
+    _, strategy, plan = _plan(jax.eval_shape(quant, x), rhs, dims, out_dtype, "auto", dims)
+    if strategy == "int8":
+      return _int8_from_activations(x, quant, rhs, dims, out_dtype, plan.interpret)
+  return scaled_dot_general(quant(x), rhs, dims, preferred_element_type=out_dtype)
+
+
+def _int8_from_activations(x, quant, rhs, dims, out_dtype, interpret):
+  opts = {"kernels": True, "interpret": interpret}
+  two_pass = lambda: run_two_pass("mx", quant(x), rhs, dims, out_dtype)
+  return int8_matmul.rebased_product(int8_matmul.activation_rows(x, **opts),
+                                     int8_matmul.rebased(*byte_matrix(rhs), **opts), out_dtype, two_pass, **opts)
 
 
 def _describe(x) -> str:

@@ -209,6 +209,13 @@ def test_int8_passes_lower(tiles):
   _lower(lambda s: ik.finish(s, e, e[:1].repeat(64), clear, clear[:1].repeat(64), out_dtype=jnp.bfloat16), sums)
 
 
+@pytest.mark.parametrize("shape", [(64, 1024), (16, 14336)], ids=str)
+def test_int8_quantize_lowers(shape):
+  from fp4jax.kernels import int8_quantize as iq
+
+  _lower(lambda x: iq.quantize_codes(x), jnp.zeros(shape, jnp.bfloat16))
+
+
 # ---- the int8 GEMM with its finish as the epilogue (Mosaic GPU) ------------------------------
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
 def test_int8_gemm_lowers(out_dtype):

@@ -84,7 +84,7 @@ def e4m3_scale_code(amax_bits, genc, fmt: Format, rule: str):
   return jnp.clip(code, 0, fmt.scale_nan_byte - 1)
 
 
-def _encode_pow2(x, e, codec, fmt):
+def encode_pow2(x, e, codec, fmt):
   """Element codes (signed, int32) and rounded |values| for E8M0 exponent ``e``."""
   y = C.flush_f32(x) * C.i32_to_f32((127 - e) << 23)  # exact: 2**-e is normal
   code, r = C.round_to_grid(jnp.minimum(jnp.abs(y), np.float32(fmt.elem_max)), codec)
@@ -154,7 +154,7 @@ def quantize_pack_kernel(*refs, fmt: Format, rule: str, tiling: C.Tiling, pack_a
       e, codes = _mse_pow2(x, amax_bits, fmt, codec, rax)
     else:
       e = pow2_rule_exponent(amax_bits, fmt, rule)
-      codes, _ = _encode_pow2(x, e, codec, fmt)
+      codes, _ = encode_pow2(x, e, codec, fmt)
     scale_code = e + fmt.scale_bias
   else:
     gdec, genc = gdec_ref[0], genc_ref[0]
@@ -178,7 +178,7 @@ def _mse_pow2(x, amax_bits, fmt, codec, rax):
   offsets, _ = search_window(fmt, False)
   for off in offsets:
     e = jnp.clip(anchor + off, 0, fmt.scale_nan_byte - 1) - fmt.scale_bias
-    codes, r = _encode_pow2(x, e, codec, fmt)
+    codes, r = encode_pow2(x, e, codec, fmt)
     loss = _mse_loss(target, _bits.scale_by_pow2(r, e - unit), rax)
     if best_loss is None:
       best_loss, best_e, best_codes = loss, e, codes

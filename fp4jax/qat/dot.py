@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fp4jax.matmul import scaled_dot_general
+from fp4jax.matmul import quantized_lhs_dot, scaled_dot_general
 from fp4jax.qarray import QArray, normalize_axis
 from fp4jax.qat.config import OperandConfig, QatConfig
 from fp4jax.qat.fake import fake_quantize_operand, fused_fake_quantize
@@ -194,9 +194,8 @@ def _inference_dot(lhs, rhs, dims, cfg: QatConfig | None, out_dtype):
       # quantize kernel's packed bytes go to the GEMM as they are (no float4 view, no re-packing per call).
       # Blocks run along K either way: the same codes and scales, the same product.
       lead, k = lhs.shape[:-1], lhs.shape[-1]
-      q = quantize(lhs.reshape(-1, k), cfg.lhs.fmt, axis=-1, scale_rule=cfg.lhs.rule, axis_name=cfg.axis_name,
-                   layout="rows")
-      out = scaled_dot_general(q, rhs, (((1,), rc), ((), ())), preferred_element_type=out_dtype)
+      out = quantized_lhs_dot(lhs.reshape(-1, k), cfg.lhs.fmt, cfg.lhs.rule, rhs, rc[0], out_dtype,
+                              axis_name=cfg.axis_name)
       return out.reshape(*lead, *out.shape[1:])
     lhs = quantize(lhs, cfg.lhs.fmt, axis=lc[-1], scale_rule=cfg.lhs.rule, axis_name=cfg.axis_name)
   return scaled_dot_general(lhs, rhs, dims, preferred_element_type=out_dtype)
