@@ -308,6 +308,7 @@ def _plan(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
 
 #: Whether :func:`quantized_lhs_dot` quantizes activations straight into the int8 path's codes (one Pallas
 #: pass, :mod:`fp4jax.kernels.int8_quantize`) where it takes that path; False quantizes to byte rows first.
+#: Off: on the H200 that kernel is slower than the two passes it replaces (benchmarks/results/w4a4.md).
 FUSED_ACTIVATION_QUANTIZE = False
 
 

@@ -18,6 +18,13 @@ those of quantizing, then :func:`~fp4jax.int8_matmul.row_bases` and
 Blocks are read as two strided halves (elements ``8w + 4h + i`` for half ``h``),
 so each half's 16 codes are contiguous in block order with no in-register
 shuffle.
+
+Measured on the H200 (``benchmarks/w4a4.py --layer``): bit-equal to the two
+passes, but slower than them (at 8192 x 8192, 157-201 us across tilings against
+115 for quantize + re-base; the floor, reading bfloat16 once and writing int8,
+is ~58): :data:`fp4jax.matmul.FUSED_ACTIVATION_QUANTIZE` stays off. Likely
+causes, not profiled: the 8-byte strided loads of the halves and the second
+read of each row.
 """
 
 from __future__ import annotations
@@ -50,8 +57,10 @@ class Tiles(NamedTuple):
   warps: int = 4
 
 
-#: Not yet tuned on a GPU.
-TILES = Tiles(4, 16, 4)
+#: From a sweep on the H200 (9d0a9f7): 167 us at 8192 x 8192 bfloat16 (157-201 across 10 tilings), 30 at
+#: 1024 x 8192 (30-68). Slower than quantizing to byte rows then re-basing (115 and 45 us): see
+#: ``benchmarks/results/w4a4.md``; the W4A4 layer does not take it by default.
+TILES = Tiles(1, 128, 4)
 
 
 def codes_tiles(m: int, k: int, tiles: Tiles | None = None) -> tuple[int, int] | None:
