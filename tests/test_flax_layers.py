@@ -114,9 +114,11 @@ def test_linen_ptq_runs_from_stored_qarrays(monkeypatch):
   np.testing.assert_allclose(model.apply(qparams, x), model.apply(params, x), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(model.apply(qparams, x), model.apply(quantize_params(params, fj.MXFP4, layout=None), x))
   # ...and only the activations are quantized per call: once per layer.
+  # (The W4A4 product quantizes (..., K) activations in fp4jax.matmul.quantized_lhs_dot; anything else here.)
   calls = []
-  orig = qat.quantize
-  monkeypatch.setattr(qat, "quantize", lambda v, *a, **k: calls.append(v.shape) or orig(v, *a, **k))
+  for module in (qat, fj.matmul):
+    monkeypatch.setattr(module, "quantize",
+                        lambda v, *a, orig=module.quantize, **k: calls.append(v.shape) or orig(v, *a, **k))
   model.apply(qparams, x)
   assert calls == [(4, 64), (4, 64)]
   calls.clear()
