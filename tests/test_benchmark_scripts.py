@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import re
 
@@ -11,7 +12,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 def _script(name):
   """A benchmarks/ script as a module (they are files to run, not an installed package)."""
-  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name.replace('/', '_')}", BENCHMARKS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -26,3 +27,20 @@ def test_qat_step_times_each_backend(tmp_path):
   for r in rows:  # a positive step time and a ratio to bf16 in every row
     ms, ratio = r.split("|")[2].strip(), r.split("|")[4].strip()
     assert float(ms) > 0 and re.fullmatch(r"\d+\.\d\d", ratio), r
+
+
+def test_w4a4_layer_mode_runs_and_checks_the_fused_quantize(tmp_path):
+  _script("w4a4").main(["--out", str(tmp_path), "--layer", "--shapes", "128x512x256", "--budget-s", "60"])
+  row = json.loads((tmp_path / "w4a4.json").read_text())["rows"][0]
+  assert (row["m"], row["k"], row["n"]) == (128, 512, 256)
+  assert row["fused_equals_rows_path"] is True
+  assert {"bf16", "qdense_w4a4", "qdense_w4a4_fused", "quantize_codes"} <= set(row["us"])
+  assert all(v > 0 for v in row["us"].values())
+
+
+def test_qat_int8_forward_experiment_runs(tmp_path):
+  assert _script("experiments/qat_int8_forward").main(
+      ["--tiny", "--out", str(tmp_path), "--samples", "1", "--steps", "1", "--variants", "gate+up"]) == 0
+  res = json.loads((tmp_path / "qat_int8_forward.json").read_text())
+  assert set(res["ms"]) == {"bf16", "mxfp4", "mxfp4, int8 forward: gate+up"} and min(res["ms"].values()) > 0
+  assert res["vs_mxfp4"]["mxfp4, int8 forward: gate+up"]["y_rel"] < 1e-2  # float32 rounding, then bf16
