@@ -37,7 +37,7 @@ __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "block_order", "rebase
            "int8_product", "rebased_product"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
-SPAN = 4
+SPAN = common.SPAN
 #: The longest contraction whose int32 sums cannot overflow: ``K * (12 << 3)**2 < 2**31``.
 MAX_K = 1 << 17
 _BLOCK = 32
@@ -60,7 +60,7 @@ def row_bases(scales):
   s = scales.astype(jnp.int32)
   nan = s == common.E8M0_NAN
   top = jnp.max(jnp.where(nan, -1, s), axis=1)
-  return jnp.maximum(top - (SPAN - 1), 0), jnp.any(nan, axis=1)
+  return common.int8_base(top), jnp.any(nan, axis=1)
 
 
 def block_order(codes):

@@ -11,8 +11,8 @@ values ``2 * E2M1 << d`` in :func:`~fp4jax.int8_matmul.block_order`, with each
 row's residual flag (a nonzero block outside the span), base and NaN flag.
 
 The arithmetic is the quantize kernel's (:mod:`fp4jax.kernels.quantize_pack`:
-``block_amax_bits``, ``pow2_rule_exponent``, ``encode_pow2``, the OCP "floor"
-rule) and the int8 path's (``int8_blocks``, ``twice_e2m1``), so the outputs are
+``flush_amax_bits``, ``pow2_rule_exponent``, ``encode_pow2``, the OCP "floor"
+rule) and the int8 path's (``int8_base``, ``int8_blocks``, ``twice_e2m1``), so the outputs are
 those of quantizing, then :func:`~fp4jax.int8_matmul.row_bases` and
 :func:`~fp4jax.int8_matmul.rebase_codes` (tests compare them bit for bit).
 Blocks are read as two strided halves (elements ``8w + 4h + i`` for half ``h``),
@@ -39,13 +39,12 @@ from jax.experimental import pallas as pl
 
 from fp4jax.formats import MXFP4
 from fp4jax.kernels import common as C
-from fp4jax.kernels.matmul_common import E8M0_NAN, int8_blocks, pick_block, twice_e2m1
-from fp4jax.kernels.quantize_pack import block_amax_bits, encode_pow2, pow2_rule_exponent
+from fp4jax.kernels.matmul_common import E8M0_NAN, int8_base, int8_blocks, pick_block, twice_e2m1
+from fp4jax.kernels.quantize_pack import encode_pow2, flush_amax_bits, pow2_rule_exponent
 
 __all__ = ["Tiles", "TILES", "INPUT_DTYPES", "quantize_codes", "codes_tiles"]
 
 _BLOCK = 32
-_SPAN = 4  # binades the int8 values hold below a row's top (fp4jax.int8_matmul.SPAN)
 INPUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -78,8 +77,7 @@ def _block_scales(x_ref, step: int, cb: int):
   halves = [x_ref[:, pl.ds(step * cb, cb), pl.ds(h, 4, stride=2), :].astype(jnp.float32) for h in (0, 1)]
   raw = [jnp.max(jnp.max(C.f32_to_i32(v) & 0x7FFFFFFF, axis=3, keepdims=True), axis=2, keepdims=True)
          for v in halves]
-  # block_amax_bits of the block's two halves together: their largest |x| bits, then its flush.
-  amax_bits, nonfinite = block_amax_bits(C.i32_to_f32(jnp.maximum(*raw)), 3)
+  amax_bits, nonfinite = flush_amax_bits(jnp.maximum(*raw))  # the block's two halves together
   e = pow2_rule_exponent(amax_bits, MXFP4, "floor")
   byte = jnp.where(nonfinite, E8M0_NAN, e + MXFP4.scale_bias)
   return halves, e, byte, nonfinite
@@ -96,7 +94,7 @@ def _kernel(x_ref, codes_ref, base_ref, nan_ref, residual_ref, *, cb: int, steps
     return best, nan | jnp.max((byte == E8M0_NAN).astype(jnp.int32), axis=1)[:, 0, 0]
 
   best, nan = lax.fori_loop(0, steps, top, (jnp.full((rows,), -1, jnp.int32), jnp.zeros((rows,), jnp.int32)))
-  base = jnp.maximum(best - (_SPAN - 1), 0)
+  base = int8_base(best)
 
   def encode(step, residual):
     halves, e, byte, nonfinite = _block_scales(x_ref, step, cb)

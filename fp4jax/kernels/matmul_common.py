@@ -104,6 +104,13 @@ def twice_e2m1(nibble):
 # ---- the int8 path's per-block and per-output arithmetic: one copy for XLA and the Pallas passes
 E8M0_NAN = 0xFF
 _E8M0_TOP = 0xFE  # 2**127: E2M1 values >= 2 overflow float32 there, so such blocks are never int8
+#: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
+SPAN = 4
+
+
+def int8_base(top):
+  """A row's base exponent byte from its top finite block's scale byte (-1 when it has none)."""
+  return jnp.maximum(top - (SPAN - 1), 0)
 
 
 def int8_blocks(s, base):

@@ -123,8 +123,12 @@ def _unit_target(x, amax_bits, genc=None):
 def block_amax_bits(x, rax: int):
   """int32 bits of each block's amax along ``rax`` (kept), 0 where the block is non-finite or
   all subnormal / zero; and where it is non-finite."""
-  abits = C.f32_to_i32(x) & 0x7FFFFFFF
-  amax_bits = jnp.max(abits, axis=rax, keepdims=True)
+  return flush_amax_bits(jnp.max(C.f32_to_i32(x) & 0x7FFFFFFF, axis=rax, keepdims=True))
+
+
+def flush_amax_bits(amax_bits):
+  """:func:`block_amax_bits` from a block's largest ``|x|`` bits (int32): 0 where the block is
+  non-finite or all subnormal / zero; and where it is non-finite."""
   nonfinite = amax_bits >= 0x7F800000
   # Flushing after the max: only a block of subnormals and zeros has a
   # subnormal max, and the reference sees zeros there.
