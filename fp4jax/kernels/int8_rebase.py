@@ -3,7 +3,6 @@
 * :func:`rebase` — packed MXFP4 byte rows to the int8 values the GEMM takes
   (``2 * E2M1 << d``) and each row's residual flag (a nonzero block outside
   the int8 span), one pass: reads the codes and scale bytes once.
-  :func:`residual` is its flags alone.
 * :func:`finish` — the int32 sums to ``out_dtype``: ``S * 2**(ea + eb)``, NaN
   rows and columns, one pass.
 
@@ -38,7 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from fp4jax.kernels import common as C
 from fp4jax.kernels.matmul_common import int8_blocks, int8_finish, pick_block
 
-__all__ = ["Tiles", "REBASE_TILES", "FINISH_TILES", "residual", "rebase", "finish", "rebase_tiles", "finish_tiles"]
+__all__ = ["Tiles", "REBASE_TILES", "FINISH_TILES", "rebase", "finish", "rebase_tiles", "finish_tiles"]
 
 _BLOCK_BYTES = 16  # an MXFP4 block of 32 codes
 
@@ -177,11 +176,6 @@ def rebase(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = 
       name="int8_rebase",
   )(words, scales.reshape(r, nb, 1), base.astype(jnp.int32))
   return jax.lax.bitcast_convert_type(out, jnp.int8).reshape(r, 2 * nbytes), jnp.any(flags != 0, axis=1)
-
-
-def residual(data, scales, base, *, tiles: Tiles | None = None, interpret: bool = False):
-  """bool ``(R,)``: the row has a nonzero block outside the int8 span (:func:`rebase`'s flags)."""
-  return rebase(data, scales, base, tiles=tiles, interpret=interpret)[1]
 
 
 def _finish_kernel(sums_ref, ea_ref, eb_ref, nan_a_ref, nan_b_ref, out_ref):
