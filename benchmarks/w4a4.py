@@ -78,16 +78,12 @@ FUSED = int8_gemm.on_hopper()  # the Mosaic GPU GEMM + finish (fp4jax.kernels.in
 def rebase(q, kernel=True):
   """(codes, row exponent, NaN rows) of an MXFP4 QArray, as the int8 path makes them (``kernel``: the
   Pallas pass, else XLA's ops)."""
-  data, scales = byte_matrix(q)
-  base, nan = int8_matmul.row_bases(scales)
-  codes = int8_matmul.rows_codes(data, scales, base, kernel=kernel, interpret=INTERPRET)[0]
+  codes, base, nan, _ = int8_matmul.rebased(*byte_matrix(q), kernels=kernel, interpret=INTERPRET)
   return codes, int8_matmul.row_exponent(base), nan
 
 
 def residual(q):
-  data, scales = byte_matrix(q)
-  base = int8_matmul.row_bases(scales)[0]
-  return int8_matmul.rows_residual(data, scales, base, kernel=True, interpret=INTERPRET)
+  return int8_matmul.rebased(*byte_matrix(q), kernels=True, interpret=INTERPRET)[3]
 
 
 def kernel_equals_xla_ops(q):
