@@ -29,6 +29,9 @@ calls on distinct inputs rotating beyond the L2, median of 5 samples):
 Earlier runs also timed the bf16 dot with w stored ``(N, K)`` and on the quantized operands' values
 (``w4a4/*.json`` before this commit).
 
+``--stored`` times instead the weight stored with its int8 codes (``fj.int8_weight``) and the residual
+decided on the device against the ``lax.cond`` (see ``stored_case``).
+
 ``--check`` compares the int8 path's float32 output with the exact product rounded to float32 (float64
 on the host), bit for bit, at a small shape, and the fallback against the reference.
 """
@@ -160,6 +163,45 @@ def case(m, k, n):
   return row
 
 
+def stored_case(m, k, n):
+  """The weight stored with its int8 codes (``fj.int8_weight``) against the ``"rows"`` QArray, and the
+  residual decided on the device (``int8_matmul.DEVICE_FALLBACK``, since this commit the default) against
+  the ``lax.cond``; normal activations (no residual) and heavy-tailed ones (t(3): most rows fall back).
+  Bits: the stored weight's output against the QArray's, and the device fallback's against the cond's."""
+  sets = mb.n_sets(m * k * 2 + k * n * 2, cap=8)
+  aq, wq = operands(m, k, n, sets)
+  keys = jax.random.split(jax.random.key(3), 2 * sets)
+  xb = [jax.random.normal(keys[i], (m, k), jnp.bfloat16) for i in range(sets)]
+  wb = [jax.random.normal(keys[sets + i], (k, n), jnp.bfloat16) for i in range(sets)]
+  t = {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
+  del xb, wb
+  ah, _ = operands(m, k, n, sets, heavy=True)
+  iw = [fj.int8_weight(w) for w in wq]
+  product = lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16)
+  cases = {"a_rows": (aq, wq), "a_rows_int8_weight": (aq, iw), "heavy_tails": (ah, wq),
+           "heavy_tails_int8_weight": (ah, iw)}
+  outs = {}
+  for device in (True, False):
+    int8_matmul.DEVICE_FALLBACK = device
+    suffix = "" if device else "_cond"
+    for name, (a_list, w_list) in cases.items():
+      calls = [(a.with_layout("rows"), w) for a, w in mb.make_calls(a_list, w_list)]
+      t[name + suffix] = mb.bench(product, calls)
+      outs[name + suffix] = np.asarray(jax.jit(product)(*calls[0]), np.float32)
+  int8_matmul.DEVICE_FALLBACK = True
+  same = lambda x, y: bool(np.array_equal(x, y, equal_nan=True))
+  heavy_rel = float(np.max(np.abs(outs["heavy_tails"] - outs["heavy_tails_cond"])
+                           / np.maximum(np.abs(outs["heavy_tails_cond"]), 1e-30)))
+  bits = {"int8_weight_equals_qarray": same(outs["a_rows"], outs["a_rows_int8_weight"])
+          and same(outs["heavy_tails"], outs["heavy_tails_int8_weight"]),
+          "device_equals_cond_normal": same(outs["a_rows"], outs["a_rows_cond"]),
+          "device_vs_cond_heavy_max_rel": heavy_rel,
+          "heavy_rows_residual": float(jnp.mean(residual(ah[0])))}
+  row = {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()}, "bits": bits}
+  row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
+  return row
+
+
 def layer_case(m, k, n):
   """The W4A4 layer with the activations quantized to byte rows first, or straight into the int8 codes
   (``matmul.FUSED_ACTIVATION_QUANTIZE``), beside the bf16 dot, the product on stored rows, and the two
@@ -251,6 +293,8 @@ def main(argv=None):
   p.add_argument("--sweep", action="store_true", help="tile sweep of the two passes first (sets the defaults)")
   p.add_argument("--budget-s", type=float, default=400)
   p.add_argument("--layer", action="store_true", help="only the W4A4 layer with and without the fused quantize")
+  p.add_argument("--stored", action="store_true",
+                 help="only the stored int8 weight and the device fallback against the rows QArray and the cond")
   a = p.parse_args(argv)
   os.makedirs(a.out, exist_ok=True)
   t0 = time.time()
@@ -265,7 +309,8 @@ def main(argv=None):
       print("budget reached", flush=True)
       break
     m, k, n = map(int, shape.split("x"))
-    res["rows"].append(layer_case(m, k, n) if a.layer else case(m, k, n))
+    run = layer_case if a.layer else stored_case if a.stored else case
+    res["rows"].append(run(m, k, n))
     print(json.dumps(res["rows"][-1]), flush=True)
     with open(path, "w") as f:
       json.dump(res, f, indent=1)

@@ -47,6 +47,7 @@ from fp4jax.formats import (
     Format,
     get_format,
 )
+from fp4jax.int8_matmul import Int8Weight, int8_weight
 from fp4jax.matmul import prepare_weight, scaled_dot_general, scaled_matmul
 from fp4jax.packing import dequantize_packed, pack_fp4, unpack_fp4
 from fp4jax.params import quantize_params

@@ -12,29 +12,38 @@ have the same rate.
 
 Blocks further below their row's top, and blocks at the largest scale (2**127,
 whose values overflow float32 as the reference dequantizes them), are the
-*residual*: when any exists, a ``lax.cond`` runs an exact fallback (the
-bfloat16 two-pass product) instead. Normal or Laplace data spans fewer than 4
+*residual*. On a GPU the product's output tiles that hold a residual row or
+column are then computed again by a kernel that dequantizes both operands to
+bfloat16 (:func:`patch_residual_tiles`, a tile without one exits at once), so
+no host round trip decides anything; elsewhere a ``lax.cond`` runs an exact
+fallback (the bfloat16 two-pass product) when any exists. Normal or Laplace data spans fewer than 4
 binades per row (no residual); heavy tails (Student t with 3 degrees of freedom:
 90% of rows) do not. NaN blocks (scale 0xFF) make their whole output row or
 column NaN, as in the reference.
 
 Operands are the kernels' byte matrices (:func:`fp4jax.prepared.byte_matrix`):
 uint8 ``(R, K / 2)`` packed E2M1 codes and uint8 ``(R, K / 32)`` E8M0 scales.
+A weight used many times can carry its int8 codes made once
+(:class:`Int8Weight`, :func:`int8_weight`), so a product re-bases only its
+activations.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from fp4jax.formats import MXFP4, Format
 from fp4jax.kernels import matmul_common as common
-from fp4jax.prepared import byte_matrix
+from fp4jax.prepared import byte_matrix, with_layout
+from fp4jax.qarray import QArray, validate_qarray
 from fp4jax.quantize import quantize
 
 __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "block_order", "rebase_codes", "rows_residual",
            "rows_codes", "row_exponent", "fused_gemm_runs", "finish_sums", "rebased", "activation_rows",
-           "int8_product", "rebased_product"]
+           "int8_product", "rebased_product", "patch_residual_tiles", "DEVICE_FALLBACK", "Int8Weight",
+           "int8_weight"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
 SPAN = common.SPAN
@@ -43,6 +52,11 @@ MAX_K = 1 << 17
 _BLOCK = 32
 _E8M0_BIAS = 127
 _DN = (((1,), (1,)), ((), ()))
+
+#: Whether a GPU product with the operands' bytes at hand patches its residual tiles on the device
+#: (:func:`patch_residual_tiles`) instead of choosing the whole product under a ``lax.cond``, whose
+#: predicate XLA copies to the host and waits for (12-29 us a call on the H200, benchmarks/results/w4a4.md).
+DEVICE_FALLBACK = True
 
 
 def int8_obstacle(a_fmt: Format, b_fmt: Format, k: int) -> str | None:
@@ -162,23 +176,29 @@ def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, ker
   """``A @ B.T`` of MXFP4 byte rows ``A (M, K)`` and ``B (N, K)``, float32-exact, as ``out_dtype``.
 
   The int8 GEMM's int32 sums are exact; each output is rounded once to
-  float32 (``S * 2**(ea + eb)``), then to ``out_dtype``. When either operand
-  has residual blocks, ``fallback()`` (an exact path of the same output,
-  e.g. the bfloat16 two-pass product) runs instead, under ``lax.cond``.
-  ``kernels``: the passes in Pallas (the same bits) where a tile fits, else
-  XLA ops; on a Hopper GPU the GEMM and the finish as one Mosaic GPU kernel
-  (:mod:`fp4jax.kernels.int8_gemm`) where its tiles fit.
+  float32 (``S * 2**(ea + eb)``), then to ``out_dtype``. Where either operand
+  has residual blocks: on a GPU (``kernels``, not interpreted) the output
+  tiles they touch are computed again from the bytes
+  (:func:`patch_residual_tiles`); elsewhere ``fallback()`` (an exact path of
+  the same output, e.g. the bfloat16 two-pass product) runs instead of the
+  whole product, under ``lax.cond``. ``kernels``: the passes in Pallas (the
+  same bits) where a tile fits, else XLA ops; on a Hopper GPU the GEMM and
+  the finish as one Mosaic GPU kernel (:mod:`fp4jax.kernels.int8_gemm`) where
+  its tiles fit.
 
   The re-basing pass also writes the residual flags, so each operand is read
-  once; on the fallback its codes are wasted work.
+  once; under the cond's fallback its codes are wasted work.
   """
   opts = {"kernels": kernels, "interpret": interpret}
   return rebased_product(rebased(a_data, a_scales, **opts), rebased(b_data, b_scales, **opts), out_dtype, fallback,
-                         **opts)
+                         bytes_a=(a_data, a_scales), bytes_b=(b_data, b_scales), **opts)
 
 
-def rebased_product(a, b, out_dtype, fallback, *, kernels: bool = False, interpret: bool = False):
-  """:func:`int8_product` of operands already re-based: ``a``, ``b`` as :func:`rebased` returns them."""
+def rebased_product(a, b, out_dtype, fallback, *, kernels: bool = False, interpret: bool = False, bytes_a=None,
+                    bytes_b=None):
+  """:func:`int8_product` of operands already re-based: ``a``, ``b`` as :func:`rebased` returns them;
+  ``bytes_a`` / ``bytes_b`` their ``(data, scales)`` byte rows, for the fallback on the device (without
+  them, or off a GPU, the ``lax.cond``)."""
   (codes_a, base_a, nan_a, residual_a), (codes_b, base_b, nan_b, residual_b) = a, b
   m, n = codes_a.shape[0], codes_b.shape[0]
 
@@ -191,4 +211,90 @@ def rebased_product(a, b, out_dtype, fallback, *, kernels: bool = False, interpr
       return int8_rebase_kernels().finish(sums, ea, eb, nan_a, nan_b, out_dtype=out_dtype, interpret=interpret)
     return finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype)
 
+  if DEVICE_FALLBACK and kernels and not interpret and bytes_a is not None and bytes_b is not None:
+    return patch_residual_tiles(exact(), bytes_a, bytes_b, residual_a, residual_b)
   return lax.cond(jnp.any(residual_a) | jnp.any(residual_b), fallback, exact)
+
+
+def patch_residual_tiles(out, bytes_a, bytes_b, residual_a, residual_b, *, interpret: bool = False):
+  """``out`` (the int8 product) with every output tile that holds a residual row of ``A`` or ``B``
+  computed again, exactly to float32 rounding, from the byte rows ``bytes_a = (data, scales)`` and
+  ``bytes_b``: both dequantized to bfloat16 in registers, float32 sums (:mod:`fp4jax.kernels.mx_matmul`,
+  its ``row_flags``). A tile without one exits at once, so with no residual this costs one launch; the
+  decision is the kernel's, on the device, for each tile."""
+  from fp4jax.kernels import mx_matmul  # lazy: the core does not need Pallas
+
+  return mx_matmul.mx_matmul(*bytes_a, None, *bytes_b, None, a_fmt=MXFP4, b_fmt=MXFP4, out_dtype=out.dtype,
+                             interpret=interpret, out_buffer=out, row_flags=(residual_a, residual_b))
+
+
+@jax.tree_util.register_pytree_node_class
+class Int8Weight:
+  """A 2-D MXFP4 weight with its int8 codes made once: what :func:`int8_weight` returns.
+
+  ``scaled_matmul`` / ``scaled_dot_general`` take it wherever they take the
+  QArray: where the product runs on the int8 path its stored codes go into
+  the GEMM as they are (no per-call re-basing of the weight); everywhere else
+  (other paths, the backward pass) its ``qarray`` is used. Fields:
+
+  * ``qarray``: the weight, a ``"rows"`` QArray (the fallback and the other
+    paths read it);
+  * ``codes`` int8 ``(N, K)`` in :func:`block_order`, ``base`` int32 ``(N,)``,
+    ``nan`` and ``residual`` bool ``(N,)``: :func:`rebased` of its byte rows.
+
+  Memory: the codes are a byte an element, so with the QArray about 1.56
+  bytes an element (3x MXFP4's, 0.78x bfloat16's).
+  """
+
+  def __init__(self, qarray: QArray, codes, base, nan, residual):
+    self.qarray, self.codes, self.base, self.nan, self.residual = qarray, codes, base, nan, residual
+
+  def tree_flatten(self):
+    return (self.qarray, self.codes, self.base, self.nan, self.residual), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children)
+
+  @property
+  def shape(self):
+    return self.qarray.shape
+
+  @property
+  def fmt(self):
+    return self.qarray.fmt
+
+  @property
+  def rebased(self):
+    """``(codes, base, nan, residual)`` as :func:`rebased` returns them."""
+    return self.codes, self.base, self.nan, self.residual
+
+  def __repr__(self):
+    return f"Int8Weight({self.qarray!r})"
+
+
+def int8_weight(w: QArray) -> Int8Weight:
+  """``w`` with its int8 codes made once, for the int8 path's products (an :class:`Int8Weight`).
+
+  Args:
+    w: a 2-D MXFP4 QArray blocked along one axis (the axis a product
+      contracts), either storage layout: ``quantize(w, MXFP4, axis=0)`` for a
+      ``(K, N)`` weight.
+
+  Raises:
+    ValueError: ``w`` is not such a QArray, or ``K`` is beyond :data:`MAX_K`.
+
+  Under ``jax.jit`` this is a pass over the weight: do it once, outside the
+  per-call function (as :func:`fp4jax.with_layout`).
+  """
+  if isinstance(w, Int8Weight):
+    return w
+  if not isinstance(w, QArray):
+    raise ValueError(f"int8_weight expects a fp4jax.QArray, got {type(w).__name__}")
+  validate_qarray(w)
+  if w.ndim != 2:
+    raise ValueError(f"int8_weight expects a 2-D weight, got shape {tuple(w.shape)}")
+  if why := int8_obstacle(w.fmt, w.fmt, w.shape[w.axis]):
+    raise ValueError(f"int8_weight: {why}")
+  rows = with_layout(w, "rows")
+  return Int8Weight(rows, *rebased(*byte_matrix(rows)))

@@ -84,6 +84,9 @@ def _check_operand(x, name: str):
   if isinstance(x, QArray):
     validate_qarray(x)
     return x, tuple(x.shape)
+  if isinstance(x, int8_matmul.Int8Weight):
+    validate_qarray(x.qarray)
+    return x, tuple(x.shape)
   x = as_array(x, f"scaled_dot_general ({name})")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"scaled_dot_general: {name} must be a floating array or a QArray, "
@@ -165,17 +168,19 @@ def run_two_pass(kind, lhs, rhs, dims, out_dtype):
   return out.astype(out_dtype).reshape(*lead, b.shape[0])
 
 
-def run_int8(lhs, rhs, dims, out_dtype, kernels=False, interpret=False):
+def run_int8(lhs, rhs, dims, out_dtype, kernels=False, interpret=False, stored=(None, None)):
   """MXFP4 x MXFP4 through the int8 tensor cores (:mod:`fp4jax.int8_matmul`): exact int32 sums;
-  the two-pass path when a row spans more binades than the int8 values hold."""
+  the two-pass path when a row spans more binades than the int8 values hold. ``stored``: each
+  operand's :meth:`~fp4jax.int8_matmul.Int8Weight.rebased` codes where it carries them, else None."""
   (lc, _), _ = dims
   lead = tuple(s for i, s in enumerate(lhs.shape) if i != lc[0])
-  a_data, a_scales = byte_matrix(lhs)
-  b_data, b_scales = byte_matrix(rhs)
-  two_pass = lambda: run_two_pass("mx", lhs, rhs, dims, out_dtype).reshape(-1, b_data.shape[0])
-  out = int8_matmul.int8_product(a_data, a_scales, b_data, b_scales, out_dtype, two_pass, kernels=kernels,
-                                 interpret=interpret)
-  return out.reshape(*lead, b_data.shape[0])
+  opts = {"kernels": kernels, "interpret": interpret}
+  a_bytes, b_bytes = byte_matrix(lhs), byte_matrix(rhs)
+  a, b = (r if r is not None else int8_matmul.rebased(*ops, **opts) for r, ops in zip(stored, (a_bytes, b_bytes)))
+  n = b_bytes[0].shape[0]
+  two_pass = lambda: run_two_pass("mx", lhs, rhs, dims, out_dtype).reshape(-1, n)
+  out = int8_matmul.rebased_product(a, b, out_dtype, two_pass, bytes_a=a_bytes, bytes_b=b_bytes, **opts)
+  return out.reshape(*lead, n)
 
 
 def run_kernel(kind, lhs, rhs, dims, out_dtype, interpret):
@@ -208,23 +213,24 @@ def run_kernel(kind, lhs, rhs, dims, out_dtype, interpret):
 
 
 def _with_reference_vjp(kind, strategy, dims, out_dtype, interpret):
-  """The chosen forward, the reference's VJP backward (kernels have no autodiff)."""
+  """The chosen forward, the reference's VJP backward (kernels have no autodiff). ``stored``: the
+  operands' int8 codes where they are :class:`~fp4jax.int8_matmul.Int8Weight` s (no cotangent)."""
 
   @jax.custom_vjp
-  def f(lhs, rhs):
+  def f(lhs, rhs, stored):
     if strategy == "two_pass":
       return run_two_pass(kind, lhs, rhs, dims, out_dtype)
     if strategy == "int8":
-      return run_int8(lhs, rhs, dims, out_dtype, kernels=True, interpret=interpret)
+      return run_int8(lhs, rhs, dims, out_dtype, kernels=True, interpret=interpret, stored=stored)
     return run_kernel(kind, lhs, rhs, dims, out_dtype, interpret)
 
-  def fwd(lhs, rhs):
-    return f(lhs, rhs), (lhs, rhs)
+  def fwd(lhs, rhs, stored):
+    return f(lhs, rhs, stored), (lhs, rhs)
 
   def bwd(res, g):
     lhs, rhs = res
     _, vjp = jax.vjp(lambda a, b: scaled_dot_general_reference(a, b, dims, out_dtype), lhs, rhs)
-    return vjp(g)
+    return (*vjp(g), None)
 
   f.defvjp(fwd, bwd)
   return f
@@ -275,8 +281,16 @@ def _out_shape(lhs_shape, rhs_shape, dims) -> tuple[int, ...]:
           + tuple(s for i, s in enumerate(rhs_shape) if i not in rc + rb))
 
 
+def _unwrap(x):
+  """``(operand, stored codes)``: an :class:`~fp4jax.int8_matmul.Int8Weight` as its QArray and codes."""
+  if isinstance(x, int8_matmul.Int8Weight):
+    return x.qarray, x.rebased
+  return x, None
+
+
 def _dot(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
   """scaled_dot_general of validated operands: plan once, run the planned path."""
+  (lhs, stored_lhs), (rhs, stored_rhs) = _unwrap(lhs), _unwrap(rhs)
   if math.prod(lhs.shape) == 0 or math.prod(rhs.shape) == 0:
     # No elements: a sum over an empty axis (zeros), or an empty output. The
     # reference dequantizes, which has no blocks to work on.
@@ -284,7 +298,7 @@ def _dot(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
   kind, strategy, plan = _plan(lhs, rhs, dims, out_dtype, backend, dimension_numbers)
   if strategy == "xla":
     return scaled_dot_general_reference(lhs, rhs, dims, out_dtype)
-  return _with_reference_vjp(kind, strategy, dims, out_dtype, plan.interpret)(lhs, rhs)
+  return _with_reference_vjp(kind, strategy, dims, out_dtype, plan.interpret)(lhs, rhs, (stored_lhs, stored_rhs))
 
 
 def _plan(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):

@@ -188,3 +188,112 @@ def test_the_word_kernel_gives_every_byte_in_every_position_the_xla_ops_bits():
     got_codes, got_residual = ik.rebase(data, scales, base, tiles=tiles, interpret=interpret)
     np.testing.assert_array_equal(got_codes, codes)
     np.testing.assert_array_equal(got_residual, residual)
+
+
+def test_residual_tiles_are_patched_on_the_device_and_only_they():
+  # The GPU fallback without a cond: the int8 product (whose residual rows lack their far blocks), then the
+  # mx kernel again over every tile with a residual row of A or of B. Compiled on a GPU, interpreted
+  # elsewhere. Tiles (default config): 128 x 256 here, so rows 0..127 x cols 0..255 form tile (0, 0).
+  from fp4jax.kernels import mx_matmul
+
+  interpret = not kernels.on_gpu()
+  m, n, k = 256, 512, 128
+  a, b = random_rows(jax.random.key(11), m, k), random_rows(jax.random.key(12), n, k, 126, 129)
+  a = (a[0], a[1].at[200, 1].set(100))  # row 200 (second row tile): a block 20 binades down
+  b = (b[0], b[1].at[300, 2].set(250).at[300, 3].set(254))  # column 300 (second column tile): 2**127 block
+  base_a, _ = im.row_bases(a[1])
+  base_b, _ = im.row_bases(b[1])
+  res_a, res_b = im.rows_residual(*a, base_a), im.rows_residual(*b, base_b)
+  assert np.flatnonzero(res_a).tolist() == [200] and np.flatnonzero(res_b).tolist() == [300]
+  assert (product(a, b) == -1).all()  # off the GPU path: the cond takes the fallback for the whole product
+  sums = jax.lax.dot_general(im.rebased(*a)[0], im.rebased(*b)[0], (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.int32)
+  int8_out = im.finish_sums(sums, im.row_exponent(base_a), im.row_exponent(base_b), jnp.zeros(m, bool),
+                            jnp.zeros(n, bool), jnp.float32)
+  got = np.asarray(im.patch_residual_tiles(int8_out, a, b, res_a, res_b, interpret=interpret))
+  full = np.asarray(mx_matmul.mx_matmul(*a, None, *b, None, a_fmt=fj.MXFP4, b_fmt=fj.MXFP4, out_dtype=jnp.float32,
+                                        interpret=interpret))
+  patched = np.zeros((m, n), bool)
+  patched[128:256, :] = True  # row 200's tiles
+  patched[:, 256:512] = True  # column 300's tiles
+  np.testing.assert_array_equal(got[patched], full[patched])
+  np.testing.assert_array_equal(got[~patched], np.asarray(int8_out)[~patched])
+  # Column 300's 2**127 block overflows to inf in bfloat16 (and float32), as in the two-pass fallback of the cond.
+  qa, qb = (fj.QArray(*ops, None, fj.MXFP4, -1, layout="rows") for ops in (a, b))
+  two_pass = np.asarray(mm.run_two_pass("mx", qa, qb, (((1,), (1,)), ((), ())), jnp.float32))
+  np.testing.assert_array_equal(np.isfinite(got), np.isfinite(two_pass))
+  want, finite = exact_product(a, b), np.isfinite(two_pass)
+  assert finite.sum() == m * (n - 1)
+  np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6)
+  assert not np.allclose(np.asarray(int8_out)[200], want[200], rtol=1e-6)  # the patch was needed there
+  # With no flag set nothing is computed: the buffer comes back as it went in.
+  nan = jnp.full((m, n), jnp.nan, jnp.float32)
+  none = np.asarray(im.patch_residual_tiles(nan, a, b, jnp.zeros(m, bool), jnp.zeros(n, bool), interpret=interpret))
+  assert np.isnan(none).all()
+
+
+def test_row_flags_need_a_buffer_and_their_shapes():
+  from fp4jax.kernels import mx_matmul
+
+  a, b = random_rows(jax.random.key(0), 64, 64), random_rows(jax.random.key(1), 32, 64)
+  kw = {"a_fmt": fj.MXFP4, "b_fmt": fj.MXFP4, "interpret": True}
+  with pytest.raises(ValueError, match="out_buffer"):
+    mx_matmul.mx_matmul(*a, None, *b, None, row_flags=(jnp.zeros(64, bool), jnp.zeros(32, bool)), **kw)
+  with pytest.raises(ValueError, match=r"\(64,\) and \(32,\)"):
+    mx_matmul.mx_matmul(*a, None, *b, None, out_buffer=jnp.zeros((64, 32), jnp.bfloat16),
+                        row_flags=(jnp.zeros(32, bool), jnp.zeros(32, bool)), **kw)
+
+
+def test_int8_product_on_a_gpu_patches_instead_of_a_cond(monkeypatch):
+  # Traced only: with the kernels compiled (a GPU) and the bytes at hand, no cond in the program; the mx
+  # kernel's flags are the residual rows. In interpret mode, or with DEVICE_FALLBACK off, the cond.
+  a, b = random_rows(jax.random.key(0), 256, 256), random_rows(jax.random.key(1), 256, 256)
+  fallback = lambda: jnp.zeros((256, 256), jnp.float32)
+
+  def prims(**kw):
+    jaxpr = jax.make_jaxpr(lambda *ops: im.int8_product(*ops, jnp.float32, fallback, **kw))(*a, *b)
+    return {e.primitive.name for e in jaxpr.jaxpr.eqns}
+
+  from fp4jax.kernels import int8_gemm as gk
+
+  monkeypatch.setattr(gk, "on_hopper", lambda: False)  # XLA's GEMM: traceable on any machine
+  assert "cond" in prims(kernels=True, interpret=True)
+  assert "cond" in prims(kernels=False)
+  assert "cond" not in prims(kernels=True)
+  monkeypatch.setattr(im, "DEVICE_FALLBACK", False)
+  assert "cond" in prims(kernels=True)
+
+
+def test_a_stored_int8_weight_gives_the_qarray_s_products_and_gradients(monkeypatch):
+  # fj.int8_weight(w): the codes made once. Every path gives the QArray's bits (on the CPU: the reference;
+  # as a GPU runs the API, the Pallas passes interpreted: the int8 path with the stored codes, not re-based
+  # again); the activations' gradients as with the QArray.
+  rows = mm.KERNEL_MAX_ROWS["mx"] + 8
+  x = jax.random.normal(jax.random.key(0), (rows, 256), jnp.float32)
+  w = fj.quantize(jax.random.normal(jax.random.key(1), (256, 48), jnp.float32), fj.MXFP4, axis=0)
+  a, iw = fj.quantize(x, fj.MXFP4, axis=-1), fj.int8_weight(w)
+  assert isinstance(iw, fj.Int8Weight) and iw.shape == (256, 48) and iw.codes.shape == (48, 256)
+  assert fj.int8_weight(iw) is iw
+  np.testing.assert_array_equal(fj.scaled_matmul(a, iw, preferred_element_type=jnp.float32),
+                                fj.scaled_matmul(a, w, preferred_element_type=jnp.float32))
+  monkeypatch.setattr(kernels, "on_gpu", lambda: True)
+  rebased_calls = []
+  real = im.rebased
+  monkeypatch.setattr(im, "rebased", lambda *ops, **kw: rebased_calls.append(ops[0].shape) or real(*ops, **kw))
+  with kernels.interpret_mode():
+    got = jax.jit(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.float32))(a, iw)
+    assert rebased_calls == [(rows, 128)]  # the activation only
+    want = fj.scaled_matmul(a, w, preferred_element_type=jnp.float32)
+  np.testing.assert_array_equal(got, want)
+  loss = lambda x, w: jnp.sum(fj.scaled_matmul(x, w, preferred_element_type=jnp.float32) ** 2)
+  np.testing.assert_array_equal(jax.grad(loss)(x, iw), jax.grad(loss)(x, w))
+
+
+def test_int8_weight_names_what_it_cannot_take():
+  w = jax.random.normal(jax.random.key(1), (64, 32), jnp.float32)
+  with pytest.raises(ValueError, match="QArray"):
+    fj.int8_weight(w)
+  with pytest.raises(ValueError, match="NVFP4"):
+    fj.int8_weight(fj.quantize(w, fj.NVFP4, axis=0))
+  with pytest.raises(ValueError, match=r"2-D.*\(2, 64, 32\)"):
+    fj.int8_weight(fj.quantize(jnp.stack([w, w]), fj.MXFP4, axis=1))

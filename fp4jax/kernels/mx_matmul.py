@@ -84,7 +84,8 @@ def default_config(m: int, k: int, n: int, a_fmt: Format, b_fmt: Format) -> Conf
 
 
 def _kernel(a_ref, as_ref, b_ref, bs_ref, *rest, a_fmt: Format, b_fmt: Format, cfg: Config,
-            k_steps: int, has_global: bool, m: int, n: int):
+            k_steps: int, has_global: bool, has_flags: bool, m: int, n: int):
+  flag_refs, rest = (rest[:2], rest[2:]) if has_flags else (None, rest)
   g_ref = rest[0] if has_global else None
   o_ref = rest[-1]  # an aliased output buffer, if any, sits just before it
   bk = cfg.block_k
@@ -123,10 +124,19 @@ def _kernel(a_ref, as_ref, b_ref, bs_ref, *rest, a_fmt: Format, b_fmt: Format, c
     return acc
 
   body = body_fp8 if cfg.mma == "fp8" else body_bf16
-  acc = lax.fori_loop(0, k_steps, body, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
-  if has_global:
-    acc = acc * g_ref[0]
-  common.store_tile(o_ref, acc.astype(o_ref.dtype), rows_a, rows_b)
+
+  def tile():
+    acc = lax.fori_loop(0, k_steps, body, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
+    if has_global:
+      acc = acc * g_ref[0]
+    common.store_tile(o_ref, acc.astype(o_ref.dtype), rows_a, rows_b)
+
+  if not has_flags:
+    tile()
+    return
+  # Only tiles with a flagged row or column are computed; the others leave the aliased buffer as it is.
+  fa, fb = common.load_rows(flag_refs[0], rows_a), common.load_rows(flag_refs[1], rows_b)
+  pl.when((jnp.max(fa) > 0) | (jnp.max(fb) > 0))(tile)
 
 
 def _check(a_data, a_scales, b_data, b_scales, a_fmt, b_fmt, a_gs, b_gs, cfg):
@@ -161,7 +171,7 @@ def _check(a_data, a_scales, b_data, b_scales, a_fmt, b_fmt, a_gs, b_gs, cfg):
 @functools.partial(jax.jit, static_argnames=("a_fmt", "b_fmt", "out_dtype", "config", "interpret"))
 def mx_matmul(a_data, a_scales, a_global, b_data, b_scales, b_global, *, a_fmt: Format, b_fmt: Format,
               out_dtype=jnp.bfloat16, config: Config | None = None, interpret: bool = False,
-              out_buffer=None):
+              out_buffer=None, row_flags=None):
   """``dequantize(a) @ dequantize(b).T`` through the Pallas kernel.
 
   Args:
@@ -174,6 +184,10 @@ def mx_matmul(a_data, a_scales, a_global, b_data, b_scales, b_global, *, a_fmt: 
     interpret: run in Pallas interpret mode (CPU).
     out_buffer: optional ``(M, N)`` ``out_dtype`` buffer the kernel writes in
       place (tests fill it with NaN to check that every element is written).
+    row_flags: optional ``(flags_a (M,), flags_b (N,))`` bools, with
+      ``out_buffer``: only the output tiles with a flagged row of ``a`` or of
+      ``b`` are computed, the others keep ``out_buffer``'s values (the int8
+      path's exact fallback on the device, :mod:`fp4jax.int8_matmul`).
 
   Returns:
     ``(M, N)`` in ``out_dtype``.
@@ -192,6 +206,15 @@ def mx_matmul(a_data, a_scales, a_global, b_data, b_scales, b_global, *, a_fmt: 
       pl.BlockSpec((cfg.block_n, nb_all), lambda j, i: (j, 0)),
   ]
   args = [a_data, a_scales, b_data, b_scales]
+  if row_flags is not None:
+    if out_buffer is None:
+      raise ValueError("mx_matmul: row_flags needs out_buffer (the values of the tiles not computed)")
+    fa, fb = row_flags
+    if tuple(fa.shape) != (m,) or tuple(fb.shape) != (n,):
+      raise ValueError(f"mx_matmul: row_flags must have shapes ({m},) and ({n},), got {tuple(fa.shape)} and "
+                       f"{tuple(fb.shape)}")
+    in_specs += [pl.BlockSpec((cfg.block_m,), lambda j, i: (i,)), pl.BlockSpec((cfg.block_n,), lambda j, i: (j,))]
+    args += [fa.astype(jnp.int32), fb.astype(jnp.int32)]
   gs = [g for g in (a_global, b_global) if g is not None]
   if gs:
     g = functools.reduce(lambda u, v: u * v, [jnp.asarray(x, jnp.float32) for x in gs])
@@ -208,7 +231,7 @@ def mx_matmul(a_data, a_scales, a_global, b_data, b_scales, b_global, *, a_fmt: 
     in_specs.append(out_spec)  # never read: the kernel only writes through the output ref
     args.append(out_buffer)
   kernel = functools.partial(_kernel, a_fmt=a_fmt, b_fmt=b_fmt, cfg=cfg, k_steps=k // cfg.block_k,
-                             has_global=bool(gs), m=m, n=n)
+                             has_global=bool(gs), has_flags=row_flags is not None, m=m, n=n)
   from jax.experimental.pallas import triton as plt
 
   return pl.pallas_call(
