@@ -29,8 +29,8 @@ calls on distinct inputs rotating beyond the L2, median of 5 samples):
 Earlier runs also timed the bf16 dot with w stored ``(N, K)`` and on the quantized operands' values
 (``w4a4/*.json`` before this commit).
 
-``--stored`` times instead the weight stored with its int8 codes (``fj.int8_weight``) and the residual
-decided on the device against the ``lax.cond`` (see ``stored_case``).
+``--stored`` times instead the weight stored with its int8 codes (``fj.int8_weight``, with the ``"cond"``
+and the ``"tiles"`` fallback) against the ``"rows"`` QArray (see ``stored_case``).
 
 ``--check`` compares the int8 path's float32 output with the exact product rounded to float32 (float64
 on the host), bit for bit, at a small shape, and the fallback against the reference.
@@ -164,10 +164,10 @@ def case(m, k, n):
 
 
 def stored_case(m, k, n):
-  """The weight stored with its int8 codes (``fj.int8_weight``) against the ``"rows"`` QArray, and the
-  residual decided on the device (``int8_matmul.DEVICE_FALLBACK``, since this commit the default) against
-  the ``lax.cond``; normal activations (no residual) and heavy-tailed ones (t(3): most rows fall back).
-  Bits: the stored weight's output against the QArray's, and the device fallback's against the cond's."""
+  """The weight stored with its int8 codes (``fj.int8_weight``, both fallbacks) against the ``"rows"``
+  QArray (the cond); normal activations (no residual) and heavy-tailed ones (t(3): most rows fall back).
+  Bits: the stored weight's outputs against the QArray's, and the ``"tiles"`` fallback's against the
+  cond's on the heavy tails (max relative difference)."""
   sets = mb.n_sets(m * k * 2 + k * n * 2, cap=8)
   aq, wq = operands(m, k, n, sets)
   keys = jax.random.split(jax.random.key(3), 2 * sets)
@@ -176,26 +176,21 @@ def stored_case(m, k, n):
   t = {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
   del xb, wb
   ah, _ = operands(m, k, n, sets, heavy=True)
-  iw = [fj.int8_weight(w) for w in wq]
+  weights = {"": wq, "_int8_weight_cond": [fj.int8_weight(w, "cond") for w in wq],
+             "_int8_weight_tiles": [fj.int8_weight(w, "tiles") for w in wq]}
   product = lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16)
-  cases = {"a_rows": (aq, wq), "a_rows_int8_weight": (aq, iw), "heavy_tails": (ah, wq),
-           "heavy_tails_int8_weight": (ah, iw)}
   outs = {}
-  for device in (True, False):
-    int8_matmul.DEVICE_FALLBACK = device
-    suffix = "" if device else "_cond"
-    for name, (a_list, w_list) in cases.items():
+  for data, a_list in (("a_rows", aq), ("heavy_tails", ah)):
+    for suffix, w_list in weights.items():
       calls = [(a.with_layout("rows"), w) for a, w in mb.make_calls(a_list, w_list)]
-      t[name + suffix] = mb.bench(product, calls)
-      outs[name + suffix] = np.asarray(jax.jit(product)(*calls[0]), np.float32)
-  int8_matmul.DEVICE_FALLBACK = True
+      t[data + suffix] = mb.bench(product, calls)
+      outs[data + suffix] = np.asarray(jax.jit(product)(*calls[0]), np.float32)
   same = lambda x, y: bool(np.array_equal(x, y, equal_nan=True))
-  heavy_rel = float(np.max(np.abs(outs["heavy_tails"] - outs["heavy_tails_cond"])
-                           / np.maximum(np.abs(outs["heavy_tails_cond"]), 1e-30)))
-  bits = {"int8_weight_equals_qarray": same(outs["a_rows"], outs["a_rows_int8_weight"])
-          and same(outs["heavy_tails"], outs["heavy_tails_int8_weight"]),
-          "device_equals_cond_normal": same(outs["a_rows"], outs["a_rows_cond"]),
-          "device_vs_cond_heavy_max_rel": heavy_rel,
+  heavy_rel = float(np.max(np.abs(outs["heavy_tails_int8_weight_tiles"] - outs["heavy_tails"])
+                           / np.maximum(np.abs(outs["heavy_tails"]), 1e-30)))
+  bits = {"int8_weight_equals_qarray": all(same(outs["a_rows" + s], outs["a_rows"]) for s in weights)
+          and same(outs["heavy_tails_int8_weight_cond"], outs["heavy_tails"]),
+          "tiles_vs_cond_heavy_max_rel": heavy_rel,
           "heavy_rows_residual": float(jnp.mean(residual(ah[0])))}
   row = {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()}, "bits": bits}
   row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
@@ -294,7 +289,7 @@ def main(argv=None):
   p.add_argument("--budget-s", type=float, default=400)
   p.add_argument("--layer", action="store_true", help="only the W4A4 layer with and without the fused quantize")
   p.add_argument("--stored", action="store_true",
-                 help="only the stored int8 weight and the device fallback against the rows QArray and the cond")
+                 help="only the stored int8 weight (both fallbacks) against the rows QArray")
   a = p.parse_args(argv)
   os.makedirs(a.out, exist_ok=True)
   t0 = time.time()

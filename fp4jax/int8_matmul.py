@@ -12,11 +12,14 @@ have the same rate.
 
 Blocks further below their row's top, and blocks at the largest scale (2**127,
 whose values overflow float32 as the reference dequantizes them), are the
-*residual*. On a GPU the product's output tiles that hold a residual row or
-column are then computed again by a kernel that dequantizes both operands to
-bfloat16 (:func:`patch_residual_tiles`, a tile without one exits at once), so
-no host round trip decides anything; elsewhere a ``lax.cond`` runs an exact
-fallback (the bfloat16 two-pass product) when any exists. Normal or Laplace data spans fewer than 4
+*residual*: when any exists, a ``lax.cond`` runs an exact fallback (the
+bfloat16 two-pass product) instead. XLA copies that predicate to the host and
+waits for it; a weight stored with :func:`int8_weight` (``fallback="tiles"``)
+avoids the round trip: on a GPU the output tiles that hold a residual row or
+column are computed again by a kernel that dequantizes both operands to
+bfloat16 (:func:`patch_residual_tiles`; a tile without one exits at once),
+fast when residual rows are rare, about 4x slower than the cond's fallback
+when most rows have them (``benchmarks/results/w4a4.md``). Normal or Laplace data spans fewer than 4
 binades per row (no residual); heavy tails (Student t with 3 degrees of freedom:
 90% of rows) do not. NaN blocks (scale 0xFF) make their whole output row or
 column NaN, as in the reference.
@@ -42,8 +45,8 @@ from fp4jax.quantize import quantize
 
 __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "block_order", "rebase_codes", "rows_residual",
            "rows_codes", "row_exponent", "fused_gemm_runs", "finish_sums", "rebased", "activation_rows",
-           "int8_product", "rebased_product", "patch_residual_tiles", "DEVICE_FALLBACK", "Int8Weight",
-           "int8_weight"]
+           "int8_product", "rebased_product", "patch_residual_tiles", "Int8Weight", "int8_weight",
+           "FALLBACKS"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
 SPAN = common.SPAN
@@ -52,11 +55,9 @@ MAX_K = 1 << 17
 _BLOCK = 32
 _E8M0_BIAS = 127
 _DN = (((1,), (1,)), ((), ()))
-
-#: Whether a GPU product with the operands' bytes at hand patches its residual tiles on the device
-#: (:func:`patch_residual_tiles`) instead of choosing the whole product under a ``lax.cond``, whose
-#: predicate XLA copies to the host and waits for (12-29 us a call on the H200, benchmarks/results/w4a4.md).
-DEVICE_FALLBACK = True
+#: How a product decides on residual rows: ``"cond"`` (a ``lax.cond`` picks the exact fallback for the
+#: whole product) or ``"tiles"`` (on a GPU, :func:`patch_residual_tiles`; the cond elsewhere).
+FALLBACKS = ("cond", "tiles")
 
 
 def int8_obstacle(a_fmt: Format, b_fmt: Format, k: int) -> str | None:
@@ -176,29 +177,27 @@ def int8_product(a_data, a_scales, b_data, b_scales, out_dtype, fallback, *, ker
   """``A @ B.T`` of MXFP4 byte rows ``A (M, K)`` and ``B (N, K)``, float32-exact, as ``out_dtype``.
 
   The int8 GEMM's int32 sums are exact; each output is rounded once to
-  float32 (``S * 2**(ea + eb)``), then to ``out_dtype``. Where either operand
-  has residual blocks: on a GPU (``kernels``, not interpreted) the output
-  tiles they touch are computed again from the bytes
-  (:func:`patch_residual_tiles`); elsewhere ``fallback()`` (an exact path of
-  the same output, e.g. the bfloat16 two-pass product) runs instead of the
-  whole product, under ``lax.cond``. ``kernels``: the passes in Pallas (the
-  same bits) where a tile fits, else XLA ops; on a Hopper GPU the GEMM and
-  the finish as one Mosaic GPU kernel (:mod:`fp4jax.kernels.int8_gemm`) where
-  its tiles fit.
+  float32 (``S * 2**(ea + eb)``), then to ``out_dtype``. When either operand
+  has residual blocks, ``fallback()`` (an exact path of the same output, e.g.
+  the bfloat16 two-pass product) runs instead, under ``lax.cond``.
+  ``kernels``: the passes in Pallas (the same bits) where a tile fits, else
+  XLA ops; on a Hopper GPU the GEMM and the finish as one Mosaic GPU kernel
+  (:mod:`fp4jax.kernels.int8_gemm`) where its tiles fit.
 
   The re-basing pass also writes the residual flags, so each operand is read
-  once; under the cond's fallback its codes are wasted work.
+  once; on the fallback its codes are wasted work.
   """
   opts = {"kernels": kernels, "interpret": interpret}
   return rebased_product(rebased(a_data, a_scales, **opts), rebased(b_data, b_scales, **opts), out_dtype, fallback,
-                         bytes_a=(a_data, a_scales), bytes_b=(b_data, b_scales), **opts)
+                         **opts)
 
 
-def rebased_product(a, b, out_dtype, fallback, *, kernels: bool = False, interpret: bool = False, bytes_a=None,
-                    bytes_b=None):
-  """:func:`int8_product` of operands already re-based: ``a``, ``b`` as :func:`rebased` returns them;
-  ``bytes_a`` / ``bytes_b`` their ``(data, scales)`` byte rows, for the fallback on the device (without
-  them, or off a GPU, the ``lax.cond``)."""
+def rebased_product(a, b, out_dtype, fallback, *, kernels: bool = False, interpret: bool = False, tiles=None):
+  """:func:`int8_product` of operands already re-based: ``a``, ``b`` as :func:`rebased` returns them.
+
+  ``tiles``: None (the ``lax.cond``), or both operands' ``(data, scales)`` byte rows, with which a GPU
+  product (``kernels``, not interpreted) recomputes its residual tiles instead
+  (:func:`patch_residual_tiles`, the ``"tiles"`` fallback); elsewhere the cond."""
   (codes_a, base_a, nan_a, residual_a), (codes_b, base_b, nan_b, residual_b) = a, b
   m, n = codes_a.shape[0], codes_b.shape[0]
 
@@ -211,8 +210,8 @@ def rebased_product(a, b, out_dtype, fallback, *, kernels: bool = False, interpr
       return int8_rebase_kernels().finish(sums, ea, eb, nan_a, nan_b, out_dtype=out_dtype, interpret=interpret)
     return finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype)
 
-  if DEVICE_FALLBACK and kernels and not interpret and bytes_a is not None and bytes_b is not None:
-    return patch_residual_tiles(exact(), bytes_a, bytes_b, residual_a, residual_b)
+  if tiles is not None and kernels and not interpret:
+    return patch_residual_tiles(exact(), *tiles, residual_a, residual_b)
   return lax.cond(jnp.any(residual_a) | jnp.any(residual_b), fallback, exact)
 
 
@@ -240,21 +239,24 @@ class Int8Weight:
   * ``qarray``: the weight, a ``"rows"`` QArray (the fallback and the other
     paths read it);
   * ``codes`` int8 ``(N, K)`` in :func:`block_order`, ``base`` int32 ``(N,)``,
-    ``nan`` and ``residual`` bool ``(N,)``: :func:`rebased` of its byte rows.
+    ``nan`` and ``residual`` bool ``(N,)``: :func:`rebased` of its byte rows;
+  * ``fallback`` (static): how its products treat residual rows, one of
+    :data:`FALLBACKS` (see :func:`int8_weight`).
 
   Memory: the codes are a byte an element, so with the QArray about 1.56
   bytes an element (3x MXFP4's, 0.78x bfloat16's).
   """
 
-  def __init__(self, qarray: QArray, codes, base, nan, residual):
+  def __init__(self, qarray: QArray, codes, base, nan, residual, fallback: str = "tiles"):
     self.qarray, self.codes, self.base, self.nan, self.residual = qarray, codes, base, nan, residual
+    self.fallback = fallback
 
   def tree_flatten(self):
-    return (self.qarray, self.codes, self.base, self.nan, self.residual), None
+    return (self.qarray, self.codes, self.base, self.nan, self.residual), self.fallback
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children)
+    return cls(*children, fallback=aux)
 
   @property
   def shape(self):
@@ -270,25 +272,37 @@ class Int8Weight:
     return self.codes, self.base, self.nan, self.residual
 
   def __repr__(self):
-    return f"Int8Weight({self.qarray!r})"
+    return f"Int8Weight({self.qarray!r}, fallback={self.fallback!r})"
 
 
-def int8_weight(w: QArray) -> Int8Weight:
+def int8_weight(w: QArray, fallback: str = "tiles") -> Int8Weight:
   """``w`` with its int8 codes made once, for the int8 path's products (an :class:`Int8Weight`).
 
   Args:
     w: a 2-D MXFP4 QArray blocked along one axis (the axis a product
       contracts), either storage layout: ``quantize(w, MXFP4, axis=0)`` for a
-      ``(K, N)`` weight.
+      ``(K, N)`` weight; or an Int8Weight (its fallback set anew).
+    fallback: how a product with it treats rows the int8 values cannot hold
+      (the residual, :mod:`fp4jax.int8_matmul`), both exact to float32
+      rounding: ``"tiles"``, on a GPU the output tiles holding such a row
+      are computed again on the device, with no host round trip (fastest
+      when such rows are rare: activations of normal or Laplace data have
+      none; about 4x slower than ``"cond"`` when most rows have them, as for
+      Student t(3) data); ``"cond"``, a ``lax.cond`` runs the two-pass
+      bfloat16 product instead of the whole product when any row has one
+      (what a plain QArray gets).
 
   Raises:
-    ValueError: ``w`` is not such a QArray, or ``K`` is beyond :data:`MAX_K`.
+    ValueError: ``w`` is not such a QArray, ``K`` is beyond :data:`MAX_K`,
+      or ``fallback`` is unknown.
 
   Under ``jax.jit`` this is a pass over the weight: do it once, outside the
   per-call function (as :func:`fp4jax.with_layout`).
   """
+  if fallback not in FALLBACKS:
+    raise ValueError(f"int8_weight: fallback must be one of {FALLBACKS}, got {fallback!r}")
   if isinstance(w, Int8Weight):
-    return w
+    return Int8Weight(w.qarray, *w.rebased, fallback=fallback)
   if not isinstance(w, QArray):
     raise ValueError(f"int8_weight expects a fp4jax.QArray, got {type(w).__name__}")
   validate_qarray(w)
@@ -297,4 +311,4 @@ def int8_weight(w: QArray) -> Int8Weight:
   if why := int8_obstacle(w.fmt, w.fmt, w.shape[w.axis]):
     raise ValueError(f"int8_weight: {why}")
   rows = with_layout(w, "rows")
-  return Int8Weight(rows, *rebased(*byte_matrix(rows)))
+  return Int8Weight(rows, *rebased(*byte_matrix(rows)), fallback=fallback)

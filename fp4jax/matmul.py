@@ -168,10 +168,11 @@ def run_two_pass(kind, lhs, rhs, dims, out_dtype):
   return out.astype(out_dtype).reshape(*lead, b.shape[0])
 
 
-def run_int8(lhs, rhs, dims, out_dtype, kernels=False, interpret=False, stored=(None, None)):
+def run_int8(lhs, rhs, dims, out_dtype, kernels=False, interpret=False, stored=(None, None), fallback="cond"):
   """MXFP4 x MXFP4 through the int8 tensor cores (:mod:`fp4jax.int8_matmul`): exact int32 sums;
-  the two-pass path when a row spans more binades than the int8 values hold. ``stored``: each
-  operand's :meth:`~fp4jax.int8_matmul.Int8Weight.rebased` codes where it carries them, else None."""
+  the two-pass path when a row spans more binades than the int8 values hold (``fallback="cond"``), or
+  those rows' output tiles recomputed on the device (``"tiles"``). ``stored``: each operand's
+  :meth:`~fp4jax.int8_matmul.Int8Weight.rebased` codes where it carries them, else None."""
   (lc, _), _ = dims
   lead = tuple(s for i, s in enumerate(lhs.shape) if i != lc[0])
   opts = {"kernels": kernels, "interpret": interpret}
@@ -179,7 +180,8 @@ def run_int8(lhs, rhs, dims, out_dtype, kernels=False, interpret=False, stored=(
   a, b = (r if r is not None else int8_matmul.rebased(*ops, **opts) for r, ops in zip(stored, (a_bytes, b_bytes)))
   n = b_bytes[0].shape[0]
   two_pass = lambda: run_two_pass("mx", lhs, rhs, dims, out_dtype).reshape(-1, n)
-  out = int8_matmul.rebased_product(a, b, out_dtype, two_pass, bytes_a=a_bytes, bytes_b=b_bytes, **opts)
+  tiles = (a_bytes, b_bytes) if fallback == "tiles" else None
+  out = int8_matmul.rebased_product(a, b, out_dtype, two_pass, tiles=tiles, **opts)
   return out.reshape(*lead, n)
 
 
@@ -212,7 +214,7 @@ def run_kernel(kind, lhs, rhs, dims, out_dtype, interpret):
   return out.reshape(*lead, n)
 
 
-def _with_reference_vjp(kind, strategy, dims, out_dtype, interpret):
+def _with_reference_vjp(kind, strategy, dims, out_dtype, interpret, fallback="cond"):
   """The chosen forward, the reference's VJP backward (kernels have no autodiff). ``stored``: the
   operands' int8 codes where they are :class:`~fp4jax.int8_matmul.Int8Weight` s (no cotangent)."""
 
@@ -221,7 +223,8 @@ def _with_reference_vjp(kind, strategy, dims, out_dtype, interpret):
     if strategy == "two_pass":
       return run_two_pass(kind, lhs, rhs, dims, out_dtype)
     if strategy == "int8":
-      return run_int8(lhs, rhs, dims, out_dtype, kernels=True, interpret=interpret, stored=stored)
+      return run_int8(lhs, rhs, dims, out_dtype, kernels=True, interpret=interpret, stored=stored,
+                      fallback=fallback)
     return run_kernel(kind, lhs, rhs, dims, out_dtype, interpret)
 
   def fwd(lhs, rhs, stored):
@@ -288,8 +291,15 @@ def _unwrap(x):
   return x, None
 
 
+def _int8_fallback(*operands) -> str:
+  """``"tiles"`` when an operand is an Int8Weight that asks for it, else ``"cond"``."""
+  tiles = any(isinstance(x, int8_matmul.Int8Weight) and x.fallback == "tiles" for x in operands)
+  return "tiles" if tiles else "cond"
+
+
 def _dot(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
   """scaled_dot_general of validated operands: plan once, run the planned path."""
+  fallback = _int8_fallback(lhs, rhs)
   (lhs, stored_lhs), (rhs, stored_rhs) = _unwrap(lhs), _unwrap(rhs)
   if math.prod(lhs.shape) == 0 or math.prod(rhs.shape) == 0:
     # No elements: a sum over an empty axis (zeros), or an empty output. The
@@ -298,7 +308,8 @@ def _dot(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
   kind, strategy, plan = _plan(lhs, rhs, dims, out_dtype, backend, dimension_numbers)
   if strategy == "xla":
     return scaled_dot_general_reference(lhs, rhs, dims, out_dtype)
-  return _with_reference_vjp(kind, strategy, dims, out_dtype, plan.interpret)(lhs, rhs, (stored_lhs, stored_rhs))
+  return _with_reference_vjp(kind, strategy, dims, out_dtype, plan.interpret, fallback)(
+      lhs, rhs, (stored_lhs, stored_rhs))
 
 
 def _plan(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
