@@ -243,8 +243,8 @@ class Int8Weight:
   * ``fallback`` (static): how its products treat residual rows, one of
     :data:`FALLBACKS` (see :func:`int8_weight`).
 
-  Memory: the codes are a byte an element, so with the QArray about 1.56
-  bytes an element (3x MXFP4's, 0.78x bfloat16's).
+  Memory: the codes are a byte an element, so with the QArray about 1.53
+  bytes an element (2.9x MXFP4's, 0.77x bfloat16's).
   """
 
   def __init__(self, qarray: QArray, codes, base, nan, residual, fallback: str = "tiles"):

@@ -269,6 +269,8 @@ def test_int8_weights_fallback_decides_between_the_cond_and_the_patch(monkeypatc
     def walk(j):
       for e in j.eqns:
         names.add(e.primitive.name)
+        if e.primitive.name == "pallas_call":
+          continue  # a kernel's own control flow (pl.when) is no XLA conditional
         for p in e.params.values():
           for sub in (p if isinstance(p, (list, tuple)) else [p]):
             if hasattr(sub, "jaxpr"):
