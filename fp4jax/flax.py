@@ -21,7 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fp4jax.qarray import QArray
+from fp4jax.int8_matmul import is_stored_weight
 from fp4jax.qat import QatConfig, einsum_dimension_numbers, quantized_dot_general
 
 __all__ = ["QDense", "QEinsum"]
@@ -31,7 +31,7 @@ def _kernel(mdl: nn.Module, shape, init, dtype):
   """The stored QArray kernel, or the (possibly newly initialised) float one."""
   if mdl.has_variable("params", "kernel"):
     k = mdl.get_variable("params", "kernel")
-    if isinstance(k, QArray):
+    if is_stored_weight(k):
       if tuple(k.shape) != tuple(shape):
         raise ValueError(f"{type(mdl).__name__}: stored QArray kernel has shape {k.shape}, "
                          f"the layer expects {tuple(shape)}")
@@ -41,7 +41,7 @@ def _kernel(mdl: nn.Module, shape, init, dtype):
 
 def _quant_dot_general(mdl: nn.Module, config: QatConfig | None, kernel):
   key = None
-  if config is not None and config.needs_key and not isinstance(kernel, QArray):
+  if config is not None and config.needs_key and not is_stored_weight(kernel):
     if mdl.is_initializing():
       key = 0  # init runs no backward pass: any counter will do
     elif mdl.has_rng(mdl.rng_collection):
@@ -53,7 +53,7 @@ def _quant_dot_general(mdl: nn.Module, config: QatConfig | None, kernel):
 
 
 def _promote(mdl, inputs, kernel, bias):
-  if isinstance(kernel, QArray):
+  if is_stored_weight(kernel):
     inputs, _, bias = mdl.promote_dtype(inputs, None, bias, dtype=mdl.dtype)
     return inputs, kernel, bias
   return tuple(mdl.promote_dtype(inputs, kernel, bias, dtype=mdl.dtype))

@@ -18,7 +18,7 @@ waits for it; a weight stored with :func:`int8_weight` (``fallback="tiles"``)
 avoids the round trip: on a GPU the output tiles that hold a residual row or
 column are computed again by a kernel that dequantizes both operands to
 bfloat16 (:func:`patch_residual_tiles`; a tile without one exits at once),
-fast when residual rows are rare, about 4x slower than the cond's fallback
+fast when residual rows are rare, 2.5-4x slower than the cond's fallback
 when most rows have them (``benchmarks/results/w4a4.md``). Normal or Laplace data spans fewer than 4
 binades per row (no residual); heavy tails (Student t with 3 degrees of freedom:
 90% of rows) do not. NaN blocks (scale 0xFF) make their whole output row or
@@ -46,7 +46,7 @@ from fp4jax.quantize import quantize
 __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "block_order", "rebase_codes", "rows_residual",
            "rows_codes", "row_exponent", "fused_gemm_runs", "finish_sums", "rebased", "activation_rows",
            "int8_product", "rebased_product", "patch_residual_tiles", "Int8Weight", "int8_weight",
-           "FALLBACKS"]
+           "FALLBACKS", "is_stored_weight"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
 SPAN = common.SPAN
@@ -267,6 +267,30 @@ class Int8Weight:
     return self.qarray.fmt
 
   @property
+  def ndim(self):
+    return self.qarray.ndim
+
+  @property
+  def axis(self):
+    return self.qarray.axis
+
+  def check(self):
+    """ValueError unless the fields fit together (an Int8Weight made by hand, not by :func:`int8_weight`)."""
+    validate_qarray(self.qarray)
+    if self.qarray.layout != "rows" or self.qarray.fmt != MXFP4 or self.qarray.ndim != 2:
+      raise ValueError(f"Int8Weight: qarray must be a 2-D MXFP4 QArray stored 'rows', got {self.qarray!r}")
+    n, k = self.qarray.values.shape[0], 2 * self.qarray.values.shape[1]
+    want = {"codes": ((n, k), jnp.int8), "base": ((n,), jnp.int32), "nan": ((n,), jnp.bool_),
+            "residual": ((n,), jnp.bool_)}
+    for name, (shape, dtype) in want.items():
+      x = getattr(self, name)
+      if tuple(x.shape) != shape or jnp.dtype(x.dtype) != jnp.dtype(dtype):
+        raise ValueError(f"Int8Weight: {name} must be {jnp.dtype(dtype)} {shape} for {self.qarray!r}, got "
+                         f"{jnp.dtype(x.dtype)} {tuple(x.shape)}; make it with fp4jax.int8_weight")
+    if self.fallback not in FALLBACKS:
+      raise ValueError(f"Int8Weight: fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+
+  @property
   def rebased(self):
     """``(codes, base, nan, residual)`` as :func:`rebased` returns them."""
     return self.codes, self.base, self.nan, self.residual
@@ -287,7 +311,7 @@ def int8_weight(w: QArray, fallback: str = "tiles") -> Int8Weight:
       rounding: ``"tiles"``, on a GPU the output tiles holding such a row
       are computed again on the device, with no host round trip (fastest
       when such rows are rare: activations of normal or Laplace data have
-      none; about 4x slower than ``"cond"`` when most rows have them, as for
+      none; 2.5-4x slower than ``"cond"`` when most rows have them, as for
       Student t(3) data); ``"cond"``, a ``lax.cond`` runs the two-pass
       bfloat16 product instead of the whole product when any row has one
       (what a plain QArray gets).
@@ -312,3 +336,8 @@ def int8_weight(w: QArray, fallback: str = "tiles") -> Int8Weight:
     raise ValueError(f"int8_weight: {why}")
   rows = with_layout(w, "rows")
   return Int8Weight(rows, *rebased(*byte_matrix(rows)), fallback=fallback)
+
+
+def is_stored_weight(x) -> bool:
+  """Whether ``x`` is a quantized operand as stored (a QArray or an :class:`Int8Weight`), not an array."""
+  return isinstance(x, (QArray, Int8Weight))

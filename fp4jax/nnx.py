@@ -20,7 +20,7 @@ import functools
 import jax.numpy as jnp
 from flax import nnx
 
-from fp4jax.qarray import QArray
+from fp4jax.int8_matmul import is_stored_weight
 from fp4jax.qat import QatConfig, einsum_dimension_numbers, quantized_dot_general
 
 __all__ = ["QLinear", "QEinsum"]
@@ -41,7 +41,7 @@ def _values(mdl):
 
 
 def _promote(mdl, inputs, kernel, bias):
-  if isinstance(kernel, QArray):
+  if is_stored_weight(kernel):
     inputs, _, bias = mdl.promote_dtype((inputs, None, bias), dtype=mdl.dtype)
     return inputs, kernel, bias
   return tuple(mdl.promote_dtype((inputs, kernel, bias), dtype=mdl.dtype))
@@ -49,7 +49,7 @@ def _promote(mdl, inputs, kernel, bias):
 
 def _dot_general(mdl, kernel):
   key = None
-  if mdl.config is not None and mdl.config.needs_key and not isinstance(kernel, QArray):
+  if mdl.config is not None and mdl.config.needs_key and not is_stored_weight(kernel):
     key = mdl.quant_rngs()
   return functools.partial(quantized_dot_general, config=mdl.config, key=key)
 

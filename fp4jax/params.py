@@ -8,7 +8,8 @@ import jax
 import numpy as np
 
 from fp4jax.formats import Format, get_format
-from fp4jax.qarray import STORAGE_LAYOUTS, QArray, rows_obstacle
+from fp4jax.int8_matmul import int8_obstacle, int8_weight, is_stored_weight
+from fp4jax.qarray import STORAGE_LAYOUTS, rows_obstacle
 from fp4jax.quantize import quantize
 
 __all__ = ["quantize_params", "param_path"]
@@ -64,7 +65,11 @@ def quantize_params(
       layout can hold (a 2-D kernel in a format of ``fp4jax.FORMATS``) as
       ``"rows"`` and the others (3-D Einsum / expert kernels, MXFP6, MXINT8)
       in the logical layout; ``"rows"`` insists (ValueError naming a leaf it
-      cannot hold); ``None`` keeps the logical layout everywhere.
+      cannot hold); ``None`` keeps the logical layout everywhere;
+      ``"int8"``: as ``"auto"``, and each 2-D MXFP4 kernel an
+      :class:`~fp4jax.Int8Weight` (:func:`fp4jax.int8_weight`: its int8 codes
+      made once, for W4A4 products on the int8 tensor cores; 1.53 bytes an
+      element, see there for its fallback).
 
   Returns:
     The same tree with each selected leaf a QArray (logical shape unchanged),
@@ -82,21 +87,24 @@ def quantize_params(
   """
   fmt = get_format(fmt)
   predicate = _is_kernel if predicate is None else predicate
-  if layout != "auto" and layout not in STORAGE_LAYOUTS:
-    raise ValueError(f"quantize_params: unknown layout {layout!r}; expected 'auto' or one of {STORAGE_LAYOUTS}")
+  if layout not in ("auto", "int8") and layout not in STORAGE_LAYOUTS:
+    raise ValueError(f"quantize_params: unknown layout {layout!r}; expected 'auto', 'int8' or one of "
+                     f"{STORAGE_LAYOUTS}")
 
   def one(path, leaf):
     name = param_path(path)
-    if isinstance(leaf, QArray) or not predicate(name, leaf):
+    if is_stored_weight(leaf) or not predicate(name, leaf):
       return leaf
     ax = axis(name, leaf) if callable(axis) else axis
     try:
       q = quantize(leaf, fmt, axis=ax, scale_rule=scale_rule)
-      if layout == "auto":
+      if layout == "int8" and q.ndim == 2 and int8_obstacle(q.fmt, q.fmt, q.shape[q.axis]) is None:
+        return int8_weight(q)
+      if layout in ("auto", "int8"):
         return q.with_layout("rows") if rows_obstacle(q) is None else q
       return q.with_layout(layout)
     except ValueError as e:
       raise ValueError(f"quantize_params: parameter {name!r} (shape {np.shape(leaf)}, dtype "
                        f"{getattr(leaf, 'dtype', None)}): {e}") from None
 
-  return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, QArray))
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_stored_weight)

@@ -269,3 +269,40 @@ def test_qdense_hlo_feeds_the_weight_buffers_to_the_kernel_custom_call(fmt):
   for name, readers in users.items():
     assert readers and all(r.startswith("custom-call") for r in readers), (
         f"weight parameter {name} is read by {readers}, not only by the kernel:\n{hlo}")
+
+
+def test_int8_weights_from_quantize_params_run_the_w4a4_layers(monkeypatch):
+  # quantize_params(..., layout="int8"): 2-D MXFP4 kernels as fj.Int8Weight (the others as "auto"). QDense and
+  # QLinear take them as they take the QArrays: the same outputs on the CPU (the reference reads the QArray);
+  # as a GPU runs the W4A4 product (interpreted here), the int8 path with the stored codes, the activations
+  # alone re-based per call.
+  from fp4jax import int8_matmul
+  from fp4jax import matmul as mm
+
+  rows = mm.KERNEL_MAX_ROWS["mx"] + 32
+  x = data(3, (2, rows // 2, 64))
+  model = nn.Sequential([QDense(64, config=W4A4), nn.relu, QDense(32, config=W4A4)])
+  params = model.init(jax.random.key(0), x)
+  i8 = quantize_params(params, fj.MXFP4, layout="int8")
+  kernels_ = [i8["params"][name]["kernel"] for name in ("layers_0", "layers_2")]
+  assert all(isinstance(k, fj.Int8Weight) and k.fallback == "tiles" for k in kernels_)
+  assert quantize_params(i8, fj.MXFP4, layout="int8") is not None  # stored leaves are left alone
+  assert isinstance(quantize_params(params, fj.NVFP4, layout="int8")["params"]["layers_0"]["kernel"], fj.QArray)
+  rows_params = quantize_params(params, fj.MXFP4)
+  np.testing.assert_array_equal(model.apply(i8, x), model.apply(rows_params, x))
+  layer, layer_i8 = (QLinear(64, 32, config=W4A4, rngs=nnx.Rngs(1)) for _ in range(2))
+  nnx.update(layer, quantize_params(nnx.state(layer, nnx.Param), fj.MXFP4))
+  nnx.update(layer_i8, quantize_params(nnx.state(layer_i8, nnx.Param), fj.MXFP4, layout="int8"))
+  assert isinstance(layer_i8.kernel.get_value(), fj.Int8Weight)
+  np.testing.assert_array_equal(layer_i8(x[0]), layer(x[0]))
+  monkeypatch.setattr(kernels, "on_gpu", lambda: True)
+  rebased = []
+  real = int8_matmul.rebased
+  monkeypatch.setattr(int8_matmul, "rebased", lambda *a, **kw: rebased.append(a[0].shape) or real(*a, **kw))
+  with kernels.interpret_mode():
+    got = jax.jit(model.apply)(i8, x)
+    assert rebased == [(rows, 32), (rows, 32)]  # the two layers' activations (K = 64: 32 bytes a row)
+    rebased.clear()
+    want = jax.jit(model.apply)(rows_params, x)
+    assert len(rebased) == 4  # the QArray weights are re-based per call too
+  np.testing.assert_array_equal(got, want)

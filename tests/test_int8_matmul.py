@@ -322,3 +322,10 @@ def test_int8_weight_names_what_it_cannot_take():
     fj.int8_weight(fj.quantize(w, fj.NVFP4, axis=0))
   with pytest.raises(ValueError, match=r"2-D.*\(2, 64, 32\)"):
     fj.int8_weight(fj.quantize(jnp.stack([w, w]), fj.MXFP4, axis=1))
+  # One made by hand must fit together: products check it before they run.
+  iw = fj.int8_weight(fj.quantize(w, fj.MXFP4, axis=0))
+  bad = fj.Int8Weight(iw.qarray, iw.codes[:, :32], iw.base, iw.nan, iw.residual)
+  with pytest.raises(ValueError, match=r"codes must be int8 \(32, 64\).*got int8 \(32, 32\)"):
+    fj.scaled_matmul(jnp.ones((4, 64)), bad)
+  with pytest.raises(ValueError, match="fallback"):
+    fj.scaled_matmul(jnp.ones((4, 64)), fj.Int8Weight(*iw.tree_flatten()[0], fallback="never"))
