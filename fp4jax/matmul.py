@@ -63,6 +63,7 @@ __all__ = [
     "run_int8",
     "run_kernel",
     "quantized_lhs_dot",
+    "int8_path_runs",
     "FUSED_ACTIVATION_QUANTIZE",
     "KERNEL_MAX_ROWS",
 ]
@@ -85,7 +86,7 @@ def _check_operand(x, name: str):
     validate_qarray(x)
     return x, tuple(x.shape)
   if isinstance(x, int8_matmul.Int8Weight):
-    validate_qarray(x.qarray)
+    x.check()
     return x, tuple(x.shape)
   x = as_array(x, f"scaled_dot_general ({name})")
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -246,7 +247,9 @@ def scaled_dot_general(lhs, rhs, dimension_numbers, *, preferred_element_type=jn
   Args:
     lhs, rhs: floating arrays or :class:`~fp4jax.QArray`\\ s (either storage
       layout). A QArray is normally blocked along a contracting axis; the XLA
-      path accepts any block axis.
+      path accepts any block axis. An :class:`~fp4jax.Int8Weight`
+      (:func:`~fp4jax.int8_weight`) is taken as its QArray, its int8 codes
+      used where the product runs on the int8 path.
     dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch,
       rhs_batch))`` as for ``lax.dot_general``.
     preferred_element_type: output dtype (the accumulation is float32).
@@ -331,6 +334,14 @@ def _plan(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
   return kind, strategy, plan
 
 
+def int8_path_runs(lhs, rhs, dims, out_dtype) -> bool:
+  """Whether ``scaled_dot_general(lhs, rhs, dims)`` (``backend="auto"``) takes the int8 path here.
+
+  ``dims``: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))`` with axes >= 0. Reads only
+  shapes, dtypes and formats: abstract operands (``jax.eval_shape``) will do."""
+  return _plan(lhs, rhs, dims, np.dtype(out_dtype), "auto", dims)[1] == "int8"
+
+
 #: Whether :func:`quantized_lhs_dot` quantizes activations straight into the int8 path's codes (one Pallas
 #: pass, :mod:`fp4jax.kernels.int8_quantize`) where it takes that path; False quantizes to byte rows first.
 #: Off: on the H200 that kernel is slower than the two passes it replaces (benchmarks/results/w4a4.md).
@@ -378,7 +389,7 @@ def scaled_matmul(a, b, *, preferred_element_type=jnp.bfloat16, backend: str = "
     a: ``(..., M, K)`` floating array or QArray (blocked along the last axis
       for the kernels).
     b: ``(K, N)`` floating array or QArray blocked along axis 0 (either
-      storage layout; ``"rows"`` is the kernels' own).
+      storage layout; ``"rows"`` is the kernels' own), or an Int8Weight of one.
     preferred_element_type: output dtype.
     backend: see :func:`scaled_dot_general`.
 

@@ -40,9 +40,11 @@ def test_w4a4_layer_mode_runs_and_checks_the_fused_quantize(tmp_path):
 
 def test_qat_int8_forward_experiment_runs(tmp_path):
   assert _script("experiments/qat_int8_forward").main(
-      ["--tiny", "--out", str(tmp_path), "--samples", "1", "--steps", "1", "--variants", "gate+up"]) == 0
+      ["--tiny", "--out", str(tmp_path), "--samples", "1", "--steps", "1", "--variants", "gate+up,library_both"]) == 0
   res = json.loads((tmp_path / "qat_int8_forward.json").read_text())
-  assert set(res["ms"]) == {"bf16", "mxfp4", "mxfp4, int8 forward: gate+up"} and min(res["ms"].values()) > 0
+  assert set(res["ms"]) == {"bf16", "mxfp4", "mxfp4, int8 forward: gate+up",
+                            "mxfp4, qat.dot.INT8_FORWARD + INT8_BACKWARD"}
+  assert min(res["ms"].values()) > 0
   assert res["vs_mxfp4"]["mxfp4, int8 forward: gate+up"]["y_rel"] < 1e-2  # float32 rounding, then bf16
 
 

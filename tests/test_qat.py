@@ -429,3 +429,97 @@ def test_w4a4_inference_quantizes_activations_as_byte_rows(fmt, monkeypatch):
   qat.quantized_dot_general(x, w, (((2,), (0,)), ((), ())), config=cfg)  # still rows
   qat.quantized_dot_general(x[0].T, w, (((0,), (0,)), ((), ())), config=cfg)
   assert [q.layout for q in seen] == ["rows", None]
+
+
+def test_int8_forward_gives_the_exact_product_and_the_same_gradients(monkeypatch):
+  # qat.dot.INT8_FORWARD: an MXFP4 x MXFP4 forward takes scaled_dot_general's int8 path where it would run
+  # (as a GPU runs it; here on a CPU the Pallas passes interpreted): the fake-quantized operands' product, exact and
+  # rounded once to float32; the backward is the library's, so the gradients are bit for bit the same.
+  from fp4jax import kernels
+  from fp4jax import matmul as mm
+  from fp4jax.qat import dot as qdot
+
+  rows = mm.KERNEL_MAX_ROWS["mx"] + 32
+  x = jax.random.normal(jax.random.key(0), (2, rows // 2, 256), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (256, 64), jnp.float32) * 0.1
+  cfg = QatConfig.uniform(fj.MXFP4)
+  dims = (((2,), (0,)), ((), ()))
+  loss = lambda x, w: jnp.sum(jnp.sin(qat.quantized_dot_general(x, w, dims, config=cfg, key=3)))
+  interpret = not kernels.on_gpu()  # compiled on a GPU
+  monkeypatch.setattr(kernels, "on_gpu", lambda: True)
+  taken = []
+  real = mm.run_int8
+  monkeypatch.setattr(mm, "run_int8", lambda *a, **kw: taken.append(a[0].shape) or real(*a, **kw))
+  with kernels.interpret_mode(interpret):
+    y0 = qat.quantized_dot_general(x, w, dims, config=cfg, key=3)
+    g0 = jax.grad(loss, argnums=(0, 1))(x, w)
+    assert taken == []
+    monkeypatch.setattr(qdot, "INT8_FORWARD", True)
+    y1 = qat.quantized_dot_general(x, w, dims, config=cfg, key=3)
+    g1 = jax.grad(loss, argnums=(0, 1))(x, w)
+    assert taken == [(rows, 256), (rows, 256)]  # the activations as 2-D rows: the forward, and the grad's forward
+    # Not taken: NVFP4, the straight-through backward, too few rows.
+    qat.quantized_dot_general(x, w, dims, config=QatConfig.uniform(fj.NVFP4), key=3)
+    qat.quantized_dot_general(x, w, dims, config=QatConfig.uniform(fj.MXFP4, backward=False))
+    qat.quantized_dot_general(x[:1, :8], w, dims, config=cfg, key=3)
+    assert len(taken) == 2
+  lq = np.asarray(fake_quantize_operand(x, cfg.lhs, 2, jnp.float32), np.float64)
+  rq = np.asarray(fake_quantize_operand(w, cfg.rhs, 0, jnp.float32), np.float64)
+  exact = np.einsum("abk,kn->abn", lq, rq)
+  np.testing.assert_array_equal(np.asarray(y1), exact.astype(np.float32))
+  bound = (256 + 2) * 2.0**-24 * np.einsum("abk,kn->abn", np.abs(lq), np.abs(rq))
+  assert np.all(np.abs(np.asarray(y0, np.float64) - exact) <= bound)
+  for a, b in zip(g0, g1):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("rule,rounding", [("floor", "nearest"), ("ceil", "stochastic"), ("ceil", "nearest"),
+                                           ("floor", "stochastic")])
+def test_fake_quantized_mxfp4_values_quantize_again_exactly(rule, rounding):
+  # What the int8 backward relies on: quantize(fake_quant(x), MXFP4, "floor") dequantizes to fake_quant(x) bit
+  # for bit, whatever rule and rounding made it. Blocks of every largest E2M1 magnitude (0.5 .. 6, so the new
+  # scale lies 0..3 binades below the old) at scales across the range, zero blocks included.
+  op = OperandConfig(fj.MXFP4, rule, rounding)
+  key = jax.random.key(7)
+  top = jnp.array([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0])
+  x = jax.random.uniform(key, (64, 8, 32), jnp.float32, -1.0, 1.0) * top[None, :, None]
+  x = x * (2.0 ** jax.random.randint(jax.random.key(8), (64, 1, 1), -100, 100)).astype(jnp.float32)
+  x = x.reshape(64, 256)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    fake = fake_quantize_operand(x, op, 1, dtype, key=jax.random.key(9) if rounding == "stochastic" else None)
+    again = fj.dequantize(fj.quantize(fake, fj.MXFP4, axis=-1, scale_rule="floor"), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(fake, np.float32))
+
+
+def test_int8_backward_gives_the_exact_product_of_the_same_operands(monkeypatch):
+  # qat.dot.INT8_BACKWARD: dlhs (g . rhs^T) of the fake-quantized MXFP4 operands (stochastic draws, Hadamard)
+  # on the int8 path (compiled on a GPU, interpreted elsewhere): their exact product rounded once; drhs unchanged.
+  from fp4jax import kernels
+  from fp4jax import matmul as mm
+  from fp4jax.qat import dot as qdot
+
+  rows = mm.KERNEL_MAX_ROWS["mx"] + 32
+  x = jax.random.normal(jax.random.key(0), (2, rows // 2, 128), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (128, 96), jnp.float32) * 0.1
+  dims = (((2,), (0,)), ((), ()))
+  interpret = not kernels.on_gpu()  # compiled on a GPU
+  monkeypatch.setattr(kernels, "on_gpu", lambda: True)
+  real, seen = qdot._int8_backward_lhs, []
+  monkeypatch.setattr(qdot, "_int8_backward_lhs", lambda gq, oq, *a: seen.append((gq, oq, real(gq, oq, *a)))
+                      or seen[-1][2])
+  for cfg in (QatConfig.uniform(fj.MXFP4), QatConfig.uniform(fj.MXFP4, hadamard=32)):
+    loss = lambda x, w: jnp.sum(jnp.sin(qat.quantized_dot_general(x, w, dims, config=cfg, key=5)))
+    seen.clear()
+    with kernels.interpret_mode(interpret):
+      g0 = jax.grad(loss, argnums=(0, 1))(x, w)
+      monkeypatch.setattr(qdot, "INT8_BACKWARD", True)
+      g1 = jax.grad(loss, argnums=(0, 1))(x, w)
+      monkeypatch.setattr(qdot, "INT8_BACKWARD", False)
+    assert [s[2] is None for s in seen] == [True, False]  # off, then on
+    gq, oq, dx = (np.asarray(v, np.float64) for v in seen[1])
+    assert gq.shape == (2, rows // 2, 96) and oq.shape == (128, 96)
+    exact = np.einsum("abn,kn->abk", gq, oq)
+    np.testing.assert_array_equal(np.asarray(g1[0], np.float32), exact.astype(np.float32))
+    bound = (96 + 2) * 2.0**-24 * np.einsum("abn,kn->abk", np.abs(gq), np.abs(oq))
+    assert np.all(np.abs(np.asarray(g0[0], np.float64) - exact) <= bound)
+    np.testing.assert_array_equal(np.asarray(g0[1]), np.asarray(g1[1]))  # drhs: not on the int8 path

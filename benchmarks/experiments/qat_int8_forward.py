@@ -15,6 +15,13 @@ MXFP4, and a last-bit change in ``y`` moves some elements (or a block's scale) a
 E2M1's 3 bits, so the gradients differ by a few % (CPU smoke run, nearest rounding for the comparison) from any
 reordering of the forward's float32 sums.
 
+``library``: the same step with ``fp4jax.qat.dot.INT8_FORWARD`` on (the library's own wiring of this forward,
+every MXFP4 product where the int8 path runs), which should time as ``gate+up+down``; ``library_backward``:
+``INT8_BACKWARD`` (the backward's dlhs products: dx of gate and up, dh of down); ``library_both``: the two.
+The gradients of the backward variants differ from the shipped step's by float32 rounding in the dlhs products
+(exact int32 sums against bfloat16 GEMMs), which the next quantization can move by a rounding step
+(``grad_rel`` then measures that, not an error).
+
   PYTHONPATH=. python3 benchmarks/experiments/qat_int8_forward.py --out DIR   # GPU
   PYTHONPATH=. python benchmarks/experiments/qat_int8_forward.py --tiny --out DIR   # CPU smoke run
 """
@@ -39,9 +46,14 @@ import qat_step  # noqa: E402  (benchmarks/qat_step.py: inputs, MM)
 
 import fp4jax as fj  # noqa: E402
 from fp4jax.qat import QatConfig, quantized_dot_general  # noqa: E402
+from fp4jax.qat import dot as qdot  # noqa: E402
 
 MM = qat_step.MM
 PRODUCTS = ("gate", "up", "down")
+#: Variants through the library's own switches: name, (qat.dot.INT8_FORWARD, qat.dot.INT8_BACKWARD).
+LIBRARY = {"library": ("mxfp4, qat.dot.INT8_FORWARD", (True, False)),
+           "library_backward": ("mxfp4, qat.dot.INT8_BACKWARD", (False, True)),
+           "library_both": ("mxfp4, qat.dot.INT8_FORWARD + INT8_BACKWARD", (True, True))}
 
 
 def int8_forward_dot(config):
@@ -140,7 +152,9 @@ def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--out", required=True)
   p.add_argument("--tiny", action="store_true", help="d=128, ffn=256, 256 tokens (CPU smoke run)")
-  p.add_argument("--variants", default="gate+up,gate+up+down", help="products whose forward takes the int8 path")
+  p.add_argument("--variants", default="gate+up,library,library_backward,library_both",
+                 help="products whose forward takes the int8 path here (e.g. gate+up+down), or the library's "
+                      "switches: " + ", ".join(LIBRARY))
   p.add_argument("--backend", default="pallas", help="QatConfig.backend of the fake quantization")
   p.add_argument("--samples", type=int, default=5)
   p.add_argument("--steps", type=int, default=5)
@@ -149,17 +163,21 @@ def main(argv=None):
   os.makedirs(a.out, exist_ok=True)
   cfg = dataclasses.replace(QatConfig.uniform(fj.MXFP4), backend=a.backend)
   res = {"device": str(jax.devices()[0]), "jax": jax.__version__, "shape": [d, ffn, tokens], "ms": {}, "vs_mxfp4": {}}
+  variants = a.variants.split(",")
   runs = [("bf16", None, ()), ("mxfp4", cfg, ())] + [
-      (f"mxfp4, int8 forward: {v}", cfg, tuple(v.split("+"))) for v in a.variants.split(",")]
+      (f"mxfp4, int8 forward: {v}", cfg, tuple(v.split("+"))) for v in variants if v not in LIBRARY]
+  runs += [(LIBRARY[v][0], cfg, v) for v in variants if v in LIBRARY]
   ref = None
   with fj.kernels.interpret_mode(not fj.kernels.on_gpu()):
     for name, c, products in runs:
-      step = make_step(c, products)
+      library = products in LIBRARY
+      qdot.INT8_FORWARD, qdot.INT8_BACKWARD = LIBRARY[products][1] if library else (False, False)
+      step = make_step(c, () if library else products)
       med, comp = time_step(step, d, ffn, tokens, a.samples, a.steps)
       res["ms"][name] = med * 1e3
       if c is not None:
         nearest = dataclasses.replace(c, grad=dataclasses.replace(c.grad, rounding="nearest"))
-        y, loss, grads = first_step(nearest, products, d, ffn, tokens)
+        y, loss, grads = first_step(nearest, () if library else products, d, ffn, tokens)
         if not products:
           ref = (y, loss, grads)
         else:
@@ -169,6 +187,7 @@ def main(argv=None):
             res["vs_mxfp4"].get(name, ""), flush=True)
       with open(os.path.join(a.out, "qat_int8_forward.json"), "w") as f:
         json.dump(res, f, indent=1)
+  qdot.INT8_FORWARD = qdot.INT8_BACKWARD = False
   return 0
 
 

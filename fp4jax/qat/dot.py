@@ -10,15 +10,30 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fp4jax.matmul import quantized_lhs_dot, scaled_dot_general
-from fp4jax.qarray import QArray, normalize_axis
+from fp4jax.formats import MXFP4
+from fp4jax.int8_matmul import is_stored_weight
+from fp4jax.matmul import int8_path_runs, quantized_lhs_dot, scaled_dot_general
+from fp4jax.qarray import normalize_axis
 from fp4jax.qat.config import OperandConfig, QatConfig
 from fp4jax.qat.fake import fake_quantize_operand, fused_fake_quantize
 from fp4jax.qat.rounding import random_hadamard
 from fp4jax.quantize import quantize
 from fp4jax.reference import pad_axis
 
-__all__ = ["quantized_dot_general", "quantized_einsum", "einsum_dimension_numbers"]
+__all__ = ["quantized_dot_general", "quantized_einsum", "einsum_dimension_numbers", "INT8_FORWARD",
+           "INT8_BACKWARD"]
+
+#: Whether a QAT forward product of two MXFP4 operands runs on the int8 path where ``scaled_dot_general``
+#: would take it (a GPU, enough rows; :func:`_int8_forward`). Off until measured through the library on
+#: the H200: ``benchmarks/experiments/qat_int8_forward.py`` measured the same composition outside it
+#: (the MXFP4 SwiGLU step 1.164x -> 1.030x the bf16 step with the gate and up products, 1.071x with the
+#: down product too, whose activations mostly take the fallback; outputs and gradients bit-identical).
+INT8_FORWARD = False
+
+#: Whether a QAT backward product for the lhs (``dlhs = fq(g) . fq(rhs)^T``, e.g. an MLP's dx and dh) of two
+#: MXFP4 operands runs on the int8 path where it would run (:func:`_int8_backward_lhs`). Off until measured
+#: on the H200 (``qat_int8_residual.json``: those products' operands have no residual rows in the SwiGLU step).
+INT8_BACKWARD = False
 
 
 def _canonical_dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int, lshape, rshape):
@@ -97,13 +112,14 @@ def _block_multiple(cfg: QatConfig, *ops: OperandConfig) -> int:
   return math.lcm(*sizes) if sizes else 1
 
 
-def _backward_gemm(g, other, g_axes, other_axes, op_other, cfg, keys, dtype, transpose):
+def _backward_gemm(g, other, g_axes, other_axes, op_other, cfg, keys, dtype, transpose, int8=False):
   """Quantizes ``g`` and ``other`` along one of their paired contracting axes, then transposes.
 
   ``transpose(g_q, other_q)`` is the linear transpose of the forward product in
   the missing operand. The blocks run along the axis this GEMM sums over; the
   forward blocks ran along another axis and cannot be reused (the scales
-  would vary inside the sum).
+  would vary inside the sum). ``int8``: the lhs's product, which may run on the int8 path
+  (:func:`_int8_backward_lhs`).
   """
   if not g_axes:  # an outer product: no contraction, nothing to block
     return transpose(g.astype(dtype), other.astype(dtype))
@@ -111,7 +127,35 @@ def _backward_gemm(g, other, g_axes, other_axes, op_other, cfg, keys, dtype, tra
   m = _block_multiple(cfg, cfg.grad, op_other)
   gq = _backward_operand(g, ga, cfg.grad, cfg, keys[0], dtype, m)
   oq = _backward_operand(other, oa, op_other, cfg, keys[1], dtype, m)
+  if int8 and (out := _int8_backward_lhs(gq, oq, g_axes, oa, op_other, cfg, dtype)) is not None:
+    return out
   return transpose(gq, oq)
+
+
+def _int8_backward_lhs(gq, oq, g_axes, oa: int, op_other: OperandConfig, cfg: QatConfig, dtype):
+  """``dlhs = gq . oq`` summed over ``g``'s last axis and ``oq``'s axis ``oa`` on the int8 path, or None
+  where it would not run.
+
+  ``gq`` and ``oq`` are the fake-quantized MXFP4 operands (their draws, Hadamard transform and padding
+  done): every block of each holds E2M1 values times a power of two, which :func:`quantize` under the
+  "floor" rule holds again exactly (its scale is at most the block's own and the values stay E2M1:
+  ``tests/test_qat.py``), so this is the product of the very same values, exact before one rounding,
+  where the bfloat16 GEMM rounds as it adds. Taken for a 2-D ``rhs`` whose free axis ``g``'s last is."""
+  if (not INT8_BACKWARD or cfg.grad.fmt != MXFP4 or op_other.fmt != MXFP4 or oq.ndim != 2
+      or tuple(g_axes) != (gq.ndim - 1,)
+      or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))):
+    return None
+  n = gq.shape[-1]
+
+  def operands(gq, oq):
+    return (quantize(gq.reshape(-1, n), MXFP4, axis=-1, scale_rule="floor", layout="rows"),
+            quantize(oq, MXFP4, axis=oa, scale_rule="floor", layout="rows"))
+
+  dims = (((1,), (oa,)), ((), ()))
+  if not int8_path_runs(*jax.eval_shape(operands, gq, oq), dims, dtype):
+    return None
+  out = scaled_dot_general(*operands(gq, oq), dims, preferred_element_type=dtype)
+  return out.reshape(*gq.shape[:-1], out.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -127,13 +171,48 @@ def _forward_operands(lhs, rhs, dims, cfg, dtype):
           fake_quantize_operand(rhs, cfg.rhs, rc[-1], dtype, axis_name=cfg.axis_name, backend=cfg.backend))
 
 
+def _int8_forward(lhs, rhs, dims, cfg, dtype, out_dtype):
+  """The forward product as ``scaled_dot_general(quantize(lhs), quantize(rhs))`` on the int8 path, or
+  None where that path would not run (then the fake-quantized operands' GEMM runs).
+
+  The same quantized values as :func:`_forward_operands` (its quantize, without the dequantize), so
+  the product differs from that GEMM's only by float32 rounding: the int8 path's sums are exact, rounded
+  once. Taken for ``(..., K) x (K, N)``-like products of two MXFP4 operands with ``K`` a whole number of
+  blocks, bfloat16 or float32 compute, and quantized backward GEMMs (whose residuals are the unquantized
+  operands; the straight-through backward needs the fake-quantized ones, so it keeps the GEMM)."""
+  (lc, rc), _ = dims
+  if (not INT8_FORWARD or cfg.grad.fmt is None or cfg.lhs.fmt != MXFP4
+      or cfg.rhs.fmt != MXFP4 or rhs.ndim != 2 or not _rows_activations(lhs, dims, MXFP4)
+      or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))):
+    return None
+  k = lhs.shape[-1]
+
+  def operands(lhs, rhs):
+    as_input = lambda x: x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
+    a = quantize(as_input(lhs.reshape(-1, k)), MXFP4, axis=-1, scale_rule=cfg.lhs.rule, axis_name=cfg.axis_name,
+                 layout="rows")
+    b = quantize(as_input(rhs), MXFP4, axis=rc[0], scale_rule=cfg.rhs.rule, axis_name=cfg.axis_name,
+                 layout="rows")
+    return a, b
+
+  dims2 = (((1,), (rc[0],)), ((), ()))
+  if not int8_path_runs(*jax.eval_shape(operands, lhs, rhs), dims2, out_dtype):
+    return None
+  out = scaled_dot_general(*operands(lhs, rhs), dims2, preferred_element_type=out_dtype)
+  return out.reshape(*lhs.shape[:-1], out.shape[-1])
+
+
 def _qdot_fwd(lhs, rhs, key, dims, cfg, precision, out_dtype):
   dtype = cfg.compute_dtype or jnp.result_type(lhs, rhs)
-  lq, rq = _forward_operands(lhs, rhs, dims, cfg, dtype)
-  out = lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype)
-  # The plain STE needs the forward-quantized operands; quantized backward
-  # GEMMs need the high-precision ones, to re-block them along another axis.
-  res = (lq, rq) if cfg.grad.fmt is None else (lhs, rhs)
+  # Quantized backward GEMMs need the high-precision operands, to re-block them along another axis;
+  # the plain STE needs the forward-quantized ones.
+  res = (lhs, rhs)
+  out = _int8_forward(lhs, rhs, dims, cfg, dtype, out_dtype)
+  if out is None:
+    lq, rq = _forward_operands(lhs, rhs, dims, cfg, dtype)
+    out = lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype)
+    if cfg.grad.fmt is None:
+      res = (lq, rq)
   # Empty arrays carry the primal dtypes, which the cotangents must match.
   return out, (*res, key, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
 
@@ -165,7 +244,10 @@ def _qdot_bwd(dims, cfg, precision, out_dtype, res, g):
   g_rfree = tuple(nb + len(lfree) + j for j in range(len(rfree)))
   g_lfree = tuple(nb + i for i in range(len(lfree)))
   keys = [_stream(key, i) for i in range(4)]
-  dlhs = _backward_gemm(g, b, g_rfree, rfree, cfg.rhs, cfg, keys[0:2], dtype, t_lhs)
+  # On the int8 path (where it runs) when lhs contracts its last axis alone: dlhs is then g . rhs^T with
+  # lhs's own axis order.
+  int8 = not lb and tuple(lc) == (a.ndim - 1,)
+  dlhs = _backward_gemm(g, b, g_rfree, rfree, cfg.rhs, cfg, keys[0:2], dtype, t_lhs, int8=int8)
   drhs = _backward_gemm(g, a, g_lfree, lfree, cfg.lhs, cfg, keys[2:4], dtype, t_rhs)
   return dlhs.astype(lhs_tag.dtype), drhs.astype(rhs_tag.dtype), None
 
@@ -180,15 +262,16 @@ def _check_float(x, name: str):
 
 
 def _inference_dot(lhs, rhs, dims, cfg: QatConfig | None, out_dtype):
-  """PTQ inference: stored QArray operand(s), the other quantized per ``cfg``, block-scaled matmul."""
+  """PTQ inference: stored QArray (or Int8Weight) operand(s), the other quantized per ``cfg``,
+  block-scaled matmul."""
   (lc, rc), _ = dims
   for x, c, name in ((lhs, lc, "lhs"), (rhs, rc, "rhs")):
-    if isinstance(x, QArray) and x.axis % x.ndim not in c:
+    if is_stored_weight(x) and x.axis % x.ndim not in c:
       raise ValueError(f"quantized_dot_general: {name} QArray of shape {x.shape} is blocked along axis "
                        f"{x.axis}, not along a contracting axis {c}")
-  if not isinstance(rhs, QArray) and cfg is not None and cfg.rhs.fmt is not None:
+  if not is_stored_weight(rhs) and cfg is not None and cfg.rhs.fmt is not None:
     rhs = quantize(rhs, cfg.rhs.fmt, axis=rc[-1], scale_rule=cfg.rhs.rule, axis_name=cfg.axis_name)
-  if not isinstance(lhs, QArray) and cfg is not None and cfg.lhs.fmt is not None:
+  if not is_stored_weight(lhs) and cfg is not None and cfg.lhs.fmt is not None:
     if _rows_activations(lhs, dims, cfg.lhs.fmt):
       # Activations (..., K) times a weight: quantized as the 2-D byte rows the matmul paths read, so the
       # quantize kernel's packed bytes go to the GEMM as they are (no float4 view, no re-packing per call).
@@ -213,7 +296,8 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred
   """``lax.dot_general`` with block-scaled quantization in the forward and backward GEMMs.
 
   Args:
-    lhs, rhs: floating arrays (or, for inference, :class:`QArray` operands
+    lhs, rhs: floating arrays (or, for inference, :class:`QArray` or
+      :class:`~fp4jax.Int8Weight` operands
       blocked along a contracting axis).
     dimension_numbers: ``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))``
       as in ``lax.dot_general``.
@@ -242,11 +326,11 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred
   if config is not None and not isinstance(config, QatConfig):
     raise ValueError(f"config must be a fp4jax.qat.QatConfig or None, got {type(config).__name__}")
   for x, name in ((lhs, "lhs"), (rhs, "rhs")):
-    if not isinstance(x, QArray):
+    if not is_stored_weight(x):
       _check_float(x, name)
   dims = _canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim, lhs.shape, rhs.shape)
   precision = lax.Precision(precision) if isinstance(precision, str) else precision
-  if isinstance(lhs, QArray) or isinstance(rhs, QArray):
+  if is_stored_weight(lhs) or is_stored_weight(rhs):
     out_dtype = np.dtype(preferred_element_type or jnp.float32)
     return _inference_dot(lhs, rhs, dims, config, out_dtype)
   out_dtype = np.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
