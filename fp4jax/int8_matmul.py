@@ -11,8 +11,9 @@ float32 (``benchmarks/results/fp8_rebase.md``); int8 and FP8 tensor cores
 have the same rate.
 
 Blocks further below their row's top, and blocks at the largest scale (2**127,
-whose values overflow float32 as the reference dequantizes them), are the
-*residual*: when any exists, a ``lax.cond`` runs an exact fallback (the
+whose values of 2 and more lie beyond float32: the reference's dequantize
+saturates them at float32's largest value, the bfloat16 fallbacks give inf, a
+difference left as it is), are the *residual*: when any exists, a ``lax.cond`` runs an exact fallback (the
 bfloat16 two-pass product) instead. XLA copies that predicate to the host and
 waits for it; a weight stored with :func:`int8_weight` (``fallback="tiles"``)
 avoids the round trip: on a GPU the output tiles that hold a residual row or
