@@ -115,19 +115,36 @@ def no_cond(a, w, fused=False):
   return int8_rebase.finish(s, ea, eb, na, nb, out_dtype=jnp.bfloat16, interpret=INTERPRET)
 
 
-def case(m, k, n):
+def baseline(m, k, n):
+  """``(sets, aq, wq, xb, t)`` for a shape: the number of operand sets, the MXFP4 activations and ``"rows"``
+  weights, bfloat16 normal activations, and ``t`` holding the bf16 dot's time on bf16 normal data."""
   sets = mb.n_sets(m * k * 2 + k * n * 2, cap=8)
   aq, wq = operands(m, k, n, sets)
-  calls = mb.make_calls(aq, wq)
   keys = jax.random.split(jax.random.key(3), 2 * sets)
   xb = [jax.random.normal(keys[i], (m, k), jnp.bfloat16) for i in range(sets)]
   wb = [jax.random.normal(keys[sets + i], (k, n), jnp.bfloat16) for i in range(sets)]
-  t = {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
+  return sets, aq, wq, xb, {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
+
+
+def w4a4_qdense(n):
+  """The W4A4 layer: a QDense that quantizes its activations to MXFP4 per call (its kernel stored)."""
+  return QDense(n, use_bias=False, dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16,
+                config=QatConfig(lhs=OperandConfig(fj.MXFP4), rhs=OperandConfig(None), grad=OperandConfig(None)))
+
+
+def result_row(m, k, n, sets, t, **extra):
+  """A shape's JSON row: the times ``t`` in us, ``extra``, and each time's ratio to the bf16 dot's."""
+  return {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()}, **extra,
+          "x_bf16": {name: t["bf16"] / v for name, v in t.items()}}
+
+
+def case(m, k, n):
+  sets, aq, wq, xb, t = baseline(m, k, n)
+  calls = mb.make_calls(aq, wq)
   # What a W4A4 model runs: a QDense whose kernel quantize_params stored, activations quantized per call.
-  layer = QDense(n, use_bias=False, dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16,
-                 config=QatConfig(lhs=OperandConfig(fj.MXFP4), rhs=OperandConfig(None), grad=OperandConfig(None)))
+  layer = w4a4_qdense(n)
   t["qdense_w4a4"] = mb.bench(lambda x, w: layer.apply({"params": {"kernel": w}}, x), mb.make_calls(xb, wq))
-  del xb, wb
+  del xb
   dims = (((1,), (0,)), ((), ()))
   t["int8"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16), calls)
   # Activations stored as byte rows too (quantize(..., layout="rows")): no per-call packing of the codes.
@@ -157,10 +174,7 @@ def case(m, k, n):
   ah, _ = operands(m, k, n, sets, heavy=True)
   t["fallback_heavy_tails"] = mb.bench(lambda a, w: fj.scaled_matmul(a, w, preferred_element_type=jnp.bfloat16),
                                        mb.make_calls(ah, wq))
-  row = {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()},
-         "normal_data_has_residual": has_residual, "kernel_equals_xla_ops": kernel_ok}
-  row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
-  return row
+  return result_row(m, k, n, sets, t, normal_data_has_residual=has_residual, kernel_equals_xla_ops=kernel_ok)
 
 
 def stored_case(m, k, n):
@@ -168,13 +182,8 @@ def stored_case(m, k, n):
   QArray (the cond); normal activations (no residual) and heavy-tailed ones (t(3): most rows fall back).
   Bits: the stored weight's outputs against the QArray's, and the ``"tiles"`` fallback's against the
   cond's on the heavy tails (max relative difference)."""
-  sets = mb.n_sets(m * k * 2 + k * n * 2, cap=8)
-  aq, wq = operands(m, k, n, sets)
-  keys = jax.random.split(jax.random.key(3), 2 * sets)
-  xb = [jax.random.normal(keys[i], (m, k), jnp.bfloat16) for i in range(sets)]
-  wb = [jax.random.normal(keys[sets + i], (k, n), jnp.bfloat16) for i in range(sets)]
-  t = {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
-  del xb, wb
+  sets, aq, wq, xb, t = baseline(m, k, n)
+  del xb
   ah, _ = operands(m, k, n, sets, heavy=True)
   weights = {"": wq, "_int8_weight_cond": [fj.int8_weight(w, "cond") for w in wq],
              "_int8_weight_tiles": [fj.int8_weight(w, "tiles") for w in wq]}
@@ -192,24 +201,15 @@ def stored_case(m, k, n):
           and same(outs["heavy_tails_int8_weight_cond"], outs["heavy_tails"]),
           "tiles_vs_cond_heavy_max_rel": heavy_rel,
           "heavy_rows_residual": float(jnp.mean(residual(ah[0])))}
-  row = {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()}, "bits": bits}
-  row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
-  return row
+  return result_row(m, k, n, sets, t, bits=bits)
 
 
 def layer_case(m, k, n):
   """The W4A4 layer with the activations quantized to byte rows first, or straight into the int8 codes
   (``matmul.FUSED_ACTIVATION_QUANTIZE``), beside the bf16 dot, the product on stored rows, and the two
   quantize passes alone; plus the fused path's output bits against the byte-rows path's."""
-  sets = mb.n_sets(m * k * 2 + k * n * 2, cap=8)
-  aq, wq = operands(m, k, n, sets)
-  keys = jax.random.split(jax.random.key(3), 2 * sets)
-  xb = [jax.random.normal(keys[i], (m, k), jnp.bfloat16) for i in range(sets)]
-  wb = [jax.random.normal(keys[sets + i], (k, n), jnp.bfloat16) for i in range(sets)]
-  t = {"bf16": mb.bench(lambda x, w: jnp.dot(x, w), mb.make_calls(xb, wb))}
-  del wb
-  layer = QDense(n, use_bias=False, dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16,
-                 config=QatConfig(lhs=OperandConfig(fj.MXFP4), rhs=OperandConfig(None), grad=OperandConfig(None)))
+  sets, aq, wq, xb, t = baseline(m, k, n)
+  layer = w4a4_qdense(n)
   apply = lambda x, w: layer.apply({"params": {"kernel": w}}, x)
   t["qdense_w4a4"] = mb.bench(apply, mb.make_calls(xb, wq))
   before = np.asarray(jax.jit(apply)(xb[0], wq[0]), np.float32)
@@ -228,10 +228,7 @@ def layer_case(m, k, n):
                                     interpret=INTERPRET), [(x,) for x in xb])
   t["quantize_codes"] = mb.bench(lambda x: int8_matmul.activation_rows(x, kernels=True, interpret=INTERPRET),
                                  [(x,) for x in xb])
-  row = {"m": m, "k": k, "n": n, "sets": sets, "us": {name: v * 1e6 for name, v in t.items()},
-         "fused_equals_rows_path": fused_equal}
-  row["x_bf16"] = {name: t["bf16"] / v for name, v in t.items()}
-  return row
+  return result_row(m, k, n, sets, t, fused_equals_rows_path=fused_equal)
 
 
 REBASE_CANDIDATES = [(8, 256, 4), (4, 512, 4), (16, 256, 8), (8, 512, 8), (2, 1024, 4), (16, 128, 4), (32, 512, 4),
