@@ -15,7 +15,7 @@ from fp4jax.int8_matmul import is_stored_weight
 from fp4jax.matmul import int8_path_runs, quantized_lhs_dot, scaled_dot_general
 from fp4jax.qarray import normalize_axis
 from fp4jax.qat.config import OperandConfig, QatConfig
-from fp4jax.qat.fake import fake_quantize_operand, fused_fake_quantize
+from fp4jax.qat.fake import fake_quantize_operand, fused_fake_quantize, quantize_input
 from fp4jax.qat.rounding import random_hadamard
 from fp4jax.quantize import quantize
 from fp4jax.reference import pad_axis
@@ -151,11 +151,17 @@ def _int8_backward_lhs(gq, oq, g_axes, oa: int, op_other: OperandConfig, cfg: Qa
     return (quantize(gq.reshape(-1, n), MXFP4, axis=-1, scale_rule="floor", layout="rows"),
             quantize(oq, MXFP4, axis=oa, scale_rule="floor", layout="rows"))
 
-  dims = (((1,), (oa,)), ((), ()))
-  if not int8_path_runs(*jax.eval_shape(operands, gq, oq), dims, dtype):
+  out = _int8_rows_product(operands, gq, oq, oa, dtype)
+  return None if out is None else out.reshape(*gq.shape[:-1], out.shape[-1])
+
+
+def _int8_rows_product(operands, x, y, y_contract: int, out_dtype):
+  """``scaled_dot_general`` of ``operands(x, y)`` (2-D QArrays: rows contracting their axis 1 with the
+  other's axis ``y_contract``) where it takes the int8 path, else None; the plan reads abstract shapes."""
+  dims = (((1,), (y_contract,)), ((), ()))
+  if not int8_path_runs(*jax.eval_shape(operands, x, y), dims, out_dtype):
     return None
-  out = scaled_dot_general(*operands(gq, oq), dims, preferred_element_type=dtype)
-  return out.reshape(*gq.shape[:-1], out.shape[-1])
+  return scaled_dot_general(*operands(x, y), dims, preferred_element_type=out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -188,18 +194,14 @@ def _int8_forward(lhs, rhs, dims, cfg, dtype, out_dtype):
   k = lhs.shape[-1]
 
   def operands(lhs, rhs):
-    as_input = lambda x: x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
-    a = quantize(as_input(lhs.reshape(-1, k)), MXFP4, axis=-1, scale_rule=cfg.lhs.rule, axis_name=cfg.axis_name,
-                 layout="rows")
-    b = quantize(as_input(rhs), MXFP4, axis=rc[0], scale_rule=cfg.rhs.rule, axis_name=cfg.axis_name,
+    a = quantize(quantize_input(lhs.reshape(-1, k)), MXFP4, axis=-1, scale_rule=cfg.lhs.rule,
+                 axis_name=cfg.axis_name, layout="rows")
+    b = quantize(quantize_input(rhs), MXFP4, axis=rc[0], scale_rule=cfg.rhs.rule, axis_name=cfg.axis_name,
                  layout="rows")
     return a, b
 
-  dims2 = (((1,), (rc[0],)), ((), ()))
-  if not int8_path_runs(*jax.eval_shape(operands, lhs, rhs), dims2, out_dtype):
-    return None
-  out = scaled_dot_general(*operands(lhs, rhs), dims2, preferred_element_type=out_dtype)
-  return out.reshape(*lhs.shape[:-1], out.shape[-1])
+  out = _int8_rows_product(operands, lhs, rhs, rc[0], out_dtype)
+  return None if out is None else out.reshape(*lhs.shape[:-1], out.shape[-1])
 
 
 def _qdot_fwd(lhs, rhs, key, dims, cfg, precision, out_dtype):

@@ -19,13 +19,19 @@ from fp4jax.quantize import as_input, dequantize, quantize
 from fp4jax.reference import from_blocks, to_blocks
 from fp4jax.scales import SCALE_RULES, element_units
 
-__all__ = ["fake_quant", "fake_quantize_operand", "fused_fake_quantize", "AUTO_FORMATS"]
+__all__ = ["fake_quant", "fake_quantize_operand", "fused_fake_quantize", "quantize_input", "AUTO_FORMATS"]
 
 #: The formats ``QatConfig(backend="auto")`` sends through the fused kernel on a GPU: those measured
 #: faster than XLA's fusion. H200 (benchmarks/results/qat_fused_sr.json): per operand MXFP4 1.4-2.7x,
 #: NVFP4 (block scales from one XLA pass) 1.4-2.1x; the SwiGLU QAT step MXFP4 16.3 -> 12.4 ms, NVFP4
 #: 18.6 -> 14.4 ms. MXFP8 not timed yet.
 AUTO_FORMATS = ("mxfp4", "nvfp4")
+
+
+def quantize_input(x):
+  """``x`` as the fake quantization quantizes it: float32, bfloat16 and float16 as they are, any other
+  floating dtype (float64, float8) through its float32 values."""
+  return x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
 
 
 def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None, axis_name=None, backend="xla"):
@@ -39,7 +45,7 @@ def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None, axis
     return x.astype(dtype)
   if (out := fused_fake_quantize(x, op, axis, dtype, key, axis_name, backend)) is not None:
     return out
-  xin = x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
+  xin = quantize_input(x)
   # The XLA path: XLA fuses quantize and dequantize into one pass over x.
   if key is not None and op.stochastic:
     q = stochastic_quantize(xin, op.fmt, key, axis=axis, scale_rule=op.rule, pad=True, axis_name=axis_name)
