@@ -45,8 +45,8 @@ from fp4jax.qarray import QArray, validate_qarray
 from fp4jax.quantize import quantize
 
 __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "block_order", "rebase_codes", "rows_residual",
-           "rows_codes", "row_exponent", "fused_gemm_runs", "finish_sums", "rebased", "activation_rows",
-           "int8_product", "rebased_product", "patch_residual_tiles", "Int8Weight", "int8_weight",
+           "rows_codes", "rows_may_be_residual", "row_exponent", "fused_gemm_runs", "finish_sums", "rebased",
+           "activation_rows", "int8_product", "rebased_product", "patch_residual_tiles", "Int8Weight", "int8_weight",
            "FALLBACKS", "is_stored_weight"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
@@ -102,6 +102,14 @@ def rebase_codes(data, scales, base):
   lo, hi = common.int8_values(b, shift[:, :, None], main[:, :, None])
   codes = common.interleave_last(lo, hi).reshape(r, 2 * nbytes).astype(jnp.int8)
   return block_order(codes), jnp.any(nonzero & other, axis=1)
+
+
+def rows_may_be_residual(scales):
+  """bool ``(R,)`` from the scale bytes alone: the row has a finite block outside the int8 span. A
+  superset of the residual rows (:func:`rows_residual` also asks that the block's codes be nonzero), so
+  where no row is flagged here the int8 product is exact with no fallback; ~1/16 of the codes' bytes."""
+  base, _ = row_bases(scales)
+  return jnp.any(common.int8_blocks(scales.astype(jnp.int32), base[:, None])[2], axis=1)
 
 
 def rows_residual(data, scales, base, *, kernel: bool = False, interpret: bool = False):

@@ -94,6 +94,27 @@ def test_rows_spanning_more_than_four_binades_take_the_fallback():
   np.testing.assert_array_equal(product(zero, b), exact_product(zero, b).astype(np.float32))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_rows_may_be_residual_flags_every_residual_row_from_the_scales(seed):
+  # The scale-only check QAT reads before re-basing: every residual row is flagged (so an unflagged product
+  # needs no fallback), and the rows it adds are those whose out-of-span blocks all have zero codes.
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  data, scales = random_rows(k1, 64, 256)
+  scales = jnp.where(jax.random.bernoulli(k2, 0.05, scales.shape),
+                     jax.random.choice(k3, jnp.array([0, 1, 100, 117, 122, 254, 255], jnp.uint8), scales.shape),
+                     scales)
+  zero_block = jnp.repeat(jax.random.bernoulli(k4, 0.3, scales.shape), 16, axis=1)
+  data = jnp.where(zero_block, jnp.uint8(0x80), data)  # blocks of -0.0 and 0.0 codes
+  flagged = np.asarray(im.rows_may_be_residual(scales))
+  residual = np.asarray(im.rows_residual(data, scales, im.row_bases(scales)[0]))
+  assert residual.any() and (flagged & ~residual).any()  # both kinds drawn
+  assert not (residual & ~flagged).any()
+  base = np.asarray(im.row_bases(scales)[0]).astype(np.int64)[:, None]
+  s = np.asarray(scales).astype(np.int64)
+  outside = (s != 255) & ((s < base) | (s == 254))  # independent restatement: finite, off the span
+  np.testing.assert_array_equal(flagged, outside.any(axis=1))
+
+
 def test_blocks_at_the_largest_scale_take_the_fallback():
   # 2**127 * E2M1 overflows float32 where the reference dequantizes; the fallback has its semantics.
   a, b = random_rows(jax.random.key(0), 4, 64, 252, 254), random_rows(jax.random.key(1), 4, 64)

@@ -450,9 +450,14 @@ def test_int8_forward_gives_the_exact_product_and_the_same_gradients(monkeypatch
   taken = []
   real = mm.run_int8
   monkeypatch.setattr(mm, "run_int8", lambda *a, **kw: taken.append(a[0].shape) or real(*a, **kw))
+  # A row of x with a block 12 binades above its others: wider than the int8 values hold.
+  wide = x.at[1, 5, :32].multiply(2.0**12)
+  monkeypatch.setattr(qdot, "INT8_BACKWARD", False)  # the forward's switch alone
   with kernels.interpret_mode(interpret):
+    monkeypatch.setattr(qdot, "INT8_FORWARD", False)
     y0 = qat.quantized_dot_general(x, w, dims, config=cfg, key=3)
     g0 = jax.grad(loss, argnums=(0, 1))(x, w)
+    w0 = qat.quantized_dot_general(wide, w, dims, config=cfg, key=3)
     assert taken == []
     monkeypatch.setattr(qdot, "INT8_FORWARD", True)
     y1 = qat.quantized_dot_general(x, w, dims, config=cfg, key=3)
@@ -463,6 +468,9 @@ def test_int8_forward_gives_the_exact_product_and_the_same_gradients(monkeypatch
     qat.quantized_dot_general(x, w, dims, config=QatConfig.uniform(fj.MXFP4, backward=False))
     qat.quantized_dot_general(x[:1, :8], w, dims, config=cfg, key=3)
     assert len(taken) == 2
+    # The wide row sends the product to the GEMM it replaces, read from the scales: the same bits as off.
+    w1 = qat.quantized_dot_general(wide, w, dims, config=cfg, key=3)
+  np.testing.assert_array_equal(np.asarray(w1), np.asarray(w0))
   lq = np.asarray(fake_quantize_operand(x, cfg.lhs, 2, jnp.float32), np.float64)
   rq = np.asarray(fake_quantize_operand(w, cfg.rhs, 0, jnp.float32), np.float64)
   exact = np.einsum("abk,kn->abn", lq, rq)
@@ -504,6 +512,7 @@ def test_int8_backward_gives_the_exact_product_of_the_same_operands(monkeypatch)
   dims = (((2,), (0,)), ((), ()))
   interpret = not kernels.on_gpu()  # compiled on a GPU
   monkeypatch.setattr(kernels, "on_gpu", lambda: True)
+  monkeypatch.setattr(qdot, "INT8_FORWARD", False)  # the backward's switch alone
   real, seen = qdot._int8_backward_lhs, []
   monkeypatch.setattr(qdot, "_int8_backward_lhs", lambda gq, oq, *a: seen.append((gq, oq, real(gq, oq, *a)))
                       or seen[-1][2])
@@ -511,6 +520,7 @@ def test_int8_backward_gives_the_exact_product_of_the_same_operands(monkeypatch)
     loss = lambda x, w: jnp.sum(jnp.sin(qat.quantized_dot_general(x, w, dims, config=cfg, key=5)))
     seen.clear()
     with kernels.interpret_mode(interpret):
+      monkeypatch.setattr(qdot, "INT8_BACKWARD", False)
       g0 = jax.grad(loss, argnums=(0, 1))(x, w)
       monkeypatch.setattr(qdot, "INT8_BACKWARD", True)
       g1 = jax.grad(loss, argnums=(0, 1))(x, w)
@@ -523,3 +533,13 @@ def test_int8_backward_gives_the_exact_product_of_the_same_operands(monkeypatch)
     bound = (96 + 2) * 2.0**-24 * np.einsum("abn,kn->abk", np.abs(gq), np.abs(oq))
     assert np.all(np.abs(np.asarray(g0[0], np.float64) - exact) <= bound)
     np.testing.assert_array_equal(np.asarray(g0[1]), np.asarray(g1[1]))  # drhs: not on the int8 path
+    # An output gradient with a row 12 binades wider than the int8 values hold: dlhs is the GEMM it replaces.
+    c = jnp.ones((2, rows // 2, 96), jnp.float32).at[1, 5, :32].set(2.0**12)
+    loss_c = lambda x, w: jnp.sum(jnp.sin(qat.quantized_dot_general(x, w, dims, config=cfg, key=5)) * c)
+    with kernels.interpret_mode(interpret):
+      w0 = jax.grad(loss_c, argnums=(0, 1))(x, w)
+      monkeypatch.setattr(qdot, "INT8_BACKWARD", True)
+      w1 = jax.grad(loss_c, argnums=(0, 1))(x, w)
+      monkeypatch.setattr(qdot, "INT8_BACKWARD", False)
+    for a, b in zip(w0, w1):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

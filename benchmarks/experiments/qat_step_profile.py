@@ -2,7 +2,7 @@
 
 For each MODE:BACKEND, runs the step under jax.profiler and writes the busy time and the top kernels
 (by total time over the profiled steps) to OUT/qat_step_profile.json.
-Usage: PYTHONPATH=. python benchmarks/experiments/qat_step_profile.py --out DIR [--runs bf16:xla,mxfp4:pallas]
+Usage: PYTHONPATH=. python benchmarks/experiments/qat_step_profile.py --out DIR [--runs bf16:xla,mxfp4:pallas,mxfp4+int8:pallas]
 """
 import argparse, json, os, sys
 
@@ -13,8 +13,13 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import gpu_profile  # noqa: E402
 import qat_step  # noqa: E402
 
+from fp4jax.qat import dot as qdot  # noqa: E402
+
 
 def run(mode, backend, d, ffn, tokens, steps):
+  """``mode`` may end in ``+int8``: the step with fp4jax.qat.dot.INT8_FORWARD and INT8_BACKWARD on."""
+  mode, int8 = mode.removesuffix("+int8"), mode.endswith("+int8")
+  qdot.INT8_FORWARD = qdot.INT8_BACKWARD = int8
   params, xs, ts = qat_step.inputs(d, ffn, tokens)
   step = qat_step.make_step(qat_step.config_of(mode, backend))
   state = {"p": params}
@@ -23,7 +28,10 @@ def run(mode, backend, d, ffn, tokens, steps):
     state["p"], v = step(state["p"], xs[0], ts[0], jax.random.key(i))
     return v
 
-  return gpu_profile.profile(call, steps)
+  try:
+    return gpu_profile.profile(call, steps)
+  finally:
+    qdot.INT8_FORWARD = qdot.INT8_BACKWARD = False
 
 
 def main():

@@ -11,8 +11,9 @@ import numpy as np
 from jax import lax
 
 from fp4jax.formats import MXFP4
-from fp4jax.int8_matmul import is_stored_weight
+from fp4jax.int8_matmul import is_stored_weight, rows_may_be_residual
 from fp4jax.matmul import int8_path_runs, quantized_lhs_dot, scaled_dot_general
+from fp4jax.prepared import byte_matrix
 from fp4jax.qarray import normalize_axis
 from fp4jax.qat.config import OperandConfig, QatConfig
 from fp4jax.qat.fake import fake_quantize_operand, fused_fake_quantize, quantize_input
@@ -24,16 +25,16 @@ __all__ = ["quantized_dot_general", "quantized_einsum", "einsum_dimension_number
            "INT8_BACKWARD"]
 
 #: Whether a QAT forward product of two MXFP4 operands runs on the int8 path where ``scaled_dot_general``
-#: would take it (a GPU, enough rows; :func:`_int8_forward`). Off until measured through the library on
-#: the H200: ``benchmarks/experiments/qat_int8_forward.py`` measured the same composition outside it
-#: (the MXFP4 SwiGLU step 1.164x -> 1.030x the bf16 step with the gate and up products, 1.071x with the
-#: down product too, whose activations mostly take the fallback; outputs and gradients bit-identical).
-INT8_FORWARD = False
+#: would take it (a GPU, enough rows; :func:`_int8_forward`). On: the MXFP4 SwiGLU step of
+#: ``benchmarks/qat_step.py`` on the H200 takes 1.120x the bf16 step with neither switch, 1.064x with this one,
+#: 1.047x with both (``benchmarks/experiments/qat_int8_forward.py``, eleventh session; outputs, loss and
+#: gradients bit-identical there). Set False for the fake-quantized bf16 GEMM everywhere.
+INT8_FORWARD = True
 
 #: Whether a QAT backward product for the lhs (``dlhs = fq(g) . fq(rhs)^T``, e.g. an MLP's dx and dh) of two
-#: MXFP4 operands runs on the int8 path where it would run (:func:`_int8_backward_lhs`). Off until measured
-#: on the H200 (``qat_int8_residual.json``: those products' operands have no residual rows in the SwiGLU step).
-INT8_BACKWARD = False
+#: MXFP4 operands runs on the int8 path where it would run (:func:`_int8_backward_lhs`). On: measured with
+#: :data:`INT8_FORWARD` above (1.091x the bf16 step alone).
+INT8_BACKWARD = True
 
 
 def _canonical_dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int, lshape, rshape):
@@ -127,12 +128,12 @@ def _backward_gemm(g, other, g_axes, other_axes, op_other, cfg, keys, dtype, tra
   m = _block_multiple(cfg, cfg.grad, op_other)
   gq = _backward_operand(g, ga, cfg.grad, cfg, keys[0], dtype, m)
   oq = _backward_operand(other, oa, op_other, cfg, keys[1], dtype, m)
-  if int8 and (out := _int8_backward_lhs(gq, oq, g_axes, oa, op_other, cfg, dtype)) is not None:
+  if int8 and (out := _int8_backward_lhs(gq, oq, g_axes, oa, op_other, cfg, dtype, transpose)) is not None:
     return out
   return transpose(gq, oq)
 
 
-def _int8_backward_lhs(gq, oq, g_axes, oa: int, op_other: OperandConfig, cfg: QatConfig, dtype):
+def _int8_backward_lhs(gq, oq, g_axes, oa: int, op_other: OperandConfig, cfg: QatConfig, dtype, transpose):
   """``dlhs = gq . oq`` summed over ``g``'s last axis and ``oq``'s axis ``oa`` on the int8 path, or None
   where it would not run.
 
@@ -140,7 +141,8 @@ def _int8_backward_lhs(gq, oq, g_axes, oa: int, op_other: OperandConfig, cfg: Qa
   done): every block of each holds E2M1 values times a power of two, which :func:`quantize` under the
   "floor" rule holds again exactly (its scale is at most the block's own and the values stay E2M1:
   ``tests/test_qat.py``), so this is the product of the very same values, exact before one rounding,
-  where the bfloat16 GEMM rounds as it adds. Taken for a 2-D ``rhs`` whose free axis ``g``'s last is."""
+  where the bfloat16 GEMM rounds as it adds. Taken for a 2-D ``rhs`` whose free axis ``g``'s last is;
+  ``transpose(gq, oq)`` (the bfloat16 GEMM) runs instead where a row may not fit the int8 values."""
   if (not INT8_BACKWARD or cfg.grad.fmt != MXFP4 or op_other.fmt != MXFP4 or oq.ndim != 2
       or tuple(g_axes) != (gq.ndim - 1,)
       or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))):
@@ -151,17 +153,25 @@ def _int8_backward_lhs(gq, oq, g_axes, oa: int, op_other: OperandConfig, cfg: Qa
     return (quantize(gq.reshape(-1, n), MXFP4, axis=-1, scale_rule="floor", layout="rows"),
             quantize(oq, MXFP4, axis=oa, scale_rule="floor", layout="rows"))
 
-  out = _int8_rows_product(operands, gq, oq, oa, dtype)
+  out = _int8_rows_product(operands, gq, oq, oa, dtype, lambda: transpose(gq, oq).reshape(-1, oq.shape[1 - oa]))
   return None if out is None else out.reshape(*gq.shape[:-1], out.shape[-1])
 
 
-def _int8_rows_product(operands, x, y, y_contract: int, out_dtype):
+def _int8_rows_product(operands, x, y, y_contract: int, out_dtype, fallback):
   """``scaled_dot_general`` of ``operands(x, y)`` (2-D QArrays: rows contracting their axis 1 with the
-  other's axis ``y_contract``) where it takes the int8 path, else None; the plan reads abstract shapes."""
+  other's axis ``y_contract``) where it takes the int8 path, else None; the plan reads abstract shapes.
+
+  Where a row of either operand may span more binades than the int8 values hold (read from the scale
+  bytes alone, before any re-basing), ``fallback()`` runs instead under ``lax.cond``: the GEMM of the
+  fake-quantized operands this product replaces, so such a product (the SwiGLU down product's
+  activations, ``benchmarks/results/qat_int8_residual.json``) costs that GEMM and one quantize pass,
+  not also the re-basing and ``scaled_dot_general``'s own exact fallback."""
   dims = (((1,), (y_contract,)), ((), ()))
   if not int8_path_runs(*jax.eval_shape(operands, x, y), dims, out_dtype):
     return None
-  return scaled_dot_general(*operands(x, y), dims, preferred_element_type=out_dtype)
+  a, b = operands(x, y)
+  wide = jnp.any(rows_may_be_residual(byte_matrix(a)[1])) | jnp.any(rows_may_be_residual(byte_matrix(b)[1]))
+  return lax.cond(wide, fallback, lambda: scaled_dot_general(a, b, dims, preferred_element_type=out_dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -177,7 +187,7 @@ def _forward_operands(lhs, rhs, dims, cfg, dtype):
           fake_quantize_operand(rhs, cfg.rhs, rc[-1], dtype, axis_name=cfg.axis_name, backend=cfg.backend))
 
 
-def _int8_forward(lhs, rhs, dims, cfg, dtype, out_dtype):
+def _int8_forward(lhs, rhs, dims, cfg, dtype, precision, out_dtype):
   """The forward product as ``scaled_dot_general(quantize(lhs), quantize(rhs))`` on the int8 path, or
   None where that path would not run (then the fake-quantized operands' GEMM runs).
 
@@ -200,7 +210,12 @@ def _int8_forward(lhs, rhs, dims, cfg, dtype, out_dtype):
                  layout="rows")
     return a, b
 
-  out = _int8_rows_product(operands, lhs, rhs, rc[0], out_dtype)
+  def gemm():
+    lq, rq = _forward_operands(lhs, rhs, dims, cfg, dtype)
+    out = lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype)
+    return out.reshape(-1, out.shape[-1])
+
+  out = _int8_rows_product(operands, lhs, rhs, rc[0], out_dtype, gemm)
   return None if out is None else out.reshape(*lhs.shape[:-1], out.shape[-1])
 
 
@@ -209,7 +224,7 @@ def _qdot_fwd(lhs, rhs, key, dims, cfg, precision, out_dtype):
   # Quantized backward GEMMs need the high-precision operands, to re-block them along another axis;
   # the plain STE needs the forward-quantized ones.
   res = (lhs, rhs)
-  out = _int8_forward(lhs, rhs, dims, cfg, dtype, out_dtype)
+  out = _int8_forward(lhs, rhs, dims, cfg, dtype, precision, out_dtype)
   if out is None:
     lq, rq = _forward_operands(lhs, rhs, dims, cfg, dtype)
     out = lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype)
