@@ -48,6 +48,11 @@ MODES = {
     "nvfp4": lambda: QatConfig.uniform(fj.NVFP4),
     "nvfp4+rht16": lambda: QatConfig.uniform(fj.NVFP4, hadamard=16),
     "mxfp4-fwd-only": lambda: QatConfig.uniform(fj.MXFP4, backward=False),
+    # What stochastic rounding costs (one threefry hash per gradient element): the same steps rounding the
+    # gradient to nearest.
+    "mxfp4-grad-nearest": lambda: QatConfig.uniform(fj.MXFP4, grad_rounding="nearest"),
+    "nvfp4-grad-nearest": lambda: QatConfig.uniform(fj.NVFP4, grad_rounding="nearest"),
+    "mxfp8-grad-nearest": lambda: QatConfig.uniform(fj.MXFP8_E4M3, grad_rounding="nearest"),
 }
 
 

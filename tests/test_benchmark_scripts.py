@@ -54,3 +54,24 @@ def test_w4a4_stored_mode_runs_and_compares_bits(tmp_path):
   assert {"bf16", "a_rows", "a_rows_int8_weight_tiles", "heavy_tails", "heavy_tails_int8_weight_cond"} <= set(row["us"])
   assert row["bits"]["int8_weight_equals_qarray"]
   assert row["bits"]["heavy_rows_residual"] > 0  # some rows fall back (most do at K = 8192)
+
+
+def test_notebook_int8_qat_experiment_runs_and_restores_the_switches(tmp_path):
+  from fp4jax import kernels
+  from fp4jax import matmul as mm
+  from fp4jax.qat import dot as qdot
+
+  before = (mm.run_int8, qdot.INT8_FORWARD, qdot.INT8_BACKWARD)
+  assert _script("experiments/notebook_int8_qat").main(
+      ["--base-steps", "4", "--ft-steps", "2", "--offsets", "1000000,1000001", "--out", str(tmp_path)]) == 0
+  assert (mm.run_int8, qdot.INT8_FORWARD, qdot.INT8_BACKWARD) == before
+  res = json.loads((tmp_path / "notebook_int8_qat.json").read_text())
+  runs = [f"qat_full_int8_{s}{o}" for o in ("", "_batches_from_1000001") for s in ("off", "on")]
+  assert set(runs) <= set(res)
+  for name in ["bf16", "ptq", *runs]:
+    assert res[name]["bpc"] > 0 and 0 <= res[name]["acc"] <= 1
+  off, on = res["qat_full_int8_off"], res["qat_full_int8_on"]
+  if kernels.on_gpu():  # the switches send the training's MXFP4 products to the int8 path
+    assert on["int8_products_traced"] > off["int8_products_traced"]
+  else:  # the int8 path does not run on the CPU: the switches change no bit
+    assert on["int8_products_traced"] == off["int8_products_traced"] == 0 and on["bpc"] == off["bpc"]

@@ -26,9 +26,9 @@ __all__ = ["quantized_dot_general", "quantized_einsum", "einsum_dimension_number
 
 #: Whether a QAT forward product of two MXFP4 operands runs on the int8 path where ``scaled_dot_general``
 #: would take it (a GPU, enough rows; :func:`_int8_forward`). On: the MXFP4 SwiGLU step of
-#: ``benchmarks/qat_step.py`` on the H200 takes 1.120x the bf16 step with neither switch, 1.064x with this one,
-#: 1.047x with both (``benchmarks/experiments/qat_int8_forward.py``, eleventh session; outputs, loss and
-#: gradients bit-identical there). Set False for the fake-quantized bf16 GEMM everywhere.
+#: ``benchmarks/qat_step.py`` on the H200 takes 1.11-1.12x the bf16 step with neither switch, 1.06-1.07x with
+#: this one, 1.04-1.05x with both (``benchmarks/experiments/qat_int8_forward.py``, two runs, eleventh session;
+#: outputs, loss and gradients bit-identical there). Set False for the fake-quantized bf16 GEMM everywhere.
 INT8_FORWARD = True
 
 #: Whether a QAT backward product for the lhs (``dlhs = fq(g) . fq(rhs)^T``, e.g. an MLP's dx and dh) of two
@@ -164,8 +164,8 @@ def _int8_rows_product(operands, x, y, y_contract: int, out_dtype, fallback):
   Where a row of either operand may span more binades than the int8 values hold (read from the scale
   bytes alone, before any re-basing), ``fallback()`` runs instead under ``lax.cond``: the GEMM of the
   fake-quantized operands this product replaces, so such a product (the SwiGLU down product's
-  activations, ``benchmarks/results/qat_int8_residual.json``) costs that GEMM and one quantize pass,
-  not also the re-basing and ``scaled_dot_general``'s own exact fallback."""
+  activations, ``benchmarks/results/qat_int8_residual.json``) costs that GEMM and the operands' quantize
+  passes, not also the re-basing and ``scaled_dot_general``'s own exact fallback."""
   dims = (((1,), (y_contract,)), ((), ()))
   if not int8_path_runs(*jax.eval_shape(operands, x, y), dims, out_dtype):
     return None
