@@ -39,8 +39,12 @@ def test_w4a4_layer_mode_runs_and_checks_the_fused_quantize(tmp_path):
 
 
 def test_qat_int8_forward_experiment_runs(tmp_path):
+  from fp4jax.qat import dot as qdot
+
+  before = (qdot.INT8_FORWARD, qdot.INT8_BACKWARD)
   assert _script("experiments/qat_int8_forward").main(
       ["--tiny", "--out", str(tmp_path), "--samples", "1", "--steps", "1", "--variants", "gate+up,library_both"]) == 0
+  assert (qdot.INT8_FORWARD, qdot.INT8_BACKWARD) == before  # the library's switches as they were
   res = json.loads((tmp_path / "qat_int8_forward.json").read_text())
   assert set(res["ms"]) == {"bf16", "mxfp4", "mxfp4, int8 forward: gate+up",
                             "mxfp4, qat.dot.INT8_FORWARD + INT8_BACKWARD"}

@@ -168,26 +168,29 @@ def main(argv=None):
       (f"mxfp4, int8 forward: {v}", cfg, tuple(v.split("+"))) for v in variants if v not in LIBRARY]
   runs += [(LIBRARY[v][0], cfg, v) for v in variants if v in LIBRARY]
   ref = None
-  with fj.kernels.interpret_mode(not fj.kernels.on_gpu()):
-    for name, c, products in runs:
-      library = products in LIBRARY
-      qdot.INT8_FORWARD, qdot.INT8_BACKWARD = LIBRARY[products][1] if library else (False, False)
-      step = make_step(c, () if library else products)
-      med, comp = time_step(step, d, ffn, tokens, a.samples, a.steps)
-      res["ms"][name] = med * 1e3
-      if c is not None:
-        nearest = dataclasses.replace(c, grad=dataclasses.replace(c.grad, rounding="nearest"))
-        y, loss, grads = first_step(nearest, () if library else products, d, ffn, tokens)
-        if not products:
-          ref = (y, loss, grads)
-        else:
-          res["vs_mxfp4"][name] = {"y_rel": rel(y, ref[0]), "loss_rel": abs(loss - ref[1]) / abs(ref[1]),
-                                   "grad_rel": [rel(g, r) for g, r in zip(grads, ref[2])]}
-      print(name, f"{med * 1e3:.2f} ms", f"x bf16 {med * 1e3 / res['ms']['bf16']:.3f}", f"compile {comp:.1f} s",
-            res["vs_mxfp4"].get(name, ""), flush=True)
-      with open(os.path.join(a.out, "qat_int8_forward.json"), "w") as f:
-        json.dump(res, f, indent=1)
-  qdot.INT8_FORWARD = qdot.INT8_BACKWARD = False
+  switches = qdot.INT8_FORWARD, qdot.INT8_BACKWARD
+  try:
+    with fj.kernels.interpret_mode(not fj.kernels.on_gpu()):
+      for name, c, products in runs:
+        library = products in LIBRARY
+        qdot.INT8_FORWARD, qdot.INT8_BACKWARD = LIBRARY[products][1] if library else (False, False)
+        step = make_step(c, () if library else products)
+        med, comp = time_step(step, d, ffn, tokens, a.samples, a.steps)
+        res["ms"][name] = med * 1e3
+        if c is not None:
+          nearest = dataclasses.replace(c, grad=dataclasses.replace(c.grad, rounding="nearest"))
+          y, loss, grads = first_step(nearest, () if library else products, d, ffn, tokens)
+          if not products:
+            ref = (y, loss, grads)
+          else:
+            res["vs_mxfp4"][name] = {"y_rel": rel(y, ref[0]), "loss_rel": abs(loss - ref[1]) / abs(ref[1]),
+                                     "grad_rel": [rel(g, r) for g, r in zip(grads, ref[2])]}
+        print(name, f"{med * 1e3:.2f} ms", f"x bf16 {med * 1e3 / res['ms']['bf16']:.3f}", f"compile {comp:.1f} s",
+              res["vs_mxfp4"].get(name, ""), flush=True)
+        with open(os.path.join(a.out, "qat_int8_forward.json"), "w") as f:
+          json.dump(res, f, indent=1)
+  finally:
+    qdot.INT8_FORWARD, qdot.INT8_BACKWARD = switches
   return 0
 
 

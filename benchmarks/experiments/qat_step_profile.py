@@ -2,7 +2,8 @@
 
 For each MODE:BACKEND, runs the step under jax.profiler and writes the busy time and the top kernels
 (by total time over the profiled steps) to OUT/qat_step_profile.json.
-Usage: PYTHONPATH=. python benchmarks/experiments/qat_step_profile.py --out DIR [--runs bf16:xla,mxfp4:pallas,mxfp4+int8:pallas]
+Usage: PYTHONPATH=. python benchmarks/experiments/qat_step_profile.py --out DIR
+  [--runs bf16:xla,mxfp4:pallas,mxfp4+int8:pallas]
 """
 import argparse, json, os, sys
 
@@ -17,8 +18,10 @@ from fp4jax.qat import dot as qdot  # noqa: E402
 
 
 def run(mode, backend, d, ffn, tokens, steps):
-  """``mode`` may end in ``+int8``: the step with fp4jax.qat.dot.INT8_FORWARD and INT8_BACKWARD on."""
+  """``mode`` may end in ``+int8``: the step with fp4jax.qat.dot.INT8_FORWARD and INT8_BACKWARD on; without
+  it both are off (the fake-quantized bf16 GEMMs, as every profile before they existed). Restored after."""
   mode, int8 = mode.removesuffix("+int8"), mode.endswith("+int8")
+  switches = qdot.INT8_FORWARD, qdot.INT8_BACKWARD
   qdot.INT8_FORWARD = qdot.INT8_BACKWARD = int8
   params, xs, ts = qat_step.inputs(d, ffn, tokens)
   step = qat_step.make_step(qat_step.config_of(mode, backend))
@@ -31,7 +34,7 @@ def run(mode, backend, d, ffn, tokens, steps):
   try:
     return gpu_profile.profile(call, steps)
   finally:
-    qdot.INT8_FORWARD = qdot.INT8_BACKWARD = False
+    qdot.INT8_FORWARD, qdot.INT8_BACKWARD = switches
 
 
 def main():
