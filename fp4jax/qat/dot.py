@@ -35,6 +35,8 @@ INT8_FORWARD = True
 #: MXFP4 operands runs on the int8 path where it would run (:func:`_int8_backward_lhs`). On: measured with
 #: :data:`INT8_FORWARD` above (1.091x the bf16 step alone).
 INT8_BACKWARD = True
+#: The compute dtypes (``QatConfig.compute_dtype`` or the operands') whose products the int8 switches take.
+_INT8_COMPUTE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
 def _canonical_dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int, lshape, rshape):
@@ -145,7 +147,7 @@ def _int8_backward_lhs(gq, oq, g_axes, oa: int, op_other: OperandConfig, cfg: Qa
   ``transpose(gq, oq)`` (the bfloat16 GEMM) runs instead where a row may not fit the int8 values."""
   if (not INT8_BACKWARD or cfg.grad.fmt != MXFP4 or op_other.fmt != MXFP4 or oq.ndim != 2
       or tuple(g_axes) != (gq.ndim - 1,)
-      or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))):
+      or jnp.dtype(dtype) not in _INT8_COMPUTE_DTYPES):
     return None
   n = gq.shape[-1]
 
@@ -187,6 +189,12 @@ def _forward_operands(lhs, rhs, dims, cfg, dtype):
           fake_quantize_operand(rhs, cfg.rhs, rc[-1], dtype, axis_name=cfg.axis_name, backend=cfg.backend))
 
 
+def _fake_quantized_gemm(lhs, rhs, dims, cfg, dtype, precision, out_dtype):
+  """``(out, lq, rq)``: the forward as the GEMM of the fake-quantized operands ``lq``, ``rq``."""
+  lq, rq = _forward_operands(lhs, rhs, dims, cfg, dtype)
+  return lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype), lq, rq
+
+
 def _int8_forward(lhs, rhs, dims, cfg, dtype, precision, out_dtype):
   """The forward product as ``scaled_dot_general(quantize(lhs), quantize(rhs))`` on the int8 path, or
   None where that path would not run (then the fake-quantized operands' GEMM runs).
@@ -199,7 +207,7 @@ def _int8_forward(lhs, rhs, dims, cfg, dtype, precision, out_dtype):
   (lc, rc), _ = dims
   if (not INT8_FORWARD or cfg.grad.fmt is None or cfg.lhs.fmt != MXFP4
       or cfg.rhs.fmt != MXFP4 or rhs.ndim != 2 or not _rows_activations(lhs, dims, MXFP4)
-      or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))):
+      or jnp.dtype(dtype) not in _INT8_COMPUTE_DTYPES):
     return None
   k = lhs.shape[-1]
 
@@ -211,8 +219,7 @@ def _int8_forward(lhs, rhs, dims, cfg, dtype, precision, out_dtype):
     return a, b
 
   def gemm():
-    lq, rq = _forward_operands(lhs, rhs, dims, cfg, dtype)
-    out = lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype)
+    out = _fake_quantized_gemm(lhs, rhs, dims, cfg, dtype, precision, out_dtype)[0]
     return out.reshape(-1, out.shape[-1])
 
   out = _int8_rows_product(operands, lhs, rhs, rc[0], out_dtype, gemm)
@@ -226,8 +233,7 @@ def _qdot_fwd(lhs, rhs, key, dims, cfg, precision, out_dtype):
   res = (lhs, rhs)
   out = _int8_forward(lhs, rhs, dims, cfg, dtype, precision, out_dtype)
   if out is None:
-    lq, rq = _forward_operands(lhs, rhs, dims, cfg, dtype)
-    out = lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype)
+    out, lq, rq = _fake_quantized_gemm(lhs, rhs, dims, cfg, dtype, precision, out_dtype)
     if cfg.grad.fmt is None:
       res = (lq, rq)
   # Empty arrays carry the primal dtypes, which the cotangents must match.
