@@ -46,7 +46,7 @@ from fp4jax.quantize import quantize
 
 __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "block_order", "rebase_codes", "rows_residual",
            "rows_codes", "rows_may_be_residual", "row_exponent", "fused_gemm_runs", "finish_sums", "rebased",
-           "activation_rows", "int8_product", "rebased_product", "patch_residual_tiles", "Int8Weight", "int8_weight",
+           "activation_rows", "int8_product", "rebased_product", "residual_free_product", "patch_residual_tiles", "Int8Weight", "int8_weight",
            "FALLBACKS", "is_stored_weight"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
@@ -207,21 +207,31 @@ def rebased_product(a, b, out_dtype, fallback, *, kernels: bool = False, interpr
   ``tiles``: None (the ``lax.cond``), or both operands' ``(data, scales)`` byte rows, with which a GPU
   product (``kernels``, not interpreted) recomputes its residual tiles instead
   (:func:`patch_residual_tiles`, the ``"tiles"`` fallback); elsewhere the cond."""
-  (codes_a, base_a, nan_a, residual_a), (codes_b, base_b, nan_b, residual_b) = a, b
-  m, n = codes_a.shape[0], codes_b.shape[0]
+  residual_a, residual_b = a[3], b[3]
 
   def exact():
-    ea, eb = row_exponent(base_a), row_exponent(base_b)
-    if kernels and not interpret and fused_gemm_runs(m, n, codes_a.shape[1], out_dtype):
-      return int8_gemm_kernel().scaled_gemm(codes_a, codes_b, ea, eb, nan_a, nan_b, out_dtype=out_dtype)
-    sums = lax.dot_general(codes_a, codes_b, _DN, preferred_element_type=jnp.int32)
-    if kernels and int8_rebase_kernels().finish_tiles(m, n):
-      return int8_rebase_kernels().finish(sums, ea, eb, nan_a, nan_b, out_dtype=out_dtype, interpret=interpret)
-    return finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype)
+    return residual_free_product(a, b, out_dtype, kernels=kernels, interpret=interpret)
 
   if tiles is not None and kernels and not interpret:
     return patch_residual_tiles(exact(), *tiles, residual_a, residual_b)
   return lax.cond(jnp.any(residual_a) | jnp.any(residual_b), fallback, exact)
+
+
+def residual_free_product(a, b, out_dtype, *, kernels: bool = False, interpret: bool = False):
+  """The int8 GEMM and finish of re-based operands ``a``, ``b`` (as :func:`rebased` returns them),
+  reading neither's residual flags: exact to float32 rounding only where no row has a residual block,
+  which the caller has made sure of (e.g. :func:`rows_may_be_residual` of the scale bytes flags none);
+  :func:`rebased_product` is the one that checks. On a Hopper GPU (``kernels``) the GEMM and finish as one
+  Mosaic GPU kernel where its tiles fit."""
+  (codes_a, base_a, nan_a, _), (codes_b, base_b, nan_b, _) = a, b
+  m, n = codes_a.shape[0], codes_b.shape[0]
+  ea, eb = row_exponent(base_a), row_exponent(base_b)
+  if kernels and not interpret and fused_gemm_runs(m, n, codes_a.shape[1], out_dtype):
+    return int8_gemm_kernel().scaled_gemm(codes_a, codes_b, ea, eb, nan_a, nan_b, out_dtype=out_dtype)
+  sums = lax.dot_general(codes_a, codes_b, _DN, preferred_element_type=jnp.int32)
+  if kernels and int8_rebase_kernels().finish_tiles(m, n):
+    return int8_rebase_kernels().finish(sums, ea, eb, nan_a, nan_b, out_dtype=out_dtype, interpret=interpret)
+  return finish_sums(sums, ea, eb, nan_a, nan_b, out_dtype)
 
 
 def patch_residual_tiles(out, bytes_a, bytes_b, residual_a, residual_b, *, interpret: bool = False):

@@ -63,7 +63,7 @@ __all__ = [
     "run_int8",
     "run_kernel",
     "quantized_lhs_dot",
-    "int8_path_runs",
+    "int8_path_plan",
     "FUSED_ACTIVATION_QUANTIZE",
     "KERNEL_MAX_ROWS",
 ]
@@ -334,12 +334,14 @@ def _plan(lhs, rhs, dims, out_dtype, backend: str, dimension_numbers):
   return kind, strategy, plan
 
 
-def int8_path_runs(lhs, rhs, dims, out_dtype) -> bool:
-  """Whether ``scaled_dot_general(lhs, rhs, dims)`` (``backend="auto"``) takes the int8 path here.
+def int8_path_plan(lhs, rhs, dims, out_dtype):
+  """Where ``scaled_dot_general(lhs, rhs, dims)`` (``backend="auto"``) takes the int8 path here, how its
+  kernels run (a plan with ``interpret``: in interpret mode off the GPU); else None.
 
   ``dims``: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))`` with axes >= 0. Reads only
   shapes, dtypes and formats: abstract operands (``jax.eval_shape``) will do."""
-  return _plan(lhs, rhs, dims, np.dtype(out_dtype), "auto", dims)[1] == "int8"
+  _, strategy, plan = _plan(lhs, rhs, dims, np.dtype(out_dtype), "auto", dims)
+  return plan if strategy == "int8" else None
 
 
 #: Whether :func:`quantized_lhs_dot` quantizes activations straight into the int8 path's codes (one Pallas

@@ -317,10 +317,13 @@ def quantize(
   if plan.impl == "kernel":
     from fp4jax.kernels import quantize_pack  # lazy: Pallas loads only when a kernel runs
 
-    if layout == "rows" and x.ndim == 2 and axis % 2 == 1:
-      # The kernel's packed bytes are the byte rows: no float4 view and re-packing in between.
-      return quantize_pack.quantize_rows(x, fmt, scale_rule=scale_rule, global_scale=global_scale,
-                                         interpret=plan.interpret)
+    if layout == "rows" and x.ndim == 2:
+      # The kernel's packed bytes are the byte rows, or their transpose: no float4 view and re-packing.
+      if axis % 2 == 1:
+        return quantize_pack.quantize_rows(x, fmt, scale_rule=scale_rule, global_scale=global_scale,
+                                           interpret=plan.interpret)
+      return quantize_pack.quantize_columns_to_rows(x, fmt, axis=axis, scale_rule=scale_rule,
+                                                    global_scale=global_scale, interpret=plan.interpret)
     q = quantize_pack.quantize_qarray(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
                                       interpret=plan.interpret)
   else:

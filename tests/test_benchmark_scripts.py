@@ -62,13 +62,12 @@ def test_w4a4_stored_mode_runs_and_compares_bits(tmp_path):
 
 def test_notebook_int8_qat_experiment_runs_and_restores_the_switches(tmp_path):
   from fp4jax import kernels
-  from fp4jax import matmul as mm
   from fp4jax.qat import dot as qdot
 
-  before = (mm.run_int8, qdot.INT8_FORWARD, qdot.INT8_BACKWARD)
+  before = (qdot.residual_free_product, qdot.INT8_FORWARD, qdot.INT8_BACKWARD)
   assert _script("experiments/notebook_int8_qat").main(
       ["--base-steps", "4", "--ft-steps", "2", "--offsets", "1000000,1000001", "--out", str(tmp_path)]) == 0
-  assert (mm.run_int8, qdot.INT8_FORWARD, qdot.INT8_BACKWARD) == before
+  assert (qdot.residual_free_product, qdot.INT8_FORWARD, qdot.INT8_BACKWARD) == before
   res = json.loads((tmp_path / "notebook_int8_qat.json").read_text())
   runs = [f"qat_full_int8_{s}{o}" for o in ("", "_batches_from_1000001") for s in ("off", "on")]
   assert set(runs) <= set(res)

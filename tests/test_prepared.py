@@ -96,16 +96,18 @@ def test_quantize_stores_rows_when_asked():
 
 
 @pytest.mark.parametrize("fmt", [fj.MXFP4, fj.NVFP4, fj.MXFP8_E4M3, fj.MXFP8_E5M2], ids=lambda f: f.name)
-@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize("axis", [-1, 1, 0, -2])
 def test_the_quantize_kernel_writes_rows_directly(fmt, axis):
-  # A 2-D array blocked along its last axis: the kernel's packed bytes become the leaves as they are
-  # (quantize_pack.quantize_rows), equal to the reference's QArray relaid out; no pack op outside the kernel.
-  x = jax.random.normal(jax.random.key(1), (64, 256), jnp.float32) * 4
+  # A 2-D array blocked along either axis: the kernel's packed bytes become the leaves as they are
+  # (quantize_pack.quantize_rows) or transposed as bytes (quantize_columns_to_rows, a weight (K, N) blocked
+  # along K), equal to the reference's QArray relaid out; no pack op outside the kernel.
+  x = jax.random.normal(jax.random.key(1), (64, 256) if axis % 2 else (256, 96), jnp.float32) * 4
   with kernels.interpret_mode():
     got = fj.quantize(x, fmt, axis=axis, layout="rows", backend="pallas")
     jaxpr = jax.make_jaxpr(lambda v: fj.quantize(v, fmt, axis=axis, layout="rows", backend="pallas"))(x)
-  assert_bit_identical(got, fj.quantize(x, fmt, axis=axis, backend="xla").with_layout("rows"))
-  assert got.layout == "rows" and got.axis == -1
+  want = fj.quantize(x, fmt, axis=axis, backend="xla")
+  assert_bit_identical(got, want.with_layout("rows"))
+  assert got.layout == "rows" and got.axis == want.axis
   # No value outside the kernels in the element dtype: the codes are never viewed as float4 / float8.
   assert jnp.dtype(fmt.elem_dtype) not in dtypes_outside_kernels(jaxpr.jaxpr)
 

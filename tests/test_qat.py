@@ -448,8 +448,8 @@ def test_int8_forward_gives_the_exact_product_and_the_same_gradients(monkeypatch
   interpret = not kernels.on_gpu()  # compiled on a GPU
   monkeypatch.setattr(kernels, "on_gpu", lambda: True)
   taken = []
-  real = mm.run_int8
-  monkeypatch.setattr(mm, "run_int8", lambda *a, **kw: taken.append(a[0].shape) or real(*a, **kw))
+  real = qdot.residual_free_product  # the int8 branch's GEMM: its lhs codes are the activations' rows
+  monkeypatch.setattr(qdot, "residual_free_product", lambda *a, **kw: taken.append(a[0][0].shape) or real(*a, **kw))
   # A row of x with a block 12 binades above its others: wider than the int8 values hold.
   wide = x.at[1, 5, :32].multiply(2.0**12)
   monkeypatch.setattr(qdot, "INT8_BACKWARD", False)  # the forward's switch alone

@@ -29,7 +29,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import fp4jax as fj  # noqa: E402
-from fp4jax import matmul as mm  # noqa: E402
 from fp4jax.params import quantize_params  # noqa: E402
 from fp4jax.qat import OperandConfig, QatConfig  # noqa: E402
 from fp4jax.qat import dot as qdot  # noqa: E402
@@ -63,12 +62,13 @@ def main(argv=None):
   os.makedirs(a.out, exist_ok=True)
   ns = notebook_namespace()
   traced = []
-  real, switches = mm.run_int8, (qdot.INT8_FORWARD, qdot.INT8_BACKWARD)
-  mm.run_int8 = lambda *args, **kw: traced.append(args[0].shape) or real(*args, **kw)
+  real, switches = qdot.residual_free_product, (qdot.INT8_FORWARD, qdot.INT8_BACKWARD)
+  # The QAT products' int8 GEMM (traced once per product, both branches of its cond traced).
+  qdot.residual_free_product = lambda *args, **kw: traced.append(args[0][0].shape) or real(*args, **kw)
   try:
     res = run(ns, traced, a)
   finally:
-    mm.run_int8 = real
+    qdot.residual_free_product = real
     qdot.INT8_FORWARD, qdot.INT8_BACKWARD = switches
   with open(os.path.join(a.out, "notebook_int8_qat.json"), "w") as f:
     json.dump(res, f, indent=1)

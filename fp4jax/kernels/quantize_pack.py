@@ -46,6 +46,7 @@ __all__ = [
     "quantize",
     "quantize_qarray",
     "quantize_rows",
+    "quantize_columns_to_rows",
     "tensor_amax",
     "quantize_packed_reference",
     "supported",
@@ -398,6 +399,24 @@ def quantize_rows(x, fmt: Format, *, scale_rule: str, global_scale=None, config:
   m, k = x.shape
   return QArray(codes.reshape(m, k * fmt.elem_bits // 8), scales.reshape(m, k // fmt.block_size), gs, fmt, -1,
                 None, "rows")
+
+
+def quantize_columns_to_rows(x, fmt: Format, *, axis: int, scale_rule: str, global_scale=None,
+                             config: Config | None = None, interpret: bool = False) -> QArray:
+  """:func:`quantize_qarray` of a 2-D ``x (K, N)`` blocked along its first axis (``axis`` 0 or -2, kept
+  as the QArray's), stored ``layout="rows"``: the byte rows are ``(N, K * bits / 8)`` and ``(N, K / B)``.
+
+  The kernel packs two codes a byte along ``K`` (:func:`fp4jax.pack_fp4`'s convention, element ``2i``
+  low), so the rows are its bytes transposed: one uint8 transpose of ``K * N / 2`` bytes, where
+  ``with_layout(quantize_qarray(...), "rows")`` would unpack ``K * N`` codes, transpose them and pack them
+  again (on the H200, for a 4096 x 14336 weight of ``benchmarks/qat_step.py``: transpose and pack fusions
+  of about 50 + 40 us each call). The same leaves either way (tests compare them).
+  """
+  codes, scales, gs = _quantize_core(x, global_scale, fmt=fmt, axis=axis, scale_rule=scale_rule,
+                                     pack_last=False, config=config, interpret=interpret)
+  k, n = x.shape
+  return QArray(codes.reshape(k * fmt.elem_bits // 8, n).T, scales.reshape(k // fmt.block_size, n).T, gs, fmt,
+                axis, None, "rows")
 
 
 def tensor_amax(x, fmt, *, axis: int = -1, config: Config | None = None, interpret: bool = False):

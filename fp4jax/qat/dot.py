@@ -11,8 +11,8 @@ import numpy as np
 from jax import lax
 
 from fp4jax.formats import MXFP4
-from fp4jax.int8_matmul import is_stored_weight, rows_may_be_residual
-from fp4jax.matmul import int8_path_runs, quantized_lhs_dot, scaled_dot_general
+from fp4jax.int8_matmul import is_stored_weight, rebased, residual_free_product, rows_may_be_residual
+from fp4jax.matmul import int8_path_plan, quantized_lhs_dot, scaled_dot_general
 from fp4jax.prepared import byte_matrix
 from fp4jax.qarray import normalize_axis
 from fp4jax.qat.config import OperandConfig, QatConfig
@@ -160,20 +160,30 @@ def _int8_backward_lhs(gq, oq, g_axes, oa: int, op_other: OperandConfig, cfg: Qa
 
 
 def _int8_rows_product(operands, x, y, y_contract: int, out_dtype, fallback):
-  """``scaled_dot_general`` of ``operands(x, y)`` (2-D QArrays: rows contracting their axis 1 with the
-  other's axis ``y_contract``) where it takes the int8 path, else None; the plan reads abstract shapes.
+  """``scaled_dot_general`` of ``operands(x, y)`` (2-D "rows" QArrays: rows contracting their axis 1 with
+  the other's axis ``y_contract``) on the int8 path where ``scaled_dot_general`` would take it, else None;
+  the plan reads abstract shapes.
 
   Where a row of either operand may span more binades than the int8 values hold (read from the scale
   bytes alone, before any re-basing), ``fallback()`` runs instead under ``lax.cond``: the GEMM of the
   fake-quantized operands this product replaces, so such a product (the SwiGLU down product's
   activations, ``benchmarks/results/qat_int8_residual.json``) costs that GEMM and the operands' quantize
-  passes, not also the re-basing and ``scaled_dot_general``'s own exact fallback."""
+  passes, not also the re-basing. Where none may, no row has a residual block, so the int8 branch re-bases
+  and multiplies with no second check (``scaled_dot_general`` would cond on the re-basing's residual flags
+  again: one more predicate the host waits for)."""
   dims = (((1,), (y_contract,)), ((), ()))
-  if not int8_path_runs(*jax.eval_shape(operands, x, y), dims, out_dtype):
+  plan = int8_path_plan(*jax.eval_shape(operands, x, y), dims, out_dtype)
+  if plan is None:
     return None
   a, b = operands(x, y)
   wide = jnp.any(rows_may_be_residual(byte_matrix(a)[1])) | jnp.any(rows_may_be_residual(byte_matrix(b)[1]))
-  return lax.cond(wide, fallback, lambda: scaled_dot_general(a, b, dims, preferred_element_type=out_dtype))
+
+  def int8():
+    opts = {"kernels": True, "interpret": plan.interpret}
+    return residual_free_product(rebased(*byte_matrix(a), **opts), rebased(*byte_matrix(b), **opts), out_dtype,
+                                 **opts)
+
+  return lax.cond(wide, fallback, int8)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
