@@ -57,6 +57,24 @@ def test_kernel_matches_reference_every_code_and_scale(fmt):
       _same(dqk.dequantize(q, dtype, interpret=INTERPRET), dequantize_reference(q, dtype=np.dtype(dtype)))
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_cast_overflow_gives_the_float32_values_cast(fmt):
+  # overflow="cast" (what the QAT int8 fallback reads its fake-quantized operand with): the float32 dequantize,
+  # then a plain cast, so values past the output's range are inf, not its largest finite value.
+  rng = np.random.default_rng(7 + len(fmt.name))
+  q = _random_qarray(rng, fmt, (16, 8 * fmt.block_size), -1)
+  codes = fj.pack_fp4(q.values) if fmt.elem_bits == 4 else q.values
+  want32 = dequantize_reference(q, dtype=np.dtype(np.float32))
+  for dtype in OUT:
+    got = dqk.dequantize_packed(codes, q.scales, q.global_scale, fmt=fmt, dtype=dtype, interpret=INTERPRET,
+                                overflow="cast")
+    _same(got, want32.astype(dtype))
+    if dtype != jnp.float32 and fmt.power_of_two_scales:  # E8M0 scales reach past bfloat16's range
+      assert np.isinf(np.asarray(got, np.float32)).any()  # the case differs from "saturate" here
+  with pytest.raises(ValueError, match="overflow"):
+    dqk.dequantize_packed(codes, q.scales, q.global_scale, fmt=fmt, interpret=INTERPRET, overflow="clip")
+
+
 @pytest.mark.parametrize("fmt", [fj.MXFP4, fj.MXFP8_E4M3], ids=lambda f: f.name)
 def test_kernel_matches_float64_decoder(fmt):
   """Independent of the jnp code: ml_dtypes values times 2**(byte - 127) in float64,

@@ -499,6 +499,30 @@ def test_fake_quantized_mxfp4_values_quantize_again_exactly(rule, rounding):
     np.testing.assert_array_equal(np.asarray(again), np.asarray(fake, np.float32))
 
 
+@pytest.mark.parametrize("rule", ["floor", "ceil"])
+def test_the_int8_forward_fallback_dequantizes_the_rows_to_the_fake_quantized_values(rule):
+  # A wide product's fallback takes its lhs from the quantized rows the int8 attempt made (qat.dot._rows_dequantized,
+  # the dequantize kernel on the byte rows; compiled on a GPU, interpreted elsewhere) instead of fake-quantizing lhs
+  # again: bit for bit the fake quantization's values, special blocks included (NaN, inf, zero, scales at both
+  # ends of E8M0's range, float32 subnormals, values that overflow bfloat16 after scaling).
+  from fp4jax import kernels
+  from fp4jax.qat.dot import _rows_dequantized
+
+  x = normal(3, (16, 256)) * (2.0 ** jnp.arange(-120, 120, 15, dtype=jnp.float32))[:, None]
+  x = x.at[0, :32].set(jnp.nan).at[1, 32:64].set(jnp.inf).at[2, 64:96].set(0.0).at[3, :32].set(2.0**-130)
+  x = x.at[4, :32].set(3.0e38).at[5, 32:64].set(-3.3e38).at[6, :8].set(jnp.float32(1.5e-45))
+  op = OperandConfig(fj.MXFP4, rule, "nearest")
+  with kernels.interpret_mode(not kernels.on_gpu()):
+    for xin in (x, x.astype(jnp.bfloat16)):
+      q = fj.quantize(xin, fj.MXFP4, axis=-1, scale_rule=rule, layout="rows")
+      for dtype in (jnp.bfloat16, jnp.float32):
+        got = _rows_dequantized(q, dtype, not kernels.on_gpu())
+        want = fake_quantize_operand(xin, op, 1, dtype)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32),
+                                      np.asarray(want).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32))
+
+
 def test_int8_backward_gives_the_exact_product_of_the_same_operands(monkeypatch):
   # qat.dot.INT8_BACKWARD: dlhs (g . rhs^T) of the fake-quantized MXFP4 operands (stochastic draws, Hadamard)
   # on the int8 path (compiled on a GPU, interpreted elsewhere): their exact product rounded once; drhs unchanged.

@@ -60,16 +60,44 @@ def summarize_trace(path, top=40):
         "nccl_us": _union(nccl) / 1e3, "other_us": _union(other) / 1e3,
         "nccl_overlapped_us": _intersect(nccl, other) / 1e3,
         "top": [(name, round(t / 1e3, 1), c) for name, (t, c) in ranked[:top]],
+        **_gaps(plane),
     }
   return out
 
 
-def profile(call, n=3, out_dir=None):
-  """Runs ``call(i)`` (returns what to block on) ``n`` times under the profiler; times are totals."""
+def _gaps(plane, top=12, min_ns=3000):
+  """Where the GPU idles: ``span_us`` (first kernel start to last end), and the idle gaps of at least
+  ``min_ns`` between one kernel's end and the next start on any stream, summed by the kernels around them."""
+  evs = sorted((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name[:60]) for line in plane.lines
+               for ev in line.events if ev.duration_ns > 0)
+  if not evs:
+    return {}
+  by_pair = collections.defaultdict(lambda: [0.0, 0])
+  end, last = evs[0][1], evs[0][2]
+  for s, e, name in evs[1:]:
+    if s - end >= min_ns:
+      rec = by_pair[f"{last} -> {name}"]
+      rec[0] += s - end
+      rec[1] += 1
+    if e > end:
+      end, last = e, name
+  ranked = sorted(by_pair.items(), key=lambda kv: -kv[1][0])
+  return {"span_us": (max(e for _, e, _ in evs) - evs[0][0]) / 1e3,
+          "idle_gaps_us": round(sum(t for t, _ in by_pair.values()) / 1e3, 1),
+          "top_gaps": [(pair, round(t / 1e3, 1), c) for pair, (t, c) in ranked[:top]]}
+
+
+def profile(call, n=3, out_dir=None, block_each=True):
+  """Runs ``call(i)`` (returns what to block on) ``n`` times under the profiler; times are totals.
+  ``block_each=False``: the calls back to back (as a training loop), blocking once after the last."""
   out_dir = out_dir or tempfile.mkdtemp()
   jax.block_until_ready(call(0))
   with jax.profiler.trace(out_dir):
+    outs = []
     for i in range(n):
-      jax.block_until_ready(call(i + 1))
+      outs.append(call(i + 1))
+      if block_each:
+        jax.block_until_ready(outs.pop())
+    jax.block_until_ready(outs)
   paths = sorted(glob.glob(f"{out_dir}/**/*.xplane.pb", recursive=True))
   return summarize_trace(paths[-1]) if paths else {"error": f"no trace under {out_dir}"}

@@ -1,7 +1,8 @@
 """Where the QAT step's time goes on a GPU (issue 15): per-kernel times of benchmarks/qat_step.py's step.
 
-For each MODE:BACKEND, runs the step under jax.profiler and writes the busy time and the top kernels
-(by total time over the profiled steps) to OUT/qat_step_profile.json.
+For each MODE:BACKEND, runs three steps back to back under jax.profiler and writes the busy time, the top
+kernels (by total time over the profiled steps), the span and where the GPU idles (the gaps between kernels,
+by the kernels around them) to OUT/qat_step_profile.json.
 Usage: PYTHONPATH=. python benchmarks/experiments/qat_step_profile.py --out DIR
   [--runs bf16:xla,mxfp4:pallas,mxfp4+int8:pallas]
 """
@@ -32,7 +33,7 @@ def run(mode, backend, d, ffn, tokens, steps):
     return v
 
   try:
-    return gpu_profile.profile(call, steps)
+    return gpu_profile.profile(call, steps, block_each=False)  # back to back, as benchmarks/qat_step.py
   finally:
     qdot.INT8_FORWARD, qdot.INT8_BACKWARD = switches
 

@@ -77,7 +77,7 @@ def scale_magnitudes(v, sign, sbytes, fmt: Format, gdec, out_dtype):
 
 
 def dequantize_kernel(*refs, fmt: Format, tiling: C.Tiling, pack_axis, words: bool, has_global: bool,
-                      out_dtype):
+                      out_dtype, overflow: str = "saturate"):
   """One tile: codes + scale bytes -> ``out_dtype`` values.
 
   Refs: ``codes`` (uint8), ``scales`` (uint8), [``gdec (1,)``], ``out``.
@@ -95,6 +95,9 @@ def dequantize_kernel(*refs, fmt: Format, tiling: C.Tiling, pack_axis, words: bo
   kax, rax = tiling.kax, tiling.kax + 1
   codec = C.ElemCodec.of(fmt.elem_dtype)
   decode = lambda c: _decode(c, codec, fmt.elem_dtype)
+  # "cast": saturate at float32's range, then the plain cast (inf beyond out_dtype's), as fake quantization.
+  sat_dtype = out_dtype if overflow == "saturate" else np.dtype(np.float32)
+  scaled = lambda *args: scale_magnitudes(*args, fmt, gdec, sat_dtype).astype(out_dtype)
   raw = tiling.load(codes_ref).astype(jnp.int32)
   sbytes = tiling.load(scales_ref).astype(jnp.int32)
   if words:
@@ -105,15 +108,15 @@ def dequantize_kernel(*refs, fmt: Format, tiling: C.Tiling, pack_axis, words: bo
     else:  # columns packed along the last axis: neighbouring columns' scales
       bsz = fmt.block_size
       s_lo, s_hi = (jnp.expand_dims(t, rax) for t in lax.unstack(C.split_axis(sbytes, 1, 2), axis=-1))
-    out_lo = scale_magnitudes(*decode(C.split_axis(lo, kax, bsz)), s_lo, fmt, gdec, out_dtype)
-    out_hi = scale_magnitudes(*decode(C.split_axis(hi, kax, bsz)), s_hi, fmt, gdec, out_dtype)
+    out_lo = scaled(*decode(C.split_axis(lo, kax, bsz)), s_lo)
+    out_hi = scaled(*decode(C.split_axis(hi, kax, bsz)), s_hi)
     half = lambda o: lax.bitcast_convert_type(o, jnp.uint16).astype(jnp.uint32)
     word = half(out_lo) | (half(out_hi) << 16)
     tiling.store(out_ref, word.reshape(out_ref.shape))
     return
   codes = raw if pack_axis is None else C.unpack_pairs(raw, pack_axis)
   v, sign = decode(C.split_axis(codes, kax, fmt.block_size))
-  out = scale_magnitudes(v, sign, jnp.expand_dims(sbytes, rax), fmt, gdec, out_dtype)
+  out = scaled(v, sign, jnp.expand_dims(sbytes, rax))
   tiling.store(out_ref, out.reshape(out_ref.shape))
 
 
@@ -125,9 +128,9 @@ def supported(shape, fmt: Format, axis: int, dtype, packed_last: bool) -> str | 
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "fmt", "axis", "packed_last", "dtype", "config",
-                                             "interpret"))
+                                             "interpret", "overflow"))
 def _dequantize_core(codes, scales, global_scale, *, shape, fmt: Format, axis: int, packed_last: bool,
-                     dtype, config: Config | None, interpret: bool):
+                     dtype, config: Config | None, interpret: bool, overflow: str = "saturate"):
   shape3d = C.as_3d(shape, axis)
   cfg = config or C.default_tiles(shape3d, fmt, np.dtype(dtype).itemsize)
   cfg.check(fmt, shape3d, packed_last)
@@ -146,7 +149,7 @@ def _dequantize_core(codes, scales, global_scale, *, shape, fmt: Format, axis: i
     operands.append(jnp.asarray(global_scale, jnp.float32).reshape(1))
     in_specs.append(tiling.scalar_spec())
   kernel = functools.partial(dequantize_kernel, fmt=fmt, tiling=tiling, pack_axis=pack_axis, words=words,
-                             has_global=fmt.has_global_scale, out_dtype=np.dtype(dtype))
+                             has_global=fmt.has_global_scale, out_dtype=np.dtype(dtype), overflow=overflow)
   if words:
     out_spec, out_struct = tiling.spec(k_div, m_div), jax.ShapeDtypeStruct(tiling.array_shape(k_div, m_div), jnp.uint32)
   else:
@@ -174,7 +177,7 @@ def _check(shape, fmt, axis, dtype, packed_last):
 
 
 def dequantize_packed(codes, scales, global_scale=None, *, fmt, axis: int = -1, dtype=jnp.bfloat16,
-                      config: Config | None = None, interpret: bool = False):
+                      config: Config | None = None, interpret: bool = False, overflow: str = "saturate"):
   """Inverse of :func:`fp4jax.kernels.quantize_pack.quantize_packed`, in one pass.
 
   Args:
@@ -189,10 +192,17 @@ def dequantize_packed(codes, scales, global_scale=None, *, fmt, axis: int = -1, 
     dtype: float32, bfloat16 or float16 output.
     config: tile sizes; a heuristic when None.
     interpret: Pallas interpret mode (CPU tests).
+    overflow: ``"saturate"`` (results beyond ``dtype``'s range become its
+      largest finite value, as ``fp4jax.dequantize``) or ``"cast"`` (computed
+      in float32, saturating at its range, then cast to ``dtype``: beyond
+      ``dtype``'s range, inf; the bits of ``fp4jax.qat``'s fake quantization).
 
   Returns:
-    ``dtype`` array of shape ``S``, bit-identical to ``fp4jax.dequantize``.
+    ``dtype`` array of shape ``S``, bit-identical to ``fp4jax.dequantize``
+    (``overflow="cast"``: to ``fp4jax.dequantize(q, float32).astype(dtype)``).
   """
+  if overflow not in ("saturate", "cast"):
+    raise ValueError(f"dequantize_packed: overflow must be 'saturate' or 'cast', got {overflow!r}")
   fmt = get_format(fmt)
   codes, scales = jnp.asarray(codes), jnp.asarray(scales)
   axis = normalize_axis(axis, codes.ndim, codes.shape)
@@ -213,7 +223,7 @@ def dequantize_packed(codes, scales, global_scale=None, *, fmt, axis: int = -1, 
   _check(shape, fmt, axis, dtype, packed_last=False)
   return _dequantize_core(lax.bitcast_convert_type(codes, jnp.uint8), lax.bitcast_convert_type(scales, jnp.uint8),
                           global_scale, shape=tuple(shape), fmt=fmt, axis=axis, packed_last=False,
-                          dtype=np.dtype(dtype), config=config, interpret=interpret)
+                          dtype=np.dtype(dtype), config=config, interpret=interpret, overflow=overflow)
 
 
 def qarray_codes(q: QArray):

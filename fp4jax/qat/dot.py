@@ -155,7 +155,7 @@ def _int8_backward_lhs(gq, oq, g_axes, oa: int, op_other: OperandConfig, cfg: Qa
     return (quantize(gq.reshape(-1, n), MXFP4, axis=-1, scale_rule="floor", layout="rows"),
             quantize(oq, MXFP4, axis=oa, scale_rule="floor", layout="rows"))
 
-  out = _int8_rows_product(operands, gq, oq, oa, dtype, lambda: transpose(gq, oq).reshape(-1, oq.shape[1 - oa]))
+  out = _int8_rows_product(operands, gq, oq, oa, dtype, lambda *_: transpose(gq, oq).reshape(-1, oq.shape[1 - oa]))
   return None if out is None else out.reshape(*gq.shape[:-1], out.shape[-1])
 
 
@@ -165,7 +165,8 @@ def _int8_rows_product(operands, x, y, y_contract: int, out_dtype, fallback):
   the plan reads abstract shapes.
 
   Where a row of either operand may span more binades than the int8 values hold (read from the scale
-  bytes alone, before any re-basing), ``fallback()`` runs instead under ``lax.cond``: the GEMM of the
+  bytes alone, before any re-basing), ``fallback(a, interpret)`` (``a``: the first operand's QArray,
+  ``interpret``: the kernels' interpret mode) runs instead under ``lax.cond``: the GEMM of the
   fake-quantized operands this product replaces, so such a product (the SwiGLU down product's
   activations, ``benchmarks/results/qat_int8_residual.json``) costs that GEMM and the operands' quantize
   passes, not also the re-basing. Where none may, no row has a residual block, so the int8 branch re-bases
@@ -177,13 +178,13 @@ def _int8_rows_product(operands, x, y, y_contract: int, out_dtype, fallback):
     return None
   a, b = operands(x, y)
   wide = jnp.any(rows_may_be_residual(byte_matrix(a)[1])) | jnp.any(rows_may_be_residual(byte_matrix(b)[1]))
+  opts = {"kernels": True, "interpret": plan.interpret}
 
   def int8():
-    opts = {"kernels": True, "interpret": plan.interpret}
     return residual_free_product(rebased(*byte_matrix(a), **opts), rebased(*byte_matrix(b), **opts), out_dtype,
                                  **opts)
 
-  return lax.cond(wide, fallback, int8)
+  return lax.cond(wide, lambda: fallback(a, plan.interpret), int8)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -203,6 +204,15 @@ def _fake_quantized_gemm(lhs, rhs, dims, cfg, dtype, precision, out_dtype):
   """``(out, lq, rq)``: the forward as the GEMM of the fake-quantized operands ``lq``, ``rq``."""
   lq, rq = _forward_operands(lhs, rhs, dims, cfg, dtype)
   return lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype), lq, rq
+
+
+def _rows_dequantized(q, dtype, interpret: bool):
+  """``dequantize(q, float32).astype(dtype)`` (fake quantization's values, inf where they pass ``dtype``'s
+  range) of a 2-D "rows" QArray blocked along its last axis, from its byte rows in one Pallas pass."""
+  from fp4jax.kernels import dequantize as dequantize_kernel  # lazy: the int8 path runs the kernels
+
+  return dequantize_kernel.dequantize_packed(q.values, q.scales, q.global_scale, fmt=q.fmt, axis=-1, dtype=dtype,
+                                             interpret=interpret, overflow="cast")
 
 
 def _int8_forward(lhs, rhs, dims, cfg, dtype, precision, out_dtype):
@@ -228,8 +238,13 @@ def _int8_forward(lhs, rhs, dims, cfg, dtype, precision, out_dtype):
                  layout="rows")
     return a, b
 
-  def gemm():
-    out = _fake_quantized_gemm(lhs, rhs, dims, cfg, dtype, precision, out_dtype)[0]
+  def gemm(a, interpret):
+    # The GEMM of the fake-quantized operands, lhs's from the quantized rows ``a`` already made: the
+    # same values (fake quantization is quantize, then dequantize), one read of its bytes where the fused
+    # fake quantization would read lhs again (on the H200 about 100 us of the SwiGLU down product's h).
+    lq = _rows_dequantized(a, dtype, interpret).reshape(lhs.shape)
+    rq = fake_quantize_operand(rhs, cfg.rhs, rc[-1], dtype, axis_name=cfg.axis_name, backend=cfg.backend)
+    out = lax.dot_general(lq, rq, dims, precision=precision, preferred_element_type=out_dtype)
     return out.reshape(-1, out.shape[-1])
 
   out = _int8_rows_product(operands, lhs, rhs, rc[0], out_dtype, gemm)
