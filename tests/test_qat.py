@@ -538,8 +538,9 @@ def test_int8_backward_gives_the_exact_product_of_the_same_operands(monkeypatch)
   monkeypatch.setattr(kernels, "on_gpu", lambda: True)
   monkeypatch.setattr(qdot, "INT8_FORWARD", False)  # the backward's switch alone
   real, seen = qdot._int8_backward_lhs, []
-  monkeypatch.setattr(qdot, "_int8_backward_lhs", lambda gq, oq, *a: seen.append((gq, oq, real(gq, oq, *a)))
-                      or seen[-1][2])
+  # (gq, fq'(w), dlhs or None): the spy computes fq'(w) itself, which the int8 branch need not.
+  monkeypatch.setattr(qdot, "_int8_backward_lhs", lambda gq, other, oq, *a: seen.append(
+      (gq, oq(), real(gq, other, oq, *a))) or seen[-1][2])
   for cfg in (QatConfig.uniform(fj.MXFP4), QatConfig.uniform(fj.MXFP4, hadamard=32)):
     loss = lambda x, w: jnp.sum(jnp.sin(qat.quantized_dot_general(x, w, dims, config=cfg, key=5)))
     seen.clear()
