@@ -28,7 +28,8 @@ __all__ = ["quantized_dot_general", "quantized_einsum", "einsum_dimension_number
 #: would take it (a GPU, enough rows; :func:`_int8_forward`). On: the MXFP4 SwiGLU step of
 #: ``benchmarks/qat_step.py`` on the H200 takes 1.11-1.12x the bf16 step with neither switch, 1.06-1.07x with
 #: this one, 1.04-1.05x with both (``benchmarks/experiments/qat_int8_forward.py``, two runs, eleventh session;
-#: outputs, loss and gradients bit-identical there). Set False for the fake-quantized bf16 GEMM everywhere.
+#: outputs, loss and gradients bit-identical there); 0.99-1.02x with both after the twelfth session's fewer
+#: passes (``benchmarks/results/qat_step_h200.md``). Set False for the fake-quantized bf16 GEMM everywhere.
 INT8_FORWARD = True
 
 #: Whether a QAT backward product for the lhs (``dlhs = fq(g) . fq(rhs)^T``, e.g. an MLP's dx and dh) of two
