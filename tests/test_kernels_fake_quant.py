@@ -54,6 +54,25 @@ def same_bits(a, b):
   return int(np.sum((a.view(bits) != b.view(bits)) & ~nan))
 
 
+@pytest.mark.parametrize("fmt", [fj.get_format(n) for n in fk.FORMATS], ids=lambda f: f.name)
+def test_clipped_stochastic_magnitudes_equal_the_reference(fmt):
+  # The kernel's one-multiply rounding against fp4jax.scales.stochastic_magnitudes (two multiplies a power of two),
+  # bit for bit: every bfloat16 magnitude up to elem_max, float32 ones between them and below the normal range
+  # (subnormals, zero), each against uniforms at the edges (0, the smallest, 1/2, the largest below 1) and random.
+  from fp4jax.scales import stochastic_magnitudes
+
+  bf16 = np.arange(0, 0x7F80, dtype=np.uint16).view(jnp.bfloat16).astype(np.float32)
+  rng = np.random.default_rng(len(fmt.name))
+  f32 = rng.uniform(0, fmt.elem_max, 4096).astype(np.float32)
+  tiny = np.array([0.0, 1e-45, 2.0**-149 * 3, 2.0**-127, 2.0**-126, 2.0**-126 * 1.5], np.float32)
+  a = np.concatenate([bf16[bf16 <= fmt.elem_max], f32, tiny, np.nextafter(np.float32(fmt.elem_max), 0)[None]])
+  edges = np.array([0.0, 2.0**-23, 0.5, 1 - 2.0**-23], np.float32)
+  for u in [np.full_like(a, e) for e in edges] + [rng.uniform(0, 1, a.shape).astype(np.float32)]:
+    got = jax.jit(fk.clipped_stochastic_magnitudes, static_argnums=2)(a, u, fmt)
+    want = jax.jit(stochastic_magnitudes, static_argnums=2)(a, u, fmt)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
+
+
 def test_in_kernel_uniforms_are_jax_random_uniform():
   for seed in (0, 7, 123456):
     key = jax.random.fold_in(jax.random.key(seed), 3)
