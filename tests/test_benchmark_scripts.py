@@ -78,3 +78,17 @@ def test_notebook_int8_qat_experiment_runs_and_restores_the_switches(tmp_path):
     assert on["int8_products_traced"] > off["int8_products_traced"]
   else:  # the int8 path does not run on the CPU: the switches change no bit
     assert on["int8_products_traced"] == off["int8_products_traced"] == 0 and on["bpc"] == off["bpc"]
+
+
+def test_gpu_profile_gaps_sum_the_idle_time_between_kernels():
+  # qat_step_profile.py's "where the GPU idles": gaps between one kernel's end (on any stream) and the next start.
+  from collections import namedtuple
+
+  gp = _script("experiments/gpu_profile")
+  ev, line, plane = (namedtuple("Ev", "start_ns duration_ns name"), namedtuple("Line", "name events"),
+                     namedtuple("Plane", "name lines"))
+  p = plane("/device:GPU:0", [line("s1", [ev(0, 10_000, "a"), ev(20_000, 5_000, "b")]),
+                              line("s2", [ev(5_000, 10_000, "c"), ev(40_000, 1_000, "d"), ev(41_500, 100, "e")])])
+  g = gp._gaps(p)
+  assert g["span_us"] == 41.6 and g["idle_gaps_us"] == 20.0  # c ends 15 us, b 20..25 us, d at 40 us; 0.5 us < 3
+  assert g["top_gaps"] == [("b -> d", 15.0, 1), ("c -> b", 5.0, 1)]
