@@ -46,8 +46,8 @@ from fp4jax.quantize import quantize
 
 __all__ = ["MAX_K", "SPAN", "int8_obstacle", "row_bases", "block_order", "rebase_codes", "rows_residual",
            "rows_codes", "rows_may_be_residual", "row_exponent", "fused_gemm_runs", "finish_sums", "rebased",
-           "activation_rows", "int8_product", "rebased_product", "residual_free_product", "patch_residual_tiles", "Int8Weight", "int8_weight",
-           "FALLBACKS", "is_stored_weight"]
+           "activation_rows", "int8_product", "rebased_product", "residual_free_product", "patch_residual_tiles",
+           "Int8Weight", "int8_weight", "FALLBACKS", "is_stored_weight"]
 
 #: Binades of block exponents below a row's top that the int8 values hold (shifts 0..3).
 SPAN = common.SPAN
