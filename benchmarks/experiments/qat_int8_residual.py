@@ -17,7 +17,12 @@ tokens (the row fraction does not depend on how many rows there are):
   gradients ``g1^T``, ``g3^T``. Rows blocked along tokens have ``tokens / 32`` blocks: fewer tokens than the step's
   8192 can only under-count them.
 
-  PYTHONPATH=. python benchmarks/experiments/qat_int8_residual.py --out DIR [--tokens 2048]
+``--chunks 128,512,...``: also, for the operands with residual rows, what a GEMM with one base exponent per row
+and K-chunk would meet (the int8 sums of each chunk exact, chunks added in float32, as a bfloat16 GEMM adds its
+k-steps): the fraction of (row, chunk) pairs whose chunk still has a residual block below its own top, and of
+(128-row tile, chunk) pairs with such a row (a tile kernel would take those chunks another way).
+
+  PYTHONPATH=. python benchmarks/experiments/qat_int8_residual.py --out DIR [--tokens 2048] [--chunks 128,512]
 """
 
 from __future__ import annotations
@@ -42,12 +47,29 @@ def residual_rows(x):
   return float(jnp.mean(int8_matmul.rows_residual(data, scales, base)))
 
 
+def residual_chunks(x, chunk: int, tile_rows: int = 128):
+  """``(pairs, tiles)``: the fraction of (row, chunk) pairs of ``x`` (rows, K), MXFP4 along K, whose ``chunk``
+  elements have a residual block below the chunk's own top block, and of (``tile_rows``-row tile, chunk)
+  pairs holding one."""
+  data, scales = byte_matrix(fj.quantize(x, fj.MXFP4, axis=-1, layout="rows"))
+  rows, nb = scales.shape
+  cb = min(chunk // 32, nb)  # a chunk no longer than the row
+  if nb % cb:
+    return None, None
+  s, d = scales.reshape(rows * (nb // cb), cb), data.reshape(rows * (nb // cb), cb * 16)
+  base, _ = int8_matmul.row_bases(s)
+  res = int8_matmul.rows_residual(d, s, base).reshape(rows, nb // cb)
+  tiles = jnp.any(res[: rows // tile_rows * tile_rows].reshape(rows // tile_rows, tile_rows, -1), axis=1)
+  return float(jnp.mean(res)), float(jnp.mean(tiles))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--out", required=True)
   p.add_argument("--tokens", type=int, default=2048)
   p.add_argument("--d", type=int, default=4096)
   p.add_argument("--ffn", type=int, default=14336)
+  p.add_argument("--chunks", default="", help="K-chunk lengths (multiples of 32) for the per-chunk counts")
   a = p.parse_args(argv)
   os.makedirs(a.out, exist_ok=True)
   d, ffn, t = a.d, a.ffn, a.tokens
@@ -80,6 +102,10 @@ def main(argv=None):
       "h^T (ffn x tokens)": residual_rows(h.T),
       "g^T (d x tokens)": residual_rows(g.T),
   }}
+  wide = {"h (tokens x ffn)": h, "g1^T (ffn x tokens)": g1.T, "g3^T (ffn x tokens)": g3.T, "h^T (ffn x tokens)": h.T}
+  for c in [int(v) for v in a.chunks.split(",") if v]:
+    res.setdefault("residual_per_chunk", {})[str(c)] = {
+        name: dict(zip(("row_chunk_pairs", "tile_chunk_pairs"), residual_chunks(v, c))) for name, v in wide.items()}
   print(json.dumps(res, indent=1), flush=True)
   with open(os.path.join(a.out, "qat_int8_residual.json"), "w") as f:
     json.dump(res, f, indent=1)
