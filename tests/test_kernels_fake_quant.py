@@ -54,11 +54,23 @@ def same_bits(a, b):
   return int(np.sum((a.view(bits) != b.view(bits)) & ~nan))
 
 
+def _two_factor_stochastic_magnitudes(a, u, fmt):
+  """The stochastic rounding with each power of two split into two normal factors (``_bits.scale_by_pow2``):
+  right for any exponent, the form the library's one-multiply version must equal in its domain."""
+  from fp4jax import _bits
+
+  ulp_exp = jnp.maximum(_bits.floor_log2(_bits.f32_bits(a)), int(fmt.elem_finfo.minexp)) - fmt.elem_nmant
+  t = _bits.scale_by_pow2(a, -ulp_exp)
+  lo = jnp.floor(t)
+  return _bits.scale_by_pow2(lo + (u < t - lo).astype(jnp.float32), ulp_exp)
+
+
 @pytest.mark.parametrize("fmt", [fj.get_format(n) for n in fk.FORMATS], ids=lambda f: f.name)
-def test_clipped_stochastic_magnitudes_equal_the_reference(fmt):
-  # The kernel's one-multiply rounding against fp4jax.scales.stochastic_magnitudes (two multiplies a power of two),
-  # bit for bit: every bfloat16 magnitude up to elem_max, float32 ones between them and below the normal range
-  # (subnormals, zero), each against uniforms at the edges (0, the smallest, 1/2, the largest below 1) and random.
+def test_stochastic_magnitudes_one_multiply_equals_two_factors(fmt):
+  # fp4jax.scales.stochastic_magnitudes (the kernel's and the XLA path's rounding) multiplies by one power of two
+  # each way; bit for bit the two-factor form on its domain: every bfloat16 magnitude up to elem_max, float32
+  # ones between them and below the normal range (subnormals, zero), each against uniforms at the edges (0, the
+  # smallest, 1/2, the largest below 1) and random.
   from fp4jax.scales import stochastic_magnitudes
 
   bf16 = np.arange(0, 0x7F80, dtype=np.uint16).view(jnp.bfloat16).astype(np.float32)
@@ -68,8 +80,8 @@ def test_clipped_stochastic_magnitudes_equal_the_reference(fmt):
   a = np.concatenate([bf16[bf16 <= fmt.elem_max], f32, tiny, np.nextafter(np.float32(fmt.elem_max), 0)[None]])
   edges = np.array([0.0, 2.0**-23, 0.5, 1 - 2.0**-23], np.float32)
   for u in [np.full_like(a, e) for e in edges] + [rng.uniform(0, 1, a.shape).astype(np.float32)]:
-    got = jax.jit(fk.clipped_stochastic_magnitudes, static_argnums=2)(a, u, fmt)
-    want = jax.jit(stochastic_magnitudes, static_argnums=2)(a, u, fmt)
+    got = jax.jit(stochastic_magnitudes, static_argnums=2)(a, u, fmt)
+    want = jax.jit(_two_factor_stochastic_magnitudes, static_argnums=2)(a, u, fmt)
     np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
 
 

@@ -45,9 +45,9 @@ from fp4jax.kernels import common as C
 from fp4jax.kernels.dequantize import scale_magnitudes
 from fp4jax.kernels.quantize_pack import block_amax_bits, e4m3_encode_factor, e4m3_scale_code, pow2_rule_exponent
 from fp4jax.reference import finite_amax, global_factors
-from fp4jax.scales import global_encode_numerator
+from fp4jax.scales import global_encode_numerator, stochastic_magnitudes
 
-__all__ = ["supported", "fake_quantize_2d", "pick_tile", "uniform_from_index", "clipped_stochastic_magnitudes"]
+__all__ = ["supported", "fake_quantize_2d", "pick_tile", "uniform_from_index"]
 
 #: (rows, columns) a program reads, by block axis, in order of preference: the first that
 #: tiles the array runs. The first ones are the fastest measured on the H200
@@ -93,23 +93,6 @@ def uniform_from_index(k1, k2, idx):
   b0, b1 = _threefry2x32(k1, k2, jnp.zeros_like(idx), idx)
   bits = (b0 ^ b1) >> np.uint32(9) | np.uint32(0x3F800000)
   return lax.bitcast_convert_type(bits, jnp.float32) - np.float32(1.0)
-
-
-def clipped_stochastic_magnitudes(a, u, fmt: Format):
-  """:func:`fp4jax.scales.stochastic_magnitudes` of magnitudes ``a`` in ``[0, elem_max]`` (clipped element
-  units), bit for bit, with one multiply each way where it takes two.
-
-  Its ``scale_by_pow2`` splits a power of two into two normal factors for exponents far from 0; here the
-  ulp's exponent lies within 16 binades of 0 for every format the kernel takes (E2M1: -1..1), so one
-  normal factor holds it. The products are the same: scaling up is exact in two steps or one, and a
-  scaling down (an ulp above 1) only meets values of at least twice that ulp, normal before and after.
-  Fewer integer operations an element in a kernel bound by the integer rate (the threefry hash beside it).
-  """
-  emin = int(fmt.elem_finfo.minexp)
-  ulp_exp = jnp.maximum(_bits.floor_log2(_bits.f32_bits(a)), emin) - fmt.elem_nmant
-  t = a * _bits.exp2i(-ulp_exp)
-  lo = jnp.floor(t)
-  return (lo + (u < t - lo).astype(jnp.float32)) * _bits.exp2i(ulp_exp)
 
 
 def _fits(tile, shape, fmt: Format, axis: int) -> bool:
@@ -177,7 +160,7 @@ def _kernel(x_ref, key_ref, g_ref, off_ref, *refs, fmt, rule, stochastic: bool, 
     col = (off_ref[1] + pl.program_id(1) * tile[1] + lax.broadcasted_iota(jnp.int32, tile, 1)).astype(jnp.uint32)
     idx = row * np.uint32(shape[1]) + col if axis == 1 else col * np.uint32(shape[0]) + row
     u = C.split_axis(uniform_from_index(key_ref[0], key_ref[1], idx), axis, bs)
-    r = clipped_stochastic_magnitudes(jnp.abs(y), u, fmt)
+    r = stochastic_magnitudes(jnp.abs(y), u, fmt)
   else:
     r = C.round_to_grid(jnp.abs(y), C.ElemCodec.of(fmt.elem_dtype))[1]
   sign = C.f32_to_i32(y) & jnp.int32(-(2**31))

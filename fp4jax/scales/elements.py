@@ -103,21 +103,27 @@ def encode_units(y, fmt: Format):
 
 
 def stochastic_magnitudes(a, u, fmt: Format):
-  """Float32 magnitudes ``a`` (element units, ``a <= elem_max``) rounded to a grid neighbour by the uniforms ``u``.
+  """Float32 magnitudes ``a`` (element units, ``0 <= a <= elem_max``: callers clip) rounded to a grid neighbour by
+  the uniforms ``u``.
 
   With ``t = a / ulp(a)`` (exact: ulp is a power of two), the result is
   ``floor(t) * ulp``, or ``(floor(t) + 1) * ulp`` where ``u < frac(t)``: for
   ``u`` uniform in [0, 1) the upper one with probability ``frac(t)``. Apart
   from the draw, so a kernel that draws ``u`` itself rounds exactly as the
   XLA path (``fp4jax.qat.stochastic_quantize``, ``fp4jax.kernels.fake_quant``).
+
+  Each power of two is one normal float32 factor: in this domain the ulp's exponent lies within 16 binades
+  of 0 for every element format (E2M1: -1..1). Scaling up is exact; scaling down (an ulp above 1) only
+  meets values of at least twice that ulp, normal before and after. (Two factors each way, as
+  ``_bits.scale_by_pow2`` takes for wide exponents, give the same bits: tests/test_kernels_fake_quant.py;
+  one multiply is fewer integer operations an element in the fake-quantization kernel, which the
+  threefry hash beside it keeps at the GPU's integer rate.)
   """
   emin = int(fmt.elem_finfo.minexp)  # smallest normal exponent of the elements
-  e = jnp.maximum(_bits.floor_log2(_bits.f32_bits(a)), emin)
-  ulp_exp = e - fmt.elem_nmant
-  t = _bits.scale_by_pow2(a, -ulp_exp)
+  ulp_exp = jnp.maximum(_bits.floor_log2(_bits.f32_bits(a)), emin) - fmt.elem_nmant
+  t = a * _bits.exp2i(-ulp_exp)
   lo = jnp.floor(t)
-  r = lo + (u < t - lo).astype(jnp.float32)
-  return _bits.scale_by_pow2(r, ulp_exp)
+  return (lo + (u < t - lo).astype(jnp.float32)) * _bits.exp2i(ulp_exp)
 
 
 def decode_elements(values, fmt: Format):
