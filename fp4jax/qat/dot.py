@@ -161,16 +161,16 @@ def _int8_backward_lhs(gq, other, oq, g_axes, oa: int, op_other: OperandConfig, 
   n = gq.shape[-1]
   direct = oa == other.ndim - 1 and not op_other.stochastic and op_other.rule == "floor"
   if direct:
-    y, y_rule = pad_axis(other, oa, multiple), op_other.rule
+    y = pad_axis(other, oa, multiple)
     if cfg.hadamard:
       y = random_hadamard(y, cfg.hadamard, axis=oa, seed=cfg.seed)
     y = quantize_input(y)
   else:
-    y, y_rule = oq(), "floor"
+    y = oq()
 
-  def operands(gq, y):
+  def operands(gq, y):  # "floor" both ways: y's own rule where direct, the lossless re-quantization otherwise
     return (quantize(gq.reshape(-1, n), MXFP4, axis=-1, scale_rule="floor", layout="rows"),
-            quantize(y, MXFP4, axis=oa, scale_rule=y_rule, layout="rows"))
+            quantize(y, MXFP4, axis=oa, scale_rule="floor", layout="rows"))
 
   def fallback(*_):
     return transpose(gq, y if not direct else oq()).reshape(-1, other.shape[1 - oa])
@@ -180,9 +180,9 @@ def _int8_backward_lhs(gq, other, oq, g_axes, oa: int, op_other: OperandConfig, 
 
 
 def _int8_rows_product(operands, x, y, y_contract: int, out_dtype, fallback):
-  """``scaled_dot_general`` of ``operands(x, y)`` (2-D "rows" QArrays: rows contracting their axis 1 with
-  the other's axis ``y_contract``) on the int8 path where ``scaled_dot_general`` would take it, else None;
-  the plan reads abstract shapes.
+  """The int8 product of ``operands(x, y)`` (2-D "rows" QArrays: rows contracting their axis 1 with the
+  other's axis ``y_contract``) where ``scaled_dot_general`` would take its int8 path, else None; the plan
+  reads abstract shapes.
 
   Where a row of either operand may span more binades than the int8 values hold (read from the scale
   bytes alone, before any re-basing), ``fallback(a, interpret)`` (``a``: the first operand's QArray,
