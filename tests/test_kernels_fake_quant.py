@@ -111,6 +111,48 @@ def test_kernel_equals_xla_route(fmt, rule, dtype, axis, stochastic):
     assert same_bits(xla_route(x, jax.random.key(6), fmt, rule, axis), want) > x.size // 20
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("fmt,rule", [(fj.MXFP4, "ceil"), (fj.MXFP8_E5M2, "floor")], ids=["mxfp4", "mxfp8_e5m2"])
+def test_stochastic_pow2_passes_take_their_own_tile(fmt, rule, axis):
+  # The drawing passes of power-of-two formats start from STOCHASTIC_POW2_TILE (8 warps on a GPU); the same bits.
+  shape = (64, 512)
+  assert fk.pick_tile(shape, fmt, axis, stochastic=True) == fk.STOCHASTIC_POW2_TILE[axis]
+  assert fk.pick_tile(shape, fj.NVFP4, axis, stochastic=True) == fk.pick_tile(shape, fj.NVFP4, axis)
+  x = inputs(shape, jnp.bfloat16, seed=3, specials=True)
+  key = jax.random.key(11)
+  got = fk.fake_quantize_2d(x, key, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=INTERPRET)
+  assert same_bits(got, xla_route(x, key, fmt, rule, axis)) == 0
+
+
+def extreme_inputs(shape, seed):
+  """float32 rows (columns for a short first axis) at the ends of E8M0's and float32's ranges: near float32's
+  largest value, at 2**127 and 2**100, at float32's smallest normals and below (blocks scaled by 2**-127),
+  subnormal inputs, alongside ordinary ones."""
+  rng = np.random.default_rng(seed)
+  ends = np.array([np.finfo(np.float32).max, 2.0**127, 2.0**100, 1.0, 2.0**-120, 2.0**-126, 2.0**-128, 2.0**-140])
+  long_axis = 1 if shape[1] >= shape[0] else 0
+  scale = np.resize(ends, shape[1 - long_axis])
+  scale = scale[:, None] if long_axis == 1 else scale[None, :]
+  return jnp.asarray((rng.uniform(-1, 1, shape) * scale).astype(np.float32))
+
+
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["to-bf16", "to-f32"])
+@pytest.mark.parametrize("axis", [1, 0])
+@pytest.mark.parametrize("fmt,rule", CASES, ids=[f"{f.name}-{r}" for f, r in CASES])
+def test_kernel_equals_xla_route_at_the_ends_of_the_ranges(fmt, rule, axis, dtype, stochastic):
+  # Saturation at the output dtype's largest value, results flushed below float32's normal range, scales
+  # at 2**-127 and 2**127: the kernel's clip, flush and saturation against the XLA path's, both output dtypes.
+  x = extreme_inputs((64, 512) if axis else (512, 64), seed=2)
+  key = jax.random.key(8) if stochastic else None
+  want = xla_route(x, key, fmt, rule, axis, dtype)
+  got = fk.fake_quantize_2d(x, key, fmt=fmt, rule=rule, axis=axis, dtype=dtype, interpret=INTERPRET)
+  assert same_bits(got, want) == 0
+  w = np.asarray(want, np.float32)
+  assert np.isinf(w).any() or np.abs(w).max() >= float(jnp.finfo(dtype).max) / 2  # the top end reached
+  assert ((w == 0) & (np.asarray(x) != 0)).any()  # and the bottom end (flushed results)
+
+
 @settings(max_examples=8)
 @given(case=st.sampled_from(CASES), axis=st.sampled_from([0, 1]), tile=st.integers(0, 6),
        grid=st.tuples(st.integers(1, 2), st.integers(1, 2)), seed=st.integers(0, 2**31 - 1),

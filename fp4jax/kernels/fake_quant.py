@@ -43,7 +43,8 @@ from fp4jax import _bits
 from fp4jax.formats import FORMATS, Format
 from fp4jax.kernels import common as C
 from fp4jax.kernels.dequantize import scale_magnitudes
-from fp4jax.kernels.quantize_pack import block_amax_bits, e4m3_encode_factor, e4m3_scale_code, pow2_rule_exponent
+from fp4jax.kernels.quantize_pack import (block_amax_bits, e4m3_encode_factor, e4m3_scale_code, flush_amax_bits,
+                                         pow2_rule_exponent)
 from fp4jax.reference import finite_amax, global_factors
 from fp4jax.scales import global_encode_numerator, stochastic_magnitudes
 
@@ -61,9 +62,18 @@ TILES = {1: ((32, 256), (16, 512), (64, 128), (16, 256), (16, 128), (16, 64), (1
 #: the NVFP4 QAT step of benchmarks/qat_step.py with both axes in the kernel 0.85 ms slower, with axis 1
 #: alone 0.44 ms faster (14.16 against 14.60 ms, benchmarks/results/qat_fused_sr_step_axis1.json).
 E4M3_BLOCK_PASS = {0: True, 1: False}
+#: Triton warps a program by (block axis, whether the pass draws with a power-of-two format), and those drawing
+#: passes' first-choice tile by block axis (then :data:`TILES`). The threefry hash makes them compute-bound; H200,
+#: an 8192 x 14336 MXFP4 gradient (benchmarks/experiments/fake_quant_lean.py, results/fake_quant_lean.json):
+#: along axis 0 524 us at 32 x 256 with 8 warps, 668 us at 64 x 128 with 4 (the best of 7 tiles x 4, 8 warps);
+#: along axis 1 491 us with 8 warps, 645 with 4. Passes rounding to nearest (or NVFP4's) keep 4 warps.
+NUM_WARPS = {(0, False): 4, (1, False): 4, (0, True): 8, (1, True): 8}
+STOCHASTIC_POW2_TILE = {0: (32, 256), 1: (32, 256)}
 _RULES = ("floor", "ceil", "nearest")
 _DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+# Python ints: a bitcast of a numpy constant inside the kernel does not lower for Triton.
+_F32_MIN_NORMAL_BITS, _F32_MAX_BITS, _F32_NAN_BITS = 0x00800000, 0x7F7FFFFF, 0x7FC00000
 
 
 def _rotl(v, r: int):
@@ -100,9 +110,11 @@ def _fits(tile, shape, fmt: Format, axis: int) -> bool:
   return tile[axis] % fmt.block_size == 0 and all(n % t == 0 for n, t in zip(shape, tile))
 
 
-def pick_tile(shape, fmt: Format, axis: int):
-  """The first tile of :data:`TILES` that divides ``shape`` (whole blocks along ``axis``), or None."""
-  return next((tile for tile in TILES[axis] if _fits(tile, shape, fmt, axis)), None)
+def pick_tile(shape, fmt: Format, axis: int, stochastic: bool = False):
+  """The first tile that divides ``shape`` (whole blocks along ``axis``), or None: of :data:`TILES`, after
+  :data:`STOCHASTIC_POW2_TILE`'s for a ``stochastic`` pass of a power-of-two format."""
+  first = (STOCHASTIC_POW2_TILE[axis],) if stochastic and fmt.power_of_two_scales else ()
+  return next((tile for tile in first + TILES[axis] if _fits(tile, shape, fmt, axis)), None)
 
 
 def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool) -> str | None:
@@ -124,45 +136,76 @@ def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool)
   return None
 
 
+def _uniforms(key_ref, off_ref, *, axis: int, shape, tile, bs: int):
+  """The tile's draws: the element's flat index in the array blocked along its last axis ((R, C)
+  itself for axis 1, its transpose (C, R) for axis 0) through the threefry hash, split like x."""
+  row = (off_ref[0] + pl.program_id(0) * tile[0] + lax.broadcasted_iota(jnp.int32, tile, 0)).astype(jnp.uint32)
+  col = (off_ref[1] + pl.program_id(1) * tile[1] + lax.broadcasted_iota(jnp.int32, tile, 1)).astype(jnp.uint32)
+  idx = row * np.uint32(shape[1]) + col if axis == 1 else col * np.uint32(shape[0]) + row
+  return C.split_axis(uniform_from_index(key_ref[0], key_ref[1], idx), axis, bs)
+
+
+def _round_magnitudes(a, draw, fmt: Format, stochastic: bool):
+  """Element-unit magnitudes ``0 <= a <= elem_max`` rounded to the grid: stochastically by ``draw()``'s
+  uniforms, or to nearest even."""
+  if stochastic:
+    return stochastic_magnitudes(a, draw(), fmt)
+  return C.round_to_grid(a, C.ElemCodec.of(fmt.elem_dtype))[1]
+
+
+def _pow2_kernel(x_ref, key_ref, g_ref, off_ref, o_ref, *, fmt, rule, stochastic: bool, axis: int, shape, tile):
+  """One tile of a power-of-two-scaled format (MXFP4, MXFP8), on magnitude bits throughout.
+
+  The reference's steps (flush, scale by 2**-e, clip, round, scale by 2**e, saturate, sign) on
+  ``|x|`` with ``x``'s sign bit put back at the end: the scalings and the clip are symmetric, so the
+  magnitudes are the reference's bit for bit. Fewer integer operations an element than the signed
+  route below (NVFP4's): the threefry hash beside them keeps this kernel at the GPU's integer rate.
+  """
+  del g_ref
+  bs, rax = fmt.block_size, axis + 1
+  bits = C.f32_to_i32(C.split_axis(x_ref[...].astype(jnp.float32), axis, bs))  # (tr, nb, bs) or (nb, bs, tc)
+  mag_bits = bits & 0x7FFFFFFF
+  amax_bits, nonfinite = flush_amax_bits(jnp.max(mag_bits, axis=rax, keepdims=True))
+  e = pow2_rule_exponent(amax_bits, fmt, rule)
+  mag = C.i32_to_f32(jnp.where(mag_bits < _F32_MIN_NORMAL_BITS, 0, mag_bits))  # flushed
+  a = jnp.minimum(_bits.scale_by_pow2(mag, -e), np.float32(fmt.elem_max))  # as element_units, then the clip
+  r = _round_magnitudes(a, lambda: _uniforms(key_ref, off_ref, axis=axis, shape=shape, tile=tile, bs=bs),
+                        fmt, stochastic)
+  # decode_blocks' two factors, then the saturation. Its flush has nothing to do here: a non-zero
+  # flushed |x| is at least 2**-126, and 2**-126 in element units (a power of two <= 2) is either a
+  # grid point, which the roundings (monotone, to a grid neighbour) do not go below, or below the
+  # grid's smallest step: r * 2**e is 0 or at least 2**-126.
+  out = jnp.minimum(C.f32_to_i32(_bits.scale_by_pow2(r, e)), _F32_MAX_BITS)
+  # Non-finite blocks: NaN (their scale byte is the NaN code), as dequantize gives.
+  out = jnp.where(nonfinite, _F32_NAN_BITS, out | (bits & jnp.int32(-(2**31))))
+  o_ref[...] = C.i32_to_f32(out).reshape(tile).astype(o_ref.dtype)
+
+
 def _kernel(x_ref, key_ref, g_ref, off_ref, *refs, fmt, rule, stochastic: bool, axis: int, shape, tile,
             block_pass: bool):
-  """One tile. ``off_ref``: the row and column of ``x``'s first element in the whole array of
-  ``shape`` (not 0 for a shard). ``refs``: [per-block encode factors, scale bytes (``block_pass``) |
-  the encode factor of each E4M3 scale code (NVFP4 without ``block_pass``)], the output."""
+  """One tile of NVFP4 (E4M3 block scales, a global scale). ``off_ref``: the row and column of
+  ``x``'s first element in the whole array of ``shape`` (not 0 for a shard). ``refs``: [per-block
+  encode factors, scale bytes (``block_pass``) | the encode factor of each E4M3 scale code], the output."""
   bs, rax = fmt.block_size, axis + 1  # rax: the within-block axis of the blocked tile
   x = C.split_axis(x_ref[...].astype(jnp.float32), axis, bs)  # (tr, nb, bs) or (nb, bs, tc)
-  gdec = None if fmt.power_of_two_scales else g_ref[0]
+  gdec = g_ref[0]
   if block_pass:  # the block scales and factors came from XLA (_block_factors)
     enc_ref, sb_ref, o_ref = refs
     scale_code = jnp.expand_dims(sb_ref[...], rax)
     nonfinite = scale_code == fmt.scale_nan_byte
     y = C.flush_f32(x) * jnp.expand_dims(enc_ref[...], rax)
   else:
-    o_ref = refs[-1]
+    enc_table_ref, o_ref = refs
     amax_bits, nonfinite = block_amax_bits(x, rax)
-    if fmt.power_of_two_scales:
-      e = pow2_rule_exponent(amax_bits, fmt, rule)
-      scale_code = e + fmt.scale_bias
-      y = _bits.scale_by_pow2(C.flush_f32(x), -e)  # as the reference's element_units
-    else:
-      enc_table_ref, o_ref = refs
-      scale_code = e4m3_scale_code(amax_bits, g_ref[1], fmt, rule)
-      # A gather from the 127 factors the wrapper computed: the correctly rounded reciprocal
-      # (a 24-step integer division) once per code, not once per thread holding a block's piece.
-      y = C.flush_f32(x) * enc_table_ref[scale_code]
+    scale_code = e4m3_scale_code(amax_bits, g_ref[1], fmt, rule)
+    # A gather from the 127 factors the wrapper computed: the correctly rounded reciprocal
+    # (a 24-step integer division) once per code, not once per thread holding a block's piece.
+    y = C.flush_f32(x) * enc_table_ref[scale_code]
   y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
+  r = _round_magnitudes(jnp.abs(y), lambda: _uniforms(key_ref, off_ref, axis=axis, shape=shape, tile=tile, bs=bs),
+                        fmt, stochastic)
   # The sign stays an integer: Triton may drop the sign of a zero in float arithmetic
   # (kernels/dequantize.py).
-  if stochastic:
-    # The element's flat index in the array blocked along its last axis: (R, C) itself for
-    # axis 1, its transpose (C, R) for axis 0.
-    row = (off_ref[0] + pl.program_id(0) * tile[0] + lax.broadcasted_iota(jnp.int32, tile, 0)).astype(jnp.uint32)
-    col = (off_ref[1] + pl.program_id(1) * tile[1] + lax.broadcasted_iota(jnp.int32, tile, 1)).astype(jnp.uint32)
-    idx = row * np.uint32(shape[1]) + col if axis == 1 else col * np.uint32(shape[0]) + row
-    u = C.split_axis(uniform_from_index(key_ref[0], key_ref[1], idx), axis, bs)
-    r = stochastic_magnitudes(jnp.abs(y), u, fmt)
-  else:
-    r = C.round_to_grid(jnp.abs(y), C.ElemCodec.of(fmt.elem_dtype))[1]
   sign = C.f32_to_i32(y) & jnp.int32(-(2**31))
   r = jnp.where(nonfinite, 0.0, r)  # quantize's zero codes in non-finite blocks (their scale is NaN)
   sbytes = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)  # (block_pass: already so)
@@ -233,22 +276,25 @@ class _Call(NamedTuple):
 def _pallas(call: _Call, x, kd, g, off, *extra):
   """The kernel over ``x``, the whole array or one shard of it starting at ``off`` (row, column)."""
   fmt, axis = call.fmt, call.axis
-  tile = call.tile or pick_tile(x.shape, fmt, axis)
+  tile = call.tile or pick_tile(x.shape, fmt, axis, call.stochastic)
   in_specs = [pl.BlockSpec(tile, lambda i, j: (i, j))] + [pl.BlockSpec((2,), lambda i, j: (0,))] * 3
   if call.block_pass:
     btile = (tile[0], tile[1] // fmt.block_size) if axis == 1 else (tile[0] // fmt.block_size, tile[1])
     in_specs += [pl.BlockSpec(btile, lambda i, j: (i, j))] * 2
   elif extra:
     in_specs.append(pl.BlockSpec(extra[0].shape, lambda i, j: (0,)))
-  kernel = functools.partial(_kernel, fmt=fmt, rule=call.rule, stochastic=call.stochastic, axis=axis,
-                             shape=call.shape, tile=tile, block_pass=call.block_pass)
+  static = dict(fmt=fmt, rule=call.rule, stochastic=call.stochastic, axis=axis, shape=call.shape, tile=tile)
+  if fmt.power_of_two_scales:
+    kernel = functools.partial(_pow2_kernel, **static)
+  else:
+    kernel = functools.partial(_kernel, block_pass=call.block_pass, **static)
   return pl.pallas_call(
       kernel,
       grid=(x.shape[0] // tile[0], x.shape[1] // tile[1]),
       in_specs=in_specs,
       out_specs=pl.BlockSpec(tile, lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct(x.shape, np.dtype(call.dtype)),
-      compiler_params=C.compiler_params(4, 2),
+      compiler_params=C.compiler_params(NUM_WARPS[axis, call.stochastic and fmt.power_of_two_scales], 2),
       interpret=call.interpret,
       name=f"fake_quant_{'sr' if call.stochastic else 'rn'}_{fmt.name}_{call.rule}_axis{axis}",
   )(x, kd, g, off, *extra)
@@ -267,7 +313,7 @@ def _shard_spec(call: _Call, mesh, sharding):
   """x's PartitionSpec if each shard tiles (whole blocks along the block axis), else unsharded."""
   spec = (tuple(getattr(sharding, "spec", None) or ()) + (None, None))[:2]
   local = [n // math.prod(mesh.shape[a] for a in _axes(p)) for n, p in zip(call.shape, spec)]
-  tile = call.tile or pick_tile(local, call.fmt, call.axis)
+  tile = call.tile or pick_tile(local, call.fmt, call.axis, call.stochastic)
   if tile is None or not _fits(tile, local, call.fmt, call.axis):
     return PartitionSpec(None, None)
   return PartitionSpec(*spec)
