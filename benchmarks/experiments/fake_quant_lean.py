@@ -13,6 +13,7 @@ fastest tile and warps of the stochastic pass along axis 0 for that step (``--wa
   PYTHONPATH=. python3 benchmarks/experiments/fake_quant_lean.py --baseline fq_before.py --step --out DIR  # GPU
   PYTHONPATH=. python3 benchmarks/experiments/fake_quant_lean.py --baseline fq_before.py --no-kernels --warps1 8 \
       --tiles0 32x256,64x128,128x64 --step --out DIR  # GPU: axis-0 tiles, then the step with the fastest
+  PYTHONPATH=. python3 benchmarks/experiments/fake_quant_lean.py --no-kernels --nvfp4 --out DIR  # GPU: NVFP4's tiles
   PYTHONPATH=. python3 benchmarks/experiments/fake_quant_lean.py --baseline fq_before.py --small --out DIR  # CPU
 """
 
@@ -106,6 +107,32 @@ def tile_section(a):
   return {"us": times, "chosen_tile0": tile, "chosen_warps": {str(k): v for k, v in fk.NUM_WARPS.items()}}
 
 
+NVFP4_TILES = {0: ((64, 128), (32, 256), (32, 128), (128, 64)), 1: ((32, 256), (16, 512), (64, 128))}
+
+
+def nvfp4_section(a):
+  """NVFP4's stochastic passes (the signed route, its ``NUM_WARPS[axis, False]``, which its passes rounding to
+  nearest share) along each axis over :data:`NVFP4_TILES` x ``--warps``: what its step could take next."""
+  import matmul as B
+
+  shape = (256, 512) if a.small else (8192, 14336)
+  xs = [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(2 if a.small else 4)]
+  key = jax.random.key(3)
+  times, warps0 = {}, dict(fk.NUM_WARPS)
+  for axis, tiles in NVFP4_TILES.items():
+    for tile in tiles:
+      for w in a.warps:
+        fk.NUM_WARPS = {**warps0, (axis, False): w}
+        jax.clear_caches()
+        f = jax.jit(lambda v, tile=tile, axis=axis: fk.fake_quantize_2d(
+            v, key, fmt=fj.NVFP4, rule="nearest", axis=axis, dtype=jnp.bfloat16, interpret=a.small, tile=tile))
+        name = f"axis{axis}_{tile[0]}x{tile[1]}_warps{w}_us"
+        times[name] = B.bench(f, [(v,) for v in xs]) * 1e6
+        print(name, times[name], flush=True)
+  fk.NUM_WARPS = warps0
+  return times
+
+
 def step_section(a, base):
   import qat_step
 
@@ -131,11 +158,12 @@ def step_section(a, base):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--baseline", required=True, help="a copy of fake_quant.py from before the change")
+  p.add_argument("--baseline", help="a copy of fake_quant.py from before the change (the per-case times, --step)")
   p.add_argument("--warps", type=lambda s: [int(w) for w in s.split(",")], default=[4, 8])
   p.add_argument("--tiles0", type=lambda s: [tuple(int(n) for n in t.split("x")) for t in s.split(",")],
                  help="time these tiles of the stochastic axis-0 pass and run the step with the fastest")
   p.add_argument("--warps1", type=int, help="fake_quant.NUM_WARPS[1, True] for the tile sweep and the step")
+  p.add_argument("--nvfp4", action="store_true", help="NVFP4's stochastic passes over tiles x --warps")
   p.add_argument("--step", action="store_true", help="also the QAT step, current vs baseline kernel")
   p.add_argument("--repeats", type=int, default=2, help="--step: rounds of bf16, mxfp4, mxfp4 (baseline)")
   p.add_argument("--no-kernels", action="store_true", help="skip the per-case times")
@@ -143,7 +171,9 @@ def main():
   p.add_argument("--out", required=True)
   a = p.parse_args()
   os.makedirs(a.out, exist_ok=True)
-  base = load_baseline(a.baseline)
+  if (a.step or not a.no_kernels) and not a.baseline:
+    p.error("--baseline is needed for the per-case times and --step")
+  base = load_baseline(a.baseline) if a.baseline else None
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
   if not a.no_kernels:
     result["kernels"] = kernel_section(a, base)
@@ -151,6 +181,8 @@ def main():
     fk.NUM_WARPS = {**fk.NUM_WARPS, (1, True): a.warps1}
   if a.tiles0:
     result["tiles0"] = tile_section(a)
+  if a.nvfp4:
+    result["nvfp4"] = nvfp4_section(a)
   if a.step:
     result["step"] = step_section(a, base)
   with open(os.path.join(a.out, "fake_quant_lean.json"), "w") as f:
