@@ -153,6 +153,33 @@ def test_kernel_equals_xla_route_at_the_ends_of_the_ranges(fmt, rule, axis, dtyp
   assert ((w == 0) & (np.asarray(x) != 0)).any()  # and the bottom end (flushed results)
 
 
+def tiny_scale_inputs(shape, seed):
+  """float32 rows near 2**-110, and blocks (rows 1.., the first 16 elements) whose E4M3 scale times NVFP4's global
+  decode factor lands just above float32's smallest normal, holding elements at 1-1.6 x 2**-126: their decoded
+  values fall below the normal range and must be flushed (on the CPU, XLA's arithmetic flushes them by itself;
+  on a GPU only the kernel's explicit flush does)."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape) * 2.0**-110
+  for r in range(1, shape[0]):
+    x[r, :16] = rng.uniform(1, 1.6, 16) * 2.0**-126 * rng.choice([-1, 1], 16)
+    x[r, 0] = 2.0**-126 * rng.uniform(2, 16)
+  return jnp.asarray(x.astype(np.float32))
+
+
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["to-bf16", "to-f32"])
+@pytest.mark.parametrize("axis", [1, 0])
+@pytest.mark.parametrize("rule", ["nearest", "ceil"])
+def test_nvfp4_kernel_flushes_results_below_the_normal_range(rule, axis, dtype, stochastic):
+  x = tiny_scale_inputs((64, 512), seed=4)
+  x = x if axis == 1 else x.T
+  key = jax.random.key(12) if stochastic else None
+  want = xla_route(x, key, fj.NVFP4, rule, axis, dtype)
+  got = fk.fake_quantize_2d(x, key, fmt=fj.NVFP4, rule=rule, axis=axis, dtype=dtype, interpret=INTERPRET)
+  assert same_bits(got, want) == 0
+  assert ((np.asarray(want, np.float32) == 0) & (np.asarray(x) != 0)).sum() > 1000  # the flushed values exist
+
+
 @settings(max_examples=8)
 @given(case=st.sampled_from(CASES), axis=st.sampled_from([0, 1]), tile=st.integers(0, 6),
        grid=st.tuples(st.integers(1, 2), st.integers(1, 2)), seed=st.integers(0, 2**31 - 1),
