@@ -275,35 +275,14 @@ def quantize(
   check_rule(fmt, scale_rule)
   backends.check_backend(backend)
   block_axes = (axis,) if tile is None else (-2, -1)
-  if isinstance(granularity, str) and granularity == "tensor":
-    keep = ()
-  else:
-    if not fmt.has_global_scale:
-      raise ValueError(f"granularity={granularity!r} picks NVFP4-style global scales; {fmt!r} has no global scale")
-    if global_scale is not None:
-      raise ValueError("pass global_scale= or granularity=, not both: the shape of global_scale sets its granularity")
-    keep = _keep_axes(granularity, x.ndim, block_axes)
+  keep = _kept_axes(granularity, global_scale, fmt, x.ndim, block_axes)
   if global_scale is not None:
     global_scale = _check_global_scale(global_scale, fmt, tuple(x.shape), block_axes)
   axis_name = _check_axis_name(axis_name)
   if not fmt.has_global_scale or global_scale is not None:
     axis_name = None  # no amax to reduce: every block is reduced within itself
-  n_blocks = -(-x.shape[axis] // fmt.block_size)
   if hessian is not None:
-    hessian = jnp.asarray(hessian)
-    if scale_rule != "mse":
-      raise ValueError(f"hessian= needs scale_rule='mse', got {scale_rule!r}")
-    if tile is not None:
-      raise ValueError(f"hessian= weights 1-D blocks; block_shape={block_shape} is not supported with it")
-    want = (n_blocks, fmt.block_size, fmt.block_size)
-    if tuple(hessian.shape) != want:
-      raise ValueError(
-          f"hessian shape {tuple(hessian.shape)} does not match input shape {tuple(x.shape)} "
-          f"along axis {axis}: expected {want}"
-      )
-    if not jnp.issubdtype(hessian.dtype, jnp.floating):
-      raise ValueError(f"hessian must be floating, got dtype {hessian.dtype}")
-    hessian = jnp.asarray(hessian, jnp.float32)
+    hessian = _check_hessian(hessian, x, fmt, axis, scale_rule, block_shape)
 
   obstacle = None
   if backend != "xla":
@@ -315,20 +294,54 @@ def quantize(
   plan = backends.choose("quantize", backend, obstacle,
                          verified=backends.gpu_verified("quantize", fmt, scale_rule, x.dtype))
   if plan.impl == "kernel":
-    from fp4jax.kernels import quantize_pack  # lazy: Pallas loads only when a kernel runs
+    return _quantize_kernel(x, fmt, axis, scale_rule, global_scale, layout, plan.interpret)
+  q = quantize_reference(x, global_scale, hessian, fmt=fmt, axis=axis, scale_rule=scale_rule, pad=pad,
+                         tile=tile, keep=keep, axis_name=axis_name)
+  return q if layout is None else with_layout(q, layout)
 
-    if layout == "rows" and x.ndim == 2:
-      # The kernel's packed bytes are the byte rows, or their transpose: no float4 view and re-packing.
-      if axis % 2 == 1:
-        return quantize_pack.quantize_rows(x, fmt, scale_rule=scale_rule, global_scale=global_scale,
-                                           interpret=plan.interpret)
-      return quantize_pack.quantize_columns_to_rows(x, fmt, axis=axis, scale_rule=scale_rule,
-                                                    global_scale=global_scale, interpret=plan.interpret)
-    q = quantize_pack.quantize_qarray(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
-                                      interpret=plan.interpret)
-  else:
-    q = quantize_reference(x, global_scale, hessian, fmt=fmt, axis=axis, scale_rule=scale_rule, pad=pad,
-                           tile=tile, keep=keep, axis_name=axis_name)
+
+def _kept_axes(granularity, global_scale, fmt: Format, ndim: int, block_axes) -> tuple:
+  """The axes that keep their own NVFP4 global scale for ``granularity`` (``()``: one for the tensor)."""
+  if isinstance(granularity, str) and granularity == "tensor":
+    return ()
+  if not fmt.has_global_scale:
+    raise ValueError(f"granularity={granularity!r} picks NVFP4-style global scales; {fmt!r} has no global scale")
+  if global_scale is not None:
+    raise ValueError("pass global_scale= or granularity=, not both: the shape of global_scale sets its granularity")
+  return _keep_axes(granularity, ndim, block_axes)
+
+
+def _check_hessian(hessian, x, fmt: Format, axis: int, scale_rule: str, block_shape):
+  """``hessian`` as float32 ``(S[axis] // block_size, B, B)``, or a ValueError naming what is wrong."""
+  hessian = jnp.asarray(hessian)
+  if scale_rule != "mse":
+    raise ValueError(f"hessian= needs scale_rule='mse', got {scale_rule!r}")
+  if block_shape is not None:
+    raise ValueError(f"hessian= weights 1-D blocks; block_shape={block_shape} is not supported with it")
+  want = (-(-x.shape[axis] // fmt.block_size), fmt.block_size, fmt.block_size)
+  if tuple(hessian.shape) != want:
+    raise ValueError(
+        f"hessian shape {tuple(hessian.shape)} does not match input shape {tuple(x.shape)} "
+        f"along axis {axis}: expected {want}"
+    )
+  if not jnp.issubdtype(hessian.dtype, jnp.floating):
+    raise ValueError(f"hessian must be floating, got dtype {hessian.dtype}")
+  return jnp.asarray(hessian, jnp.float32)
+
+
+def _quantize_kernel(x, fmt: Format, axis: int, scale_rule: str, global_scale, layout, interpret: bool) -> QArray:
+  """The Pallas quantize kernel's QArray, stored in ``layout``."""
+  from fp4jax.kernels import quantize_pack  # lazy: Pallas loads only when a kernel runs
+
+  if layout == "rows" and x.ndim == 2:
+    # The kernel's packed bytes are the byte rows, or their transpose: no float4 view and re-packing.
+    if axis % 2 == 1:
+      return quantize_pack.quantize_rows(x, fmt, scale_rule=scale_rule, global_scale=global_scale,
+                                         interpret=interpret)
+    return quantize_pack.quantize_columns_to_rows(x, fmt, axis=axis, scale_rule=scale_rule,
+                                                  global_scale=global_scale, interpret=interpret)
+  q = quantize_pack.quantize_qarray(x, fmt, axis=axis, scale_rule=scale_rule, global_scale=global_scale,
+                                    interpret=interpret)
   return q if layout is None else with_layout(q, layout)
 
 
