@@ -103,10 +103,15 @@ def _backward_operand(x, axis: int, op: OperandConfig, cfg: QatConfig, key, dtyp
     # every stochastic draw) is the one the direct route would make.
     xt = lax.optimization_barrier(jnp.moveaxis(x, axis, last))
     return jnp.moveaxis(_backward_operand(xt, last, op, cfg, key, dtype, multiple), last, axis)
-  x = pad_axis(x, axis, multiple)
-  if cfg.hadamard:
-    x = random_hadamard(x, cfg.hadamard, axis=axis, seed=cfg.seed)
+  x = _padded_transformed(x, axis, cfg, multiple)
   return fake_quantize_operand(x, op, axis, dtype, key, axis_name=cfg.axis_name, backend=cfg.backend)
+
+
+def _padded_transformed(x, axis: int, cfg: QatConfig, multiple: int):
+  """``x`` zero-padded along ``axis`` to ``multiple``, then Hadamard-transformed along it where ``cfg`` asks:
+  what a backward operand's quantization reads."""
+  x = pad_axis(x, axis, multiple)
+  return random_hadamard(x, cfg.hadamard, axis=axis, seed=cfg.seed) if cfg.hadamard else x
 
 
 def _block_multiple(cfg: QatConfig, *ops: OperandConfig) -> int:
@@ -160,13 +165,7 @@ def _int8_backward_lhs(gq, other, oq, g_axes, oa: int, op_other: OperandConfig, 
     return None
   n = gq.shape[-1]
   direct = oa == other.ndim - 1 and not op_other.stochastic and op_other.rule == "floor"
-  if direct:
-    y = pad_axis(other, oa, multiple)
-    if cfg.hadamard:
-      y = random_hadamard(y, cfg.hadamard, axis=oa, seed=cfg.seed)
-    y = quantize_input(y)
-  else:
-    y = oq()
+  y = quantize_input(_padded_transformed(other, oa, cfg, multiple)) if direct else oq()
 
   def operands(gq, y):  # "floor" both ways: y's own rule where direct, the lossless re-quantization otherwise
     return (quantize(gq.reshape(-1, n), MXFP4, axis=-1, scale_rule="floor", layout="rows"),
