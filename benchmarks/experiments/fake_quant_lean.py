@@ -52,6 +52,12 @@ def differing(a, b) -> int:
   return int(np.sum(a != b))
 
 
+def gradients(a):
+  """The operands the sweeps rotate through: standard normal bfloat16 of the SwiGLU gradients' size."""
+  shape = (256, 512) if a.small else (8192, 14336)
+  return [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(2 if a.small else 4)]
+
+
 def kernel_section(a, base):
   import matmul as B  # benchmarks/matmul.py's bench (one dispatch of many calls, median of samples)
 
@@ -88,8 +94,7 @@ def tile_section(a):
   times)."""
   import matmul as B
 
-  shape = (256, 512) if a.small else (8192, 14336)
-  xs = [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(2 if a.small else 4)]
+  xs = gradients(a)
   key = jax.random.key(3)
   times = {}
   for tile in a.tiles0:
@@ -115,8 +120,7 @@ def nvfp4_section(a):
   nearest share) along each axis over :data:`NVFP4_TILES` x ``--warps``: what its step could take next."""
   import matmul as B
 
-  shape = (256, 512) if a.small else (8192, 14336)
-  xs = [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(2 if a.small else 4)]
+  xs = gradients(a)
   key = jax.random.key(3)
   times, warps0 = {}, dict(fk.NUM_WARPS)
   for axis, tiles in NVFP4_TILES.items():

@@ -31,8 +31,6 @@ from fp4jax.formats import MXFP4
 from fp4jax.kernels import common as C
 from fp4jax.kernels import fake_quant as fk
 
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
 
 def threefry_ptx() -> str:
   """One PTX block: ``$0 = b0 ^ b1`` for ``b0, b1 = threefry2x32((k1=$1, k2=$2), (0, $3))``, 20 rounds (the
@@ -41,7 +39,7 @@ def threefry_ptx() -> str:
            "xor.b32 k2, k0, k1;", "xor.b32 k2, k2, 0x1BD11BDA;", "mov.u32 x0, k0;", "add.u32 x1, $3, k1;"]
   ks = ("k0", "k1", "k2")
   for i in range(5):
-    for r in _ROTATIONS[i % 2]:
+    for r in fk._ROTATIONS[i % 2]:
       lines += ["add.u32 x0, x0, x1;", f"shf.l.wrap.b32 x1, x1, x1, {r};", "xor.b32 x1, x1, x0;"]
     lines += [f"add.u32 x0, x0, {ks[(i + 1) % 3]};", f"add.u32 x1, x1, {ks[(i + 2) % 3]};", f"add.u32 x1, x1, {i + 1};"]
   lines += ["xor.b32 $0, x0, x1;", "}"]
