@@ -112,12 +112,13 @@ def test_kernel_equals_xla_route(fmt, rule, dtype, axis, stochastic):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("fmt,rule", [(fj.MXFP4, "ceil"), (fj.MXFP8_E5M2, "floor")], ids=["mxfp4", "mxfp8_e5m2"])
-def test_stochastic_pow2_passes_take_their_own_tile(fmt, rule, axis):
-  # The drawing passes of power-of-two formats start from STOCHASTIC_POW2_TILE (8 warps on a GPU); the same bits.
+@pytest.mark.parametrize("fmt,rule", [(fj.MXFP4, "ceil"), (fj.MXFP8_E5M2, "floor"), (fj.NVFP4, "nearest")],
+                         ids=["mxfp4", "mxfp8_e5m2", "nvfp4"])
+def test_stochastic_passes_take_their_own_tile(fmt, rule, axis):
+  # The drawing passes start from STOCHASTIC_TILE (8 warps on a GPU); the same bits.
   shape = (64, 512)
-  assert fk.pick_tile(shape, fmt, axis, stochastic=True) == fk.STOCHASTIC_POW2_TILE[axis]
-  assert fk.pick_tile(shape, fj.NVFP4, axis, stochastic=True) == fk.pick_tile(shape, fj.NVFP4, axis)
+  assert fk.pick_tile(shape, fmt, axis, stochastic=True) == fk.STOCHASTIC_TILE[axis]
+  assert fk.pick_tile((512, 64), fmt, 0, stochastic=True) == fk.pick_tile((512, 64), fmt, 0)  # 32 x 256 does not fit
   x = inputs(shape, jnp.bfloat16, seed=3, specials=True)
   key = jax.random.key(11)
   got = fk.fake_quantize_2d(x, key, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=INTERPRET)

@@ -90,7 +90,7 @@ def kernel_section(a, base):
 
 def tile_section(a):
   """The current kernel's stochastic MXFP4 pass along axis 0 over ``--tiles0`` x ``--warps``; the fastest is
-  put in ``fake_quant.STOCHASTIC_POW2_TILE[0]`` / ``NUM_WARPS[0, True]`` for the step (returned with the
+  put in ``fake_quant.STOCHASTIC_TILE[0]`` / ``NUM_WARPS[0, True]`` for the step (returned with the
   times)."""
   import matmul as B
 
@@ -107,7 +107,7 @@ def tile_section(a):
       print(tile, w, times[f"{tile[0]}x{tile[1]}_warps{w}_us"], flush=True)
   best = min(times, key=times.get)
   tile = tuple(int(n) for n in best.split("_")[0].split("x"))
-  fk.STOCHASTIC_POW2_TILE = {**fk.STOCHASTIC_POW2_TILE, 0: tile}
+  fk.STOCHASTIC_TILE = {**fk.STOCHASTIC_TILE, 0: tile}
   fk.NUM_WARPS = {**fk.NUM_WARPS, (0, True): int(best.split("_")[1][5:])}
   return {"us": times, "chosen_tile0": tile, "chosen_warps": {str(k): v for k, v in fk.NUM_WARPS.items()}}
 
@@ -116,8 +116,7 @@ NVFP4_TILES = {0: ((64, 128), (32, 256), (32, 128), (128, 64)), 1: ((32, 256), (
 
 
 def nvfp4_section(a):
-  """NVFP4's stochastic passes (the signed route, its ``NUM_WARPS[axis, False]``, which its passes rounding to
-  nearest share) along each axis over :data:`NVFP4_TILES` x ``--warps``: what its step could take next."""
+  """NVFP4's stochastic passes along each axis over :data:`NVFP4_TILES` x ``--warps``."""
   import matmul as B
 
   xs = gradients(a)
@@ -126,7 +125,7 @@ def nvfp4_section(a):
   for axis, tiles in NVFP4_TILES.items():
     for tile in tiles:
       for w in a.warps:
-        fk.NUM_WARPS = {**warps0, (axis, False): w}
+        fk.NUM_WARPS = {**warps0, (axis, True): w}
         jax.clear_caches()
         f = jax.jit(lambda v, tile=tile, axis=axis: fk.fake_quantize_2d(
             v, key, fmt=fj.NVFP4, rule="nearest", axis=axis, dtype=jnp.bfloat16, interpret=a.small, tile=tile))

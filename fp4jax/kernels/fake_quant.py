@@ -42,7 +42,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fp4jax import _bits
 from fp4jax.formats import FORMATS, Format
 from fp4jax.kernels import common as C
-from fp4jax.kernels.dequantize import scale_magnitudes
 from fp4jax.kernels.quantize_pack import (block_amax_bits, e4m3_encode_factor, e4m3_scale_code, flush_amax_bits,
                                          pow2_rule_exponent)
 from fp4jax.reference import finite_amax, global_factors
@@ -62,13 +61,14 @@ TILES = {1: ((32, 256), (16, 512), (64, 128), (16, 256), (16, 128), (16, 64), (1
 #: the NVFP4 QAT step of benchmarks/qat_step.py with both axes in the kernel 0.85 ms slower, with axis 1
 #: alone 0.44 ms faster (14.16 against 14.60 ms, benchmarks/results/qat_fused_sr_step_axis1.json).
 E4M3_BLOCK_PASS = {0: True, 1: False}
-#: Triton warps a program by (block axis, whether the pass draws with a power-of-two format), and those drawing
-#: passes' first-choice tile by block axis (then :data:`TILES`). The threefry hash makes them compute-bound; H200,
-#: an 8192 x 14336 MXFP4 gradient (benchmarks/experiments/fake_quant_lean.py, results/fake_quant_lean.json):
-#: along axis 0 524 us at 32 x 256 with 8 warps, 668 us at 64 x 128 with 4 (the best of 7 tiles x 4, 8 warps);
-#: along axis 1 491 us with 8 warps, 645 with 4. Passes rounding to nearest (or NVFP4's) keep 4 warps.
+#: Triton warps a program by (block axis, whether the pass draws), and the drawing passes' first-choice tile by
+#: block axis (then :data:`TILES`). The threefry hash makes them compute-bound; H200, an 8192 x 14336 operand
+#: (benchmarks/experiments/fake_quant_lean.py, results/fake_quant_lean.json): MXFP4 along axis 0 524 us at
+#: 32 x 256 with 8 warps, 668 us at 64 x 128 with 4 (the best of 7 tiles x 4, 8 warps), along axis 1 491 us with
+#: 8 warps, 645 with 4; NVFP4 along axis 0 791 us against 965, along axis 1 668 against 800. Passes rounding to
+#: nearest keep 4 warps.
 NUM_WARPS = {(0, False): 4, (1, False): 4, (0, True): 8, (1, True): 8}
-STOCHASTIC_POW2_TILE = {0: (32, 256), 1: (32, 256)}
+STOCHASTIC_TILE = {0: (32, 256), 1: (32, 256)}
 _RULES = ("floor", "ceil", "nearest")
 _DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -112,8 +112,8 @@ def _fits(tile, shape, fmt: Format, axis: int) -> bool:
 
 def pick_tile(shape, fmt: Format, axis: int, stochastic: bool = False):
   """The first tile that divides ``shape`` (whole blocks along ``axis``), or None: of :data:`TILES`, after
-  :data:`STOCHASTIC_POW2_TILE`'s for a ``stochastic`` pass of a power-of-two format."""
-  first = (STOCHASTIC_POW2_TILE[axis],) if stochastic and fmt.power_of_two_scales else ()
+  :data:`STOCHASTIC_TILE`'s for a ``stochastic`` pass."""
+  first = (STOCHASTIC_TILE[axis],) if stochastic else ()
   return next((tile for tile in first + TILES[axis] if _fits(tile, shape, fmt, axis)), None)
 
 
@@ -158,8 +158,9 @@ def _pow2_kernel(x_ref, key_ref, g_ref, off_ref, o_ref, *, fmt, rule, stochastic
 
   The reference's steps (flush, scale by 2**-e, clip, round, scale by 2**e, saturate, sign) on
   ``|x|`` with ``x``'s sign bit put back at the end: the scalings and the clip are symmetric, so the
-  magnitudes are the reference's bit for bit. Fewer integer operations an element than the signed
-  route below (NVFP4's): the threefry hash beside them keeps this kernel at the GPU's integer rate.
+  magnitudes are the reference's bit for bit. Fewer integer operations an element than a signed route
+  (``fp4jax.kernels.dequantize.scale_magnitudes`` after the rounding): the threefry hash beside them keeps
+  this kernel at the GPU's integer rate.
   """
   del g_ref
   bs, rax = fmt.block_size, axis + 1
@@ -181,36 +182,47 @@ def _pow2_kernel(x_ref, key_ref, g_ref, off_ref, o_ref, *, fmt, rule, stochastic
   o_ref[...] = C.i32_to_f32(out).reshape(tile).astype(o_ref.dtype)
 
 
-def _kernel(x_ref, key_ref, g_ref, off_ref, *refs, fmt, rule, stochastic: bool, axis: int, shape, tile,
-            block_pass: bool):
-  """One tile of NVFP4 (E4M3 block scales, a global scale). ``off_ref``: the row and column of
-  ``x``'s first element in the whole array of ``shape`` (not 0 for a shard). ``refs``: [per-block
-  encode factors, scale bytes (``block_pass``) | the encode factor of each E4M3 scale code], the output."""
+def _e4m3_kernel(x_ref, key_ref, g_ref, off_ref, *refs, fmt, rule, stochastic: bool, axis: int, shape, tile,
+                 block_pass: bool):
+  """One tile of NVFP4 (E4M3 block scales, a global scale), on magnitude bits as :func:`_pow2_kernel`.
+
+  ``off_ref``: the row and column of ``x``'s first element in the whole array of ``shape`` (not 0 for
+  a shard). ``refs``: [per-block encode factors, scale bytes (``block_pass``) | the encode factor of
+  each E4M3 scale code], the output. The reference's steps on ``|x|``: flush, times the block's
+  encode factor, clip, round, times the decoded scale (exact: 2 x 4 significant bits) then the
+  global decode factor (one rounding), flush, saturate; the sign bits (``x``'s, the global factor's)
+  put back at the end.
+  """
   bs, rax = fmt.block_size, axis + 1  # rax: the within-block axis of the blocked tile
-  x = C.split_axis(x_ref[...].astype(jnp.float32), axis, bs)  # (tr, nb, bs) or (nb, bs, tc)
+  bits = C.f32_to_i32(C.split_axis(x_ref[...].astype(jnp.float32), axis, bs))  # (tr, nb, bs) or (nb, bs, tc)
+  mag_bits = bits & 0x7FFFFFFF
   gdec = g_ref[0]
   if block_pass:  # the block scales and factors came from XLA (_block_factors)
     enc_ref, sb_ref, o_ref = refs
     scale_code = jnp.expand_dims(sb_ref[...], rax)
     nonfinite = scale_code == fmt.scale_nan_byte
-    y = C.flush_f32(x) * jnp.expand_dims(enc_ref[...], rax)
+    enc = jnp.expand_dims(enc_ref[...], rax)
   else:
     enc_table_ref, o_ref = refs
-    amax_bits, nonfinite = block_amax_bits(x, rax)
+    amax_bits, nonfinite = flush_amax_bits(jnp.max(mag_bits, axis=rax, keepdims=True))
     scale_code = e4m3_scale_code(amax_bits, g_ref[1], fmt, rule)
     # A gather from the 127 factors the wrapper computed: the correctly rounded reciprocal
     # (a 24-step integer division) once per code, not once per thread holding a block's piece.
-    y = C.flush_f32(x) * enc_table_ref[scale_code]
-  y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
-  r = _round_magnitudes(jnp.abs(y), lambda: _uniforms(key_ref, off_ref, axis=axis, shape=shape, tile=tile, bs=bs),
+    enc = enc_table_ref[scale_code]
+  mag = C.i32_to_f32(jnp.where(mag_bits < _F32_MIN_NORMAL_BITS, 0, mag_bits))  # flushed
+  a = jnp.minimum(mag * enc, np.float32(fmt.elem_max))  # as element_units, then the clip
+  r = _round_magnitudes(a, lambda: _uniforms(key_ref, off_ref, axis=axis, shape=shape, tile=tile, bs=bs),
                         fmt, stochastic)
+  # Codes 0..0x7E of finite blocks (non-finite ones are overwritten below, whatever their code).
+  scale = C.decode_magnitude(jnp.minimum(scale_code, fmt.scale_nan_byte - 1), C.ElemCodec.of(fmt.scale_dtype))
+  out = C.f32_to_i32((r * scale) * jnp.abs(gdec))  # decode_blocks' order: v * s exact, then * g
+  out = jnp.where(out < _F32_MIN_NORMAL_BITS, 0, jnp.minimum(out, _F32_MAX_BITS))  # flush, saturate
   # The sign stays an integer: Triton may drop the sign of a zero in float arithmetic
   # (kernels/dequantize.py).
-  sign = C.f32_to_i32(y) & jnp.int32(-(2**31))
-  r = jnp.where(nonfinite, 0.0, r)  # quantize's zero codes in non-finite blocks (their scale is NaN)
-  sbytes = jnp.where(nonfinite, fmt.scale_nan_byte, scale_code)  # (block_pass: already so)
-  out = scale_magnitudes(r, jnp.where(nonfinite, 0, sign), sbytes, fmt, gdec, jnp.float32)
-  o_ref[...] = out.reshape(tile).astype(o_ref.dtype)
+  sign = (bits ^ C.f32_to_i32(gdec)) & jnp.int32(-(2**31))
+  # Non-finite blocks: NaN (their scale byte is the NaN code), as dequantize gives.
+  out = jnp.where(nonfinite, _F32_NAN_BITS, out | sign)
+  o_ref[...] = C.i32_to_f32(out).reshape(tile).astype(o_ref.dtype)
 
 
 def _block_factors(x, fmt: Format, rule: str, axis: int, genc, gdec):
@@ -287,14 +299,14 @@ def _pallas(call: _Call, x, kd, g, off, *extra):
   if fmt.power_of_two_scales:
     kernel = functools.partial(_pow2_kernel, **static)
   else:
-    kernel = functools.partial(_kernel, block_pass=call.block_pass, **static)
+    kernel = functools.partial(_e4m3_kernel, block_pass=call.block_pass, **static)
   return pl.pallas_call(
       kernel,
       grid=(x.shape[0] // tile[0], x.shape[1] // tile[1]),
       in_specs=in_specs,
       out_specs=pl.BlockSpec(tile, lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct(x.shape, np.dtype(call.dtype)),
-      compiler_params=C.compiler_params(NUM_WARPS[axis, call.stochastic and fmt.power_of_two_scales], 2),
+      compiler_params=C.compiler_params(NUM_WARPS[axis, call.stochastic], 2),
       interpret=call.interpret,
       name=f"fake_quant_{'sr' if call.stochastic else 'rn'}_{fmt.name}_{call.rule}_axis{axis}",
   )(x, kd, g, off, *extra)
