@@ -14,6 +14,9 @@ fastest tile and warps of the stochastic pass along axis 0 for that step (``--wa
   PYTHONPATH=. python3 benchmarks/experiments/fake_quant_lean.py --baseline fq_before.py --no-kernels --warps1 8 \
       --tiles0 32x256,64x128,128x64 --step --out DIR  # GPU: axis-0 tiles, then the step with the fastest
   PYTHONPATH=. python3 benchmarks/experiments/fake_quant_lean.py --no-kernels --nvfp4 --out DIR  # GPU: NVFP4's tiles
+  git show main:fp4jax/kernels/fake_quant.py > fq_main.py   # on a branch: its kernel against main's in the step
+  PYTHONPATH=. python3 benchmarks/experiments/fake_quant_lean.py --baseline fq_main.py --no-kernels --step \
+      --step-modes nvfp4,mxfp8 --out DIR
   PYTHONPATH=. python3 benchmarks/experiments/fake_quant_lean.py --baseline fq_before.py --small --out DIR  # CPU
 """
 
@@ -116,7 +119,8 @@ NVFP4_TILES = {0: ((64, 128), (32, 256), (32, 128), (128, 64)), 1: ((32, 256), (
 
 
 def nvfp4_section(a):
-  """NVFP4's stochastic passes along each axis over :data:`NVFP4_TILES` x ``--warps``."""
+  """NVFP4's stochastic passes along each axis over :data:`NVFP4_TILES` x ``--warps``, with the block scales
+  from an XLA pass before the kernel and from the kernel itself (``block_pass``)."""
   import matmul as B
 
   xs = gradients(a)
@@ -125,13 +129,15 @@ def nvfp4_section(a):
   for axis, tiles in NVFP4_TILES.items():
     for tile in tiles:
       for w in a.warps:
-        fk.NUM_WARPS = {**warps0, (axis, True): w}
-        jax.clear_caches()
-        f = jax.jit(lambda v, tile=tile, axis=axis: fk.fake_quantize_2d(
-            v, key, fmt=fj.NVFP4, rule="nearest", axis=axis, dtype=jnp.bfloat16, interpret=a.small, tile=tile))
-        name = f"axis{axis}_{tile[0]}x{tile[1]}_warps{w}_us"
-        times[name] = B.bench(f, [(v,) for v in xs]) * 1e6
-        print(name, times[name], flush=True)
+        for bp in (True, False):
+          fk.NUM_WARPS = {**warps0, (axis, True): w}
+          jax.clear_caches()
+          f = jax.jit(lambda v, tile=tile, axis=axis, bp=bp: fk.fake_quantize_2d(
+              v, key, fmt=fj.NVFP4, rule="nearest", axis=axis, dtype=jnp.bfloat16, interpret=a.small, tile=tile,
+              block_pass=bp))
+          name = f"axis{axis}_{tile[0]}x{tile[1]}_warps{w}_{'xla' if bp else 'kernel'}_block_scales_us"
+          times[name] = B.bench(f, [(v,) for v in xs]) * 1e6
+          print(name, times[name], flush=True)
   fk.NUM_WARPS = warps0
   return times
 
@@ -144,18 +150,19 @@ def step_section(a, base):
   current = fk._pallas
   out = {}
   for rep in range(a.repeats):
-    for name in ("bf16", "mxfp4", "mxfp4_baseline"):
-      fk._pallas = base._pallas if name == "mxfp4_baseline" else current
+    for name in ("bf16",) + tuple(m for mode in a.step_modes for m in (mode, f"{mode}_baseline")):
+      fk._pallas = base._pallas if name.endswith("_baseline") else current
       jax.clear_caches()
       with kernels.interpret_mode(a.small):
-        med, lo, hi, _, loss = qat_step.bench(name.split("_")[0], d, ffn, tokens, samples, steps, "threefry2x32",
-                                              False, "xla" if name == "bf16" else "pallas")
+        med, lo, hi, _, loss = qat_step.bench(name.removesuffix("_baseline"), d, ffn, tokens, samples, steps,
+                                              "threefry2x32", False, "xla" if name == "bf16" else "pallas")
       out[f"{name}_{rep}"] = {"ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "loss": loss}
       print(name, rep, json.dumps(out[f"{name}_{rep}"]), flush=True)
   fk._pallas = current
   for rep in range(a.repeats):
     bf = out[f"bf16_{rep}"]["ms"]
-    out[f"ratios_{rep}"] = {n: out[f"{n}_{rep}"]["ms"] / bf for n in ("mxfp4", "mxfp4_baseline")}
+    out[f"ratios_{rep}"] = {n: out[f"{n}_{rep}"]["ms"] / bf for mode in a.step_modes
+                            for n in (mode, f"{mode}_baseline")}
   return out
 
 
@@ -168,7 +175,9 @@ def main():
   p.add_argument("--warps1", type=int, help="fake_quant.NUM_WARPS[1, True] for the tile sweep and the step")
   p.add_argument("--nvfp4", action="store_true", help="NVFP4's stochastic passes over tiles x --warps")
   p.add_argument("--step", action="store_true", help="also the QAT step, current vs baseline kernel")
-  p.add_argument("--repeats", type=int, default=2, help="--step: rounds of bf16, mxfp4, mxfp4 (baseline)")
+  p.add_argument("--step-modes", type=lambda v: v.split(","), default=["mxfp4"],
+                 help="--step: benchmarks/qat_step.py modes, each with the current and the baseline kernel")
+  p.add_argument("--repeats", type=int, default=2, help="--step: rounds of bf16 then each mode, current, baseline")
   p.add_argument("--no-kernels", action="store_true", help="skip the per-case times")
   p.add_argument("--small", action="store_true", help="CPU smoke run: small shapes, interpret mode")
   p.add_argument("--out", required=True)
