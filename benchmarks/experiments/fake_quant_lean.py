@@ -38,9 +38,10 @@ from fp4jax.kernels import fake_quant as fk
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-#: (format, rule, stochastic, axis): the MXFP4 step's four kinds of pass, and MXFP8's gradient.
+#: (format, rule, stochastic, axis): the MXFP4 step's four kinds of pass, MXFP8's gradient and NVFP4's three.
 CASES = [(fj.MXFP4, "ceil", True, 0), (fj.MXFP4, "ceil", True, 1), (fj.MXFP4, "floor", False, 0),
-         (fj.MXFP4, "floor", False, 1), (fj.MXFP8_E4M3, "ceil", True, 0)]
+         (fj.MXFP4, "floor", False, 1), (fj.MXFP8_E4M3, "ceil", True, 0), (fj.NVFP4, "nearest", True, 0),
+         (fj.NVFP4, "nearest", True, 1), (fj.NVFP4, "nearest", False, 1)]
 
 
 def load_baseline(path):
