@@ -275,7 +275,7 @@ def quantize(
   check_rule(fmt, scale_rule)
   backends.check_backend(backend)
   block_axes = (axis,) if tile is None else (-2, -1)
-  keep = _kept_axes(granularity, global_scale, fmt, x.ndim, block_axes)
+  keep = _keep_axes_for_quantize(granularity, global_scale, fmt, x.ndim, block_axes)
   if global_scale is not None:
     global_scale = _check_global_scale(global_scale, fmt, tuple(x.shape), block_axes)
   axis_name = _check_axis_name(axis_name)
@@ -300,8 +300,9 @@ def quantize(
   return q if layout is None else with_layout(q, layout)
 
 
-def _kept_axes(granularity, global_scale, fmt: Format, ndim: int, block_axes) -> tuple:
-  """The axes that keep their own NVFP4 global scale for ``granularity`` (``()``: one for the tensor)."""
+def _keep_axes_for_quantize(granularity, global_scale, fmt: Format, ndim: int, block_axes) -> tuple:
+  """:func:`_keep_axes` for ``quantize``, which first checks that a granularity other than "tensor" has a global
+  scale to vary (``fmt``) and is not also given as ``global_scale``'s shape."""
   if isinstance(granularity, str) and granularity == "tensor":
     return ()
   if not fmt.has_global_scale:
