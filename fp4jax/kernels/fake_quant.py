@@ -136,8 +136,8 @@ def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool,
   if len(shape) != 2:
     return f"a {len(shape)}-D operand (the fused fake-quantization kernel takes 2-D ones)"
   if pick_tile(shape, fmt, axis, hadamard=hadamard) is None:
-    groups = f" and whole {hadamard}-point Hadamard groups" if hadamard else ""
-    return f"shape {tuple(shape)} does not tile by any of {TILES[axis]} with whole blocks{groups} along axis {axis}"
+    whole = f"blocks and whole {hadamard}-point Hadamard groups" if hadamard else "blocks"
+    return f"shape {tuple(shape)} does not tile by any of {TILES[axis]} with whole {whole} along axis {axis}"
   if np.prod(shape, dtype=np.int64) >= 2**32:
     return f"shape {tuple(shape)} has 2**32 elements or more (the draws' index is 32-bit)"
   if stochastic and not jax.config.jax_threefry_partitionable:
