@@ -69,9 +69,9 @@ class _AmaxCall(NamedTuple):
 def _amax_kernel(x_ref, sign_ref, o_ref, *, axis: int, n: int):
   bits = C.f32_to_i32(read_tile(x_ref, sign_ref, axis, n)) & 0x7FFFFFFF
   bits = jnp.where(bits < _F32_INF_BITS, bits, 0)  # finite magnitudes; the transform flushed subnormals
-  r, c = bits.shape
-  cells = bits.reshape(r // AMAX_CELL, AMAX_CELL, c // AMAX_CELL, AMAX_CELL)
-  o_ref[...] = jnp.max(jnp.max(cells, axis=3), axis=1)
+  # Two 3-D splits, the shapes the fake-quantization kernel's blocks already take in Triton.
+  rows = jnp.max(C.split_axis(bits, 1, AMAX_CELL), axis=2)  # (r, c / cell)
+  o_ref[...] = jnp.max(C.split_axis(rows, 0, AMAX_CELL), axis=1)  # (r / cell, c / cell)
 
 
 def _tile(call: _AmaxCall, shape):
