@@ -5,7 +5,8 @@ ones blocked along the tokens, the transform (a float32 array written out), then
 kernel reads the operand in place and transforms each tile itself (``fake_quant._hadamard_tile``, the order of
 ``fp4jax.hadamard.butterfly``). This times, on an (8192, 14336) bfloat16 operand (4 rotated, beyond L2):
 
-* per pass: the kernel with no transform, with the transform inside (NVFP4: its tensor amax from
+* per pass (``before_tree``: the XLA transform as one graph of slices, to see whether XLA fuses that form): the
+  kernel with no transform, with the transform inside (NVFP4: its tensor amax from
   ``kernels.hadamard.transformed_amax``, its block factors from the kernel; along axis 0 also from XLA), and the
   route before (XLA transform, then the kernel), the bits of each against the route before;
 * ``--step``: benchmarks/qat_step.py's NVFP4 and NVFP4 + RHT16 steps against bf16, with the transform in the
@@ -30,7 +31,9 @@ from jax import lax
 
 import fp4jax as fj
 from fp4jax import kernels, qat
+from fp4jax.hadamard import flush_below_normal, grouped_shape
 from fp4jax.kernels import fake_quant as fk
+from fp4jax.qat import rounding
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -38,6 +41,32 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 CASES = [(fj.NVFP4, "nearest", True, 0), (fj.NVFP4, "nearest", True, 1), (fj.NVFP4, "nearest", False, 0),
          (fj.NVFP4, "nearest", False, 1), (fj.MXFP4, "ceil", True, 0)]
 N = 16
+
+
+def butterfly_tree(v, axis, n, signs):
+  """``fp4jax.hadamard.butterfly`` as ``n`` separate slices per stage, stacked once at the end: the same
+  operations, a graph XLA might fuse into one pass (the library's writes every stage out on a GPU)."""
+  shape, axis = v.shape, axis % v.ndim
+  g = v.reshape(grouped_shape(shape, axis, n))
+  s = np.asarray(signs, np.float32)
+  level = [flush_below_normal(lax.index_in_dim(g, j, axis + 1, keepdims=False) * s[j]) for j in range(n)]
+  h = 1
+  while h < n:
+    level = [flush_below_normal(level[i] + level[i | h] if not i & h else level[i & ~h] - level[i])
+             for i in range(n)]
+    h *= 2
+  c = np.float32(1 / np.sqrt(n))
+  return jnp.stack([flush_below_normal(y * c) for y in level], axis=axis + 1).reshape(shape)
+
+
+def before_tree(x, key, fmt, rule, axis, interpret):
+  """:func:`before` with :func:`butterfly_tree` as the XLA transform."""
+  library = rounding.butterfly
+  rounding.butterfly = butterfly_tree
+  try:
+    return before(x, key, fmt, rule, axis, interpret)
+  finally:
+    rounding.butterfly = library
 
 
 def before(x, key, fmt, rule, axis, interpret):
@@ -64,7 +93,8 @@ def pass_section(a):
     fused = lambda v, bp=None, h=N: fk.fake_quantize_2d(v, k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16,
                                                          interpret=a.small, hadamard=h, seed=0, block_pass=bp)
     variants = {"no_transform": lambda v: fused(v, h=0), "fused": fused,
-                "before": lambda v: before(v, k, fmt, rule, axis, a.small)}
+                "before": lambda v: before(v, k, fmt, rule, axis, a.small),
+                "before_tree": lambda v: before_tree(v, k, fmt, rule, axis, a.small)}
     if fmt.has_global_scale and axis == 0:
       variants["fused_xla_block_scales"] = lambda v: fused(v, bp=True)
     row = {n: B.bench(jax.jit(f), [(v,) for v in xs]) * 1e6 for n, f in variants.items()}

@@ -102,4 +102,4 @@ def random_hadamard(x, n: int, *, axis: int = -1, seed: int | None = 0):
   if x.shape[ax] % n:
     raise ValueError(f"random_hadamard: shape {tuple(x.shape)} has length {x.shape[ax]} along axis "
                      f"{axis}, not a multiple of the transform size {n}")
-  return butterfly(_bits.widen(x), ax, n, jnp.asarray(hadamard_signs(n, seed)))
+  return butterfly(_bits.widen(x), ax, n, hadamard_signs(n, seed))
