@@ -10,12 +10,12 @@ listed in brackets, in order, and its ``__init__`` comes after them), never a
 private name of another module, and a ``_private`` module only from inside its
 own package. ``tests/test_layering.py`` enforces this list.
 
-  1. formats, _bits
+  1. formats, _bits, hadamard
   2. qarray, packing
   3. prepared, sharding
   4. scales [elements, fixed, search]
   5. reference [blocks, quantize, dot]
-  6. kernels [common, matmul_common, e2m1_bits, quantize_pack, dequantize, fake_quant, w4a16_matmul, mx_matmul, int8_rebase, int8_gemm, int8_quantize]
+  6. kernels [common, matmul_common, e2m1_bits, quantize_pack, dequantize, hadamard, fake_quant, w4a16_matmul, mx_matmul, int8_rebase, int8_gemm, int8_quantize]
   7. backend
   8. quantize, int8_matmul, matmul, layouts
   9. stats, params, qat [config, rounding, fake, dot]
@@ -23,7 +23,7 @@ own package. ``tests/test_layering.py`` enforces this list.
  11. outfile, checkpoints [_safetensors, layout, files, convert], report
  12. cli, __main__
 
-What each holds: formats and bit helpers (1); the QArray data type and
+What each holds: formats, bit helpers and the Hadamard transform's order (1); the QArray data type and
 packing (2); the kernels' weight layout (QArray storage conversions) and
 sharding helpers (3); the scale
 rules (4); the pure-jnp reference every kernel equals (5); the Pallas kernels

@@ -167,10 +167,11 @@ def dequantize_obstacle(q: QArray, dtype) -> str | None:
 
 
 def fake_quant_obstacle(x, fmt: Format, axis: int, scale_rule: str, key, axis_name=None,
-                        view_shape=None) -> str | None:
+                        view_shape=None, hadamard: int = 0) -> str | None:
   """Why the fused QAT fake-quantization kernel does not take ``x`` (``key``: None rounds to nearest), or None.
 
   ``view_shape``: the 2-D view of ``x`` the kernel would read (``axis`` an axis of it); default ``x.shape``.
+  ``hadamard``: the size of the Hadamard transform the kernel applies first (0: none).
   """
   from fp4jax.kernels import fake_quant
 
@@ -184,7 +185,7 @@ def fake_quant_obstacle(x, fmt: Format, axis: int, scale_rule: str, key, axis_na
     if "threefry" not in impl:
       return f"a {impl} key: the kernel draws as threefry2x32 does"
   shape = x.shape if view_shape is None else view_shape
-  return fake_quant.supported(shape, x.dtype, fmt, axis, scale_rule, key is not None)
+  return fake_quant.supported(shape, x.dtype, fmt, axis, scale_rule, key is not None, hadamard)
 
 
 def _block_axis(x) -> int:

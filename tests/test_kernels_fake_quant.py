@@ -125,6 +125,60 @@ def test_stochastic_passes_take_their_own_tile(fmt, rule, axis):
   assert same_bits(got, xla_route(x, key, fmt, rule, axis)) == 0
 
 
+@pytest.mark.parametrize("hadamard", [16, 32])
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
+@pytest.mark.parametrize("axis", [1, 0])
+@pytest.mark.parametrize("fmt,rule", CASES, ids=[f"{f.name}-{r}" for f, r in CASES])
+def test_kernel_with_hadamard_equals_transform_then_xla_route(fmt, rule, axis, stochastic, hadamard):
+  # The transform in the kernel (fp4jax.hadamard's order of operations, Triton's formulation) against
+  # qat.random_hadamard in XLA followed by the XLA route; a NaN, an Inf, zero and subnormal inputs included.
+  shape = (64, 512) if axis else (512, 64)
+  # Exponents spread per element over 24 binades, so the transform's sums round and their order shows.
+  x = inputs(shape, jnp.float32, seed=6, specials=True) * jnp.exp2(jax.random.randint(jax.random.key(6), shape, -12, 12))
+  x = (x if axis else x.at[:32, 2].set(0.0).at[40, 3].set(1e-40)).astype(jnp.bfloat16)
+  key = jax.random.key(13) if stochastic else None
+  want = xla_route(qat.random_hadamard(x, hadamard, axis=axis, seed=9), key, fmt, rule, axis)
+  for block_pass in (True, False) if fmt.has_global_scale else (None,):
+    got = fk.fake_quantize_2d(x, key, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, interpret=INTERPRET,
+                              block_pass=block_pass, hadamard=hadamard, seed=9)
+    assert same_bits(got, want) == 0, block_pass
+  # Controls: another seed's signs, and no transform, give other values.
+  assert same_bits(xla_route(qat.random_hadamard(x, hadamard, axis=axis, seed=10), key, fmt, rule, axis), want) > 0
+  assert same_bits(xla_route(x.astype(jnp.float32), key, fmt, rule, axis), want) > x.size // 2
+
+
+@pytest.mark.parametrize("hadamard", [2, 16, 32, 256])
+@pytest.mark.parametrize("axis", [1, 0])
+def test_in_kernel_transform_is_fp4jax_hadamard_bit_for_bit(axis, hadamard):
+  # The kernel's own transform (kernels.hadamard.read_tile) written out by a pallas_call on the kernel's tiles: equal to
+  # fp4jax.hadamard.butterfly's bits. The quantization after it rarely shows a rounding of the transform's sums,
+  # so this checks them where they land: exponents spread per element, subnormal sums, zeros of both signs.
+  from jax.experimental import pallas as pl
+
+  from fp4jax.hadamard import hadamard_signs
+  from fp4jax.kernels import common as C
+  from fp4jax.kernels.hadamard import read_tile
+
+  rng = np.random.default_rng(hadamard)
+  shape = (32, 512) if axis else (512, 32)
+  x = (rng.standard_normal(shape) * np.exp2(rng.integers(-30, 30, shape))).astype(np.float32)
+  x[:4, :4] = rng.uniform(1, 2, (4, 4)) * 2.0**-125 * rng.choice([-1, 1], (4, 4))
+  x[4:8, :4], x[8:12, :4] = 0.0, -0.0
+  signs = jnp.asarray(hadamard_signs(hadamard, 3))
+  tile = (16, 512) if axis else (256, 32)
+
+  def kernel(x_ref, s_ref, o_ref):
+    o_ref[...] = read_tile(x_ref, s_ref, axis, hadamard)
+
+  got = pl.pallas_call(kernel, grid=(shape[0] // tile[0], shape[1] // tile[1]),
+                       in_specs=[pl.BlockSpec(tile, lambda i, j: (i, j)), pl.BlockSpec((hadamard,), lambda i, j: (0,))],
+                       out_specs=pl.BlockSpec(tile, lambda i, j: (i, j)),
+                       out_shape=jax.ShapeDtypeStruct(shape, jnp.float32), interpret=INTERPRET,
+                       compiler_params=C.compiler_params(4, 2))(jnp.asarray(x), signs)
+  want = qat.random_hadamard(jnp.asarray(x), hadamard, axis=axis, seed=3)
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
+
+
 def extreme_inputs(shape, seed):
   """float32 rows (columns for a short first axis) at the ends of E8M0's and float32's ranges: near float32's
   largest value, at 2**127 and 2**100, at float32's smallest normals and below (blocks scaled by 2**-127),
@@ -204,10 +258,10 @@ def _loss(x, w, cfg, key):
   return jnp.sum(y.astype(jnp.float32) ** 2)
 
 
-def _assert_pallas_gradients_equal_xla(x, w, fmt):
+def _assert_pallas_gradients_equal_xla(x, w, fmt, hadamard=None):
   """The gradients of ``_loss`` with ``backend="pallas"`` and ``"xla"``: the same bits, and at least six
   kernel calls in the pallas program (2 forward operands, 2 x 2 backward ones)."""
-  cfg = QatConfig.uniform(fmt)
+  cfg = QatConfig.uniform(fmt, hadamard=hadamard)
   grad = jax.jit(jax.grad(_loss, (0, 1)), static_argnums=2)
   want = grad(x, w, cfg, jax.random.key(3))
   with kernels.interpret_mode(INTERPRET):
@@ -279,6 +333,8 @@ def test_qat_backend_pallas_names_why_it_cannot_run():
 
 def test_supported_reasons():
   assert fk.supported((64, 256), jnp.bfloat16, fj.MXFP4, 1, "ceil", True) is None
+  assert fk.supported((64, 256), jnp.bfloat16, fj.NVFP4, 0, "nearest", True, hadamard=64) is None
+  assert "1024-point Hadamard" in fk.supported((64, 1024), jnp.bfloat16, fj.NVFP4, 1, "nearest", True, hadamard=1024)
   assert fk.supported((64, 256), jnp.bfloat16, fj.MXFP8_E4M3, 1, "ceil", True) is None
   assert "mxint8" in fk.supported((64, 256), jnp.bfloat16, fj.MXINT8, 1, "ceil", False)
   assert "'nearest'" in fk.supported((64, 256), jnp.bfloat16, fj.MXFP4, 1, "nearest", False)
@@ -303,3 +359,71 @@ def test_leading_axis_in_place_equals_the_transposed_route():
     got = _backward_operand(x, 0, op, cfg, key, jnp.bfloat16, 32)
   assert "pallas_call" in text and "transpose" not in text
   assert same_bits(got, want) == 0
+
+
+@pytest.mark.parametrize("fmt", [fj.MXFP4, fj.NVFP4], ids=lambda f: f.name)
+@pytest.mark.parametrize("axis", [0, 1])
+def test_backward_operand_with_hadamard_takes_the_kernel_in_place(fmt, axis):
+  # QatConfig(hadamard=16, backend="pallas"): the backward operand's transform and quantization in one kernel
+  # call, with no transpose and no XLA transform, equal to the XLA route (transpose, transform, quantize).
+  op = OperandConfig(fmt, "ceil" if fmt.power_of_two_scales else "nearest", "stochastic")
+  x = inputs((256, 128), jnp.bfloat16, seed=5)
+  key = jax.random.key(10)
+  want = _backward_operand(x, axis, op, QatConfig(grad=op, hadamard=16, seed=4), key, jnp.bfloat16, 32)
+  with kernels.interpret_mode(INTERPRET):
+    cfg = QatConfig(grad=op, hadamard=16, seed=4, backend="pallas")
+    run = jax.jit(lambda v: _backward_operand(v, axis, op, cfg, key, jnp.bfloat16, 32))
+    text = run.trace(x).jaxpr.pretty_print()
+    got = run(x)
+  # NVFP4: one more pass, the tensor amax of the transformed values (kernels.hadamard.transformed_amax).
+  assert text.count("pallas_call") == (2 if fmt.has_global_scale else 1)
+  assert "transpose" not in text and "dot_general" not in text
+  assert same_bits(got, want) == 0
+
+
+def test_hadamard_larger_than_the_tile_transforms_in_xla_first():
+  # A 1024-point transform fits none of the kernel's tiles: XLA transforms, the kernel quantizes the result.
+  op = OperandConfig(fj.MXFP4, "ceil", "stochastic")
+  x = inputs((64, 1024), jnp.bfloat16, seed=6)
+  key = jax.random.key(11)
+  want = _backward_operand(x, 1, op, QatConfig(grad=op, hadamard=1024), key, jnp.bfloat16, 1024)
+  with kernels.interpret_mode(INTERPRET):
+    cfg = QatConfig(grad=op, hadamard=1024, backend="pallas")
+    run = jax.jit(lambda v: _backward_operand(v, 1, op, cfg, key, jnp.bfloat16, 1024))
+    text = run.trace(x).jaxpr.pretty_print()
+    got = run(x)
+  assert text.count("pallas_call") == 1
+  assert same_bits(got, want) == 0
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_qat_backend_pallas_gradients_with_hadamard_equal_xla(fmt):
+  # The whole QAT product with a 16-point transform on the backward operands: same gradients, bit for bit.
+  _assert_pallas_gradients_equal_xla(jax.random.normal(jax.random.key(1), (64, 256), jnp.bfloat16),
+                                     jax.random.normal(jax.random.key(2), (256, 128), jnp.bfloat16), fmt, hadamard=16)
+
+
+@pytest.mark.parametrize("axis", [1, 0])
+def test_transformed_amax_is_the_finite_amax_of_the_transform(axis):
+  # NVFP4's tensor amax of a transformed operand, from its own Pallas pass: NaN and Inf groups left out, the
+  # largest finite magnitude anywhere (here one planted in the last tile), subnormal results flushed.
+  from fp4jax.hadamard import hadamard_signs
+  from fp4jax.kernels.hadamard import transformed_amax
+  from fp4jax.reference import finite_amax
+
+  shape = (64, 512) if axis else (512, 64)
+  x = inputs(shape, jnp.bfloat16, seed=7, specials=True)
+  x = x.at[-1, -1].set(2.0**100) if axis else x.T.at[-1, -1].set(2.0**100).T
+  signs = jnp.asarray(hadamard_signs(16, 3))
+  got = transformed_amax(x, axis, 16, signs, tiles=fk.TILES[axis], interpret=INTERPRET)
+  want = finite_amax(qat.random_hadamard(x, 16, axis=axis, seed=3))
+  assert np.asarray(got).view(np.uint32) == np.asarray(want).view(np.uint32)
+  assert float(want) >= 2.0**98  # the planted value, spread over its group of 16 (each output 2**100 / 4)
+  # One 2**-126 per group of 16: every output is +-2**-128, below the normal range, so flushed: amax 0 (on a
+  # GPU only the explicit flushes give that; the CPU's arithmetic flushes by itself).
+  tiny = jnp.zeros(shape, jnp.float32)
+  tiny = tiny.at[:, ::16].set(2.0**-126) if axis else tiny.at[::16, :].set(2.0**-126)
+  assert float(finite_amax(qat.random_hadamard(tiny, 16, axis=axis, seed=3))) == 0.0
+  assert float(transformed_amax(tiny, axis, 16, signs, tiles=fk.TILES[axis], interpret=INTERPRET)) == 0.0
+  with pytest.raises(ValueError, match="whole 1024-point groups"):
+    transformed_amax(x, axis, 1024, jnp.ones(1024), tiles=fk.TILES[axis], interpret=INTERPRET)

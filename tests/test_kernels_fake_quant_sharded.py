@@ -56,6 +56,26 @@ SCRIPT = textwrap.dedent('''
     out["narrow"] = {"mismatches": mismatches(f(xs, jax.random.key(2)), xla_route(x, jax.random.key(2), fj.NVFP4, "nearest", 1)),
                      "all_gather": "all-gather" in f.lower(xs, jax.random.key(2)).compile().as_text()}
 
+    # A 16-point Hadamard transform in the kernel: each shard transforms its own tiles; NVFP4's tensor amax
+    # comes from a Pallas pass whose int32 partial maxima (1/256 of the elements) are the only array gathered.
+    import re
+    from fp4jax import qat
+    out["hadamard"] = {}
+    for fmt, rule in ((fj.MXFP4, "ceil"), (fj.NVFP4, "nearest")):
+      for axis in (1, 0):
+        x = inputs((256, 512) if axis else (512, 256), jnp.bfloat16, seed=axis, specials=True)
+        key = jax.random.key(5)
+        want = xla_route(qat.random_hadamard(x, 16, axis=axis, seed=2), key, fmt, rule, axis)
+        for spec in (P("a", "b"), P(("a", "b"), None)):
+          xs = jax.device_put(x, NamedSharding(mesh, spec))
+          f = jax.jit(lambda v, k: fk.fake_quantize_2d(v, k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16,
+                                                        interpret=True, hadamard=16, seed=2))
+          got = f(xs, key)
+          gathered = re.findall(r"= (\w+)\[[\d,]*\]\S* all-gather\(", f.lower(xs, key).compile().as_text())
+          out["hadamard"][f"{fmt.name} axis {axis} {spec}"] = {
+              "mismatches": mismatches(got, want), "gathered_dtypes": sorted(set(gathered)),
+              "same_sharding": got.sharding.is_equivalent_to(xs.sharding, 2)}
+
     # A data-parallel QAT step: tokens split over all 8 devices, the weight replicated.
     def loss(x, w, cfg, key):
       y = quantized_dot_general(x, w, (((1,), (0,)), ((), ())), config=cfg, key=key)
@@ -111,3 +131,12 @@ def test_data_parallel_qat_gradients_through_the_kernel(report, fmt):
   assert r["dw_rel"] <= 2 * 512 * 2.0**-23
   assert not r["all_gather"]
   assert r["dx_same_sharding"]
+
+
+def test_hadamard_in_the_kernel_on_shards(report):
+  assert len(report["hadamard"]) == 8
+  for name, r in report["hadamard"].items():
+    assert r["mismatches"] == 0, name
+    assert r["same_sharding"], name
+    # x is never gathered; NVFP4 gathers its amax pass's int32 partial maxima.
+    assert r["gathered_dtypes"] == (["s32"] if name.startswith("nvfp4") else []), name

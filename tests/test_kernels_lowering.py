@@ -147,6 +147,9 @@ def test_fake_quant_kernel_lowers(fmt, rule):
     if fmt.has_global_scale:  # the block factors computed in the kernel, not in XLA before it
       _lower(lambda x, k: fqk.fake_quantize_2d(x, k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16,
                                                block_pass=False), x, jax.random.key(0))
+    # The Hadamard transform in the kernel (reshapes into pairs and sums over them in Triton).
+    _lower(lambda x, k: fqk.fake_quantize_2d(x, k, fmt=fmt, rule=rule, axis=axis, dtype=jnp.bfloat16, hadamard=16),
+           x, jax.random.key(0))
 
 
 # ---- matmuls -------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ reads each tile once and writes the dequantized values:
   ones ``jax.random.uniform(key, blocked_shape)`` makes on the XLA path;
 * the scaling of ``kernels/dequantize.py``.
 
+With ``hadamard=n`` it quantizes ``fp4jax.qat.random_hadamard(x, n)`` instead, each tile transformed
+in the kernel (``kernels/hadamard.py``), so a QAT backward operand with the transform is still one
+pass over the operand (NVFP4: two, the first for the transformed tensor amax).
+
 It equals ``fp4jax.qat.fake.fake_quantize_operand`` on the XLA path bit for bit,
 draws included (tests/test_kernels_fake_quant.py). A block axis 0 is read in
 place and drawn with the transposed index: the XLA path's
@@ -41,7 +45,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fp4jax import _bits
 from fp4jax.formats import FORMATS, Format
+from fp4jax.hadamard import butterfly, check_size, hadamard_signs
 from fp4jax.kernels import common as C
+from fp4jax.kernels.hadamard import read_tile, transformed_amax
 from fp4jax.kernels.quantize_pack import (block_amax_bits, e4m3_encode_factor, e4m3_scale_code, flush_amax_bits,
                                          pow2_rule_exponent)
 from fp4jax.reference import finite_amax, global_factors
@@ -105,20 +111,22 @@ def uniform_from_index(k1, k2, idx):
   return lax.bitcast_convert_type(bits, jnp.float32) - np.float32(1.0)
 
 
-def _fits(tile, shape, fmt: Format, axis: int) -> bool:
-  """Whether ``tile`` divides ``shape`` and holds whole blocks along ``axis``."""
-  return tile[axis] % fmt.block_size == 0 and all(n % t == 0 for n, t in zip(shape, tile))
+def _fits(tile, shape, fmt: Format, axis: int, hadamard: int = 0) -> bool:
+  """Whether ``tile`` divides ``shape`` and holds whole blocks (and whole ``hadamard`` groups) along ``axis``."""
+  return (tile[axis] % math.lcm(fmt.block_size, hadamard or 1) == 0
+          and all(n % t == 0 for n, t in zip(shape, tile)))
 
 
-def pick_tile(shape, fmt: Format, axis: int, stochastic: bool = False):
-  """The first tile that divides ``shape`` (whole blocks along ``axis``), or None: of :data:`TILES`, after
-  :data:`STOCHASTIC_TILE`'s for a ``stochastic`` pass."""
+def pick_tile(shape, fmt: Format, axis: int, stochastic: bool = False, hadamard: int = 0):
+  """The first tile that divides ``shape`` (whole blocks and ``hadamard`` groups along ``axis``), or None: of
+  :data:`TILES`, after :data:`STOCHASTIC_TILE`'s for a ``stochastic`` pass."""
   first = (STOCHASTIC_TILE[axis],) if stochastic else ()
-  return next((tile for tile in first + TILES[axis] if _fits(tile, shape, fmt, axis)), None)
+  return next((tile for tile in first + TILES[axis] if _fits(tile, shape, fmt, axis, hadamard)), None)
 
 
-def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool) -> str | None:
-  """None if the kernel takes the case, else why not."""
+def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool, hadamard: int = 0) -> str | None:
+  """None if the kernel takes the case (``hadamard``: the size of the transform applied first, 0 for none),
+  else why not."""
   if fmt.name not in FORMATS:
     return f"the fused fake-quantization kernel takes {tuple(FORMATS)}, not {fmt.name}"
   if np.dtype(dtype) not in _DTYPES:
@@ -127,8 +135,9 @@ def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool)
     return f"scale_rule {rule!r} with {fmt.name}"
   if len(shape) != 2:
     return f"a {len(shape)}-D operand (the fused fake-quantization kernel takes 2-D ones)"
-  if pick_tile(shape, fmt, axis) is None:
-    return f"shape {tuple(shape)} does not tile by any of {TILES[axis]} with whole blocks along axis {axis}"
+  if pick_tile(shape, fmt, axis, hadamard=hadamard) is None:
+    whole = f"blocks and whole {hadamard}-point Hadamard groups" if hadamard else "blocks"
+    return f"shape {tuple(shape)} does not tile by any of {TILES[axis]} with whole {whole} along axis {axis}"
   if np.prod(shape, dtype=np.int64) >= 2**32:
     return f"shape {tuple(shape)} has 2**32 elements or more (the draws' index is 32-bit)"
   if stochastic and not jax.config.jax_threefry_partitionable:
@@ -153,7 +162,8 @@ def _round_magnitudes(a, draw, fmt: Format, stochastic: bool):
   return C.round_to_grid(a, C.ElemCodec.of(fmt.elem_dtype))[1]
 
 
-def _pow2_kernel(x_ref, key_ref, g_ref, off_ref, o_ref, *, fmt, rule, stochastic: bool, axis: int, shape, tile):
+def _pow2_kernel(x_ref, key_ref, g_ref, off_ref, sign_ref, o_ref, *, fmt, rule, stochastic: bool, axis: int, shape,
+                 tile, hadamard: int):
   """One tile of a power-of-two-scaled format (MXFP4, MXFP8), on magnitude bits throughout.
 
   The reference's steps (flush, scale by 2**-e, clip, round, scale by 2**e, saturate, sign) on
@@ -164,7 +174,7 @@ def _pow2_kernel(x_ref, key_ref, g_ref, off_ref, o_ref, *, fmt, rule, stochastic
   """
   del g_ref
   bs, rax = fmt.block_size, axis + 1
-  bits = C.f32_to_i32(C.split_axis(x_ref[...].astype(jnp.float32), axis, bs))  # (tr, nb, bs) or (nb, bs, tc)
+  bits = C.f32_to_i32(C.split_axis(read_tile(x_ref, sign_ref, axis, hadamard), axis, bs))  # (tr, nb, bs) | (nb, bs, tc)
   mag_bits = bits & 0x7FFFFFFF
   amax_bits, nonfinite = flush_amax_bits(jnp.max(mag_bits, axis=rax, keepdims=True))
   e = pow2_rule_exponent(amax_bits, fmt, rule)
@@ -182,8 +192,8 @@ def _pow2_kernel(x_ref, key_ref, g_ref, off_ref, o_ref, *, fmt, rule, stochastic
   o_ref[...] = C.i32_to_f32(out).reshape(tile).astype(o_ref.dtype)
 
 
-def _e4m3_kernel(x_ref, key_ref, g_ref, off_ref, *refs, fmt, rule, stochastic: bool, axis: int, shape, tile,
-                 block_pass: bool):
+def _e4m3_kernel(x_ref, key_ref, g_ref, off_ref, sign_ref, *refs, fmt, rule, stochastic: bool, axis: int, shape,
+                 tile, hadamard: int, block_pass: bool):
   """One tile of NVFP4 (E4M3 block scales, a global scale), on magnitude bits as :func:`_pow2_kernel`.
 
   ``off_ref``: the row and column of ``x``'s first element in the whole array of ``shape`` (not 0 for
@@ -194,7 +204,7 @@ def _e4m3_kernel(x_ref, key_ref, g_ref, off_ref, *refs, fmt, rule, stochastic: b
   put back at the end.
   """
   bs, rax = fmt.block_size, axis + 1  # rax: the within-block axis of the blocked tile
-  bits = C.f32_to_i32(C.split_axis(x_ref[...].astype(jnp.float32), axis, bs))  # (tr, nb, bs) or (nb, bs, tc)
+  bits = C.f32_to_i32(C.split_axis(read_tile(x_ref, sign_ref, axis, hadamard), axis, bs))  # (tr, nb, bs) | (nb, bs, tc)
   mag_bits = bits & 0x7FFFFFFF
   gdec = g_ref[0]
   if block_pass:  # the block scales and factors came from XLA (_block_factors)
@@ -225,6 +235,20 @@ def _e4m3_kernel(x_ref, key_ref, g_ref, off_ref, *refs, fmt, rule, stochastic: b
   o_ref[...] = C.i32_to_f32(out).reshape(tile).astype(o_ref.dtype)
 
 
+def _transformed(x, axis: int, hadamard: int, signs):
+  """What the block scales are of: ``x``, or its transform where the kernel applies one."""
+  return butterfly(_bits.widen(x), axis, hadamard, signs) if hadamard else x
+
+
+def _global_amax(x, axis: int, hadamard: int, signs, interpret: bool):
+  """NVFP4's tensor amax of what the kernel quantizes: in XLA (fused into x's producer where it can be), or
+  with a transform in a Pallas pass of its own."""
+  if not hadamard:
+    return finite_amax(x)
+  return transformed_amax(x, axis, hadamard, signs, tiles=TILES[axis], num_warps=NUM_WARPS[axis, False],
+                          interpret=interpret)
+
+
 def _block_factors(x, fmt: Format, rule: str, axis: int, genc, gdec):
   """NVFP4's per-block encode factors and scale bytes (the NaN byte for non-finite blocks), in XLA:
   ``(R, C / B)`` for ``axis`` 1, ``(R / B, C)`` for 0. The kernel's own per-block arithmetic, run
@@ -237,9 +261,10 @@ def _block_factors(x, fmt: Format, rule: str, axis: int, genc, gdec):
   return jnp.squeeze(enc, axis + 1), jnp.squeeze(sbytes, axis + 1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "rule", "axis", "dtype", "interpret", "tile", "block_pass"))
+@functools.partial(jax.jit, static_argnames=("fmt", "rule", "axis", "dtype", "interpret", "tile", "block_pass",
+                                             "hadamard", "seed"))
 def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interpret: bool = False, tile=None,
-                     block_pass=None):
+                     block_pass=None, hadamard: int = 0, seed: int | None = 0):
   """``dequantize(quantize(x))`` of 2-D ``x`` along ``axis`` as ``dtype``, one pass.
 
   ``key``: a jax.random key (stochastic rounding, the draws of the XLA path) or None
@@ -247,29 +272,39 @@ def fake_quantize_2d(x, key, *, fmt: Format, rule: str, axis: int, dtype, interp
   a program reads, default :func:`pick_tile`'s (benchmarks time others). ``block_pass``:
   NVFP4's block scales and encode factors from a pass of XLA before the kernel instead of in
   the kernel (default :data:`E4M3_BLOCK_PASS`); power-of-two scales always in the kernel.
+  ``hadamard``, ``seed``: quantize ``fp4jax.qat.random_hadamard(x, hadamard, axis=axis, seed=seed)``
+  instead of ``x``, the transform done in the kernel (0: none).
   """
-  if why := supported(x.shape, x.dtype, fmt, axis, rule, key is not None):
+  if hadamard:
+    check_size(hadamard)
+  if why := supported(x.shape, x.dtype, fmt, axis, rule, key is not None, hadamard):
     raise ValueError(f"fake_quantize_2d: {why}")
   tile = tuple(tile) if tile is not None else None  # None: pick_tile's, per shard under sharded jit
-  if not _fits(tile or pick_tile(x.shape, fmt, axis), x.shape, fmt, axis):
+  if not _fits(tile or pick_tile(x.shape, fmt, axis, hadamard=hadamard), x.shape, fmt, axis, hadamard):
     raise ValueError(f"fake_quantize_2d: tile {tile} must divide shape {x.shape} with whole blocks along axis {axis}")
-  block_pass = (E4M3_BLOCK_PASS[axis] if block_pass is None else block_pass) and not fmt.power_of_two_scales
+  # With a transform the block factors come from the kernel unless asked: XLA's pass would write the
+  # transform out stage by stage (kernels/hadamard.py).
+  block_pass = (E4M3_BLOCK_PASS[axis] and not hadamard if block_pass is None else block_pass
+                ) and not fmt.power_of_two_scales
   kd = jnp.zeros((2,), jnp.uint32) if key is None else jax.random.key_data(key).astype(jnp.uint32).reshape(2)
+  signs = jnp.asarray(hadamard_signs(hadamard, seed) if hadamard else np.ones(1, np.float32))
   genc = gdec = None
   if fmt.has_global_scale:
     # The reference's tensor amax and factors: one read, in XLA.
-    genc, gdec = global_factors(finite_amax(x), fmt, global_encode_numerator(fmt, rule))
+    genc, gdec = global_factors(_global_amax(x, axis, hadamard, signs, interpret), fmt,
+                                global_encode_numerator(fmt, rule))
     g = jnp.stack([gdec, genc]).astype(jnp.float32)
   else:
     g = jnp.zeros((2,), jnp.float32)
   if block_pass:
-    extra = _block_factors(x, fmt, rule, axis, genc, gdec)
+    extra = _block_factors(_transformed(x, axis, hadamard, signs), fmt, rule, axis, genc, gdec)
   elif not fmt.power_of_two_scales:
     extra = (e4m3_encode_factor(jnp.arange(fmt.scale_nan_byte, dtype=jnp.int32), gdec, fmt),)  # codes 0..0x7E
   else:
     extra = ()
-  call = _Call(fmt, rule, key is not None, axis, np.dtype(dtype).name, interpret, tile, block_pass, x.shape)
-  return _partitioned(call, x, kd, g, *extra)
+  call = _Call(fmt, rule, key is not None, axis, np.dtype(dtype).name, interpret, tile, block_pass, x.shape,
+               hadamard)
+  return _partitioned(call, x, kd, g, signs, *extra)
 
 
 class _Call(NamedTuple):
@@ -283,19 +318,22 @@ class _Call(NamedTuple):
   tile: tuple | None
   block_pass: bool
   shape: tuple
+  hadamard: int
 
 
-def _pallas(call: _Call, x, kd, g, off, *extra):
+def _pallas(call: _Call, x, kd, g, signs, off, *extra):
   """The kernel over ``x``, the whole array or one shard of it starting at ``off`` (row, column)."""
   fmt, axis = call.fmt, call.axis
-  tile = call.tile or pick_tile(x.shape, fmt, axis, call.stochastic)
+  tile = call.tile or pick_tile(x.shape, fmt, axis, call.stochastic, call.hadamard)
   in_specs = [pl.BlockSpec(tile, lambda i, j: (i, j))] + [pl.BlockSpec((2,), lambda i, j: (0,))] * 3
+  in_specs.append(pl.BlockSpec(signs.shape, lambda i, j: (0,)))
   if call.block_pass:
     btile = (tile[0], tile[1] // fmt.block_size) if axis == 1 else (tile[0] // fmt.block_size, tile[1])
     in_specs += [pl.BlockSpec(btile, lambda i, j: (i, j))] * 2
   elif extra:
     in_specs.append(pl.BlockSpec(extra[0].shape, lambda i, j: (0,)))
-  static = dict(fmt=fmt, rule=call.rule, stochastic=call.stochastic, axis=axis, shape=call.shape, tile=tile)
+  static = dict(fmt=fmt, rule=call.rule, stochastic=call.stochastic, axis=axis, shape=call.shape, tile=tile,
+                hadamard=call.hadamard)
   if fmt.power_of_two_scales:
     kernel = functools.partial(_pow2_kernel, **static)
   else:
@@ -309,7 +347,7 @@ def _pallas(call: _Call, x, kd, g, off, *extra):
       compiler_params=C.compiler_params(NUM_WARPS[axis, call.stochastic], 2),
       interpret=call.interpret,
       name=f"fake_quant_{'sr' if call.stochastic else 'rn'}_{fmt.name}_{call.rule}_axis{axis}",
-  )(x, kd, g, off, *extra)
+  )(x, kd, g, off, signs, *extra)
 
 
 # ---- under jit with sharded operands ------------------------------------------------------
@@ -317,16 +355,16 @@ def _pallas(call: _Call, x, kd, g, off, *extra):
 # are independent (NVFP4's global factors come in from XLA, which reduces them across shards), so
 # each device runs the kernel on its shard, told where the shard starts for the draws' index.
 @functools.partial(custom_partitioning, static_argnums=(0,))
-def _partitioned(call: _Call, x, kd, g, *extra):
-  return _pallas(call, x, kd, g, jnp.zeros((2,), jnp.int32), *extra)
+def _partitioned(call: _Call, x, kd, g, signs, *extra):
+  return _pallas(call, x, kd, g, signs, jnp.zeros((2,), jnp.int32), *extra)
 
 
 def _shard_spec(call: _Call, mesh, sharding):
   """x's PartitionSpec if each shard tiles (whole blocks along the block axis), else unsharded."""
   spec = (tuple(getattr(sharding, "spec", None) or ()) + (None, None))[:2]
   local = [n // math.prod(mesh.shape[a] for a in _axes(p)) for n, p in zip(call.shape, spec)]
-  tile = call.tile or pick_tile(local, call.fmt, call.axis, call.stochastic)
-  if tile is None or not _fits(tile, local, call.fmt, call.axis):
+  tile = call.tile or pick_tile(local, call.fmt, call.axis, call.stochastic, call.hadamard)
+  if tile is None or not _fits(tile, local, call.fmt, call.axis, call.hadamard):
     return PartitionSpec(None, None)
   return PartitionSpec(*spec)
 
@@ -343,14 +381,14 @@ def _partition(call, mesh, arg_shapes, result_shape):
   spec = _shard_spec(call, mesh, arg_shapes[0].sharding)
   x_sharding, whole = NamedSharding(mesh, spec), NamedSharding(mesh, PartitionSpec())
   # Block factors are laid out like x (one per block); the code table is one small array.
-  extra_shardings = [x_sharding if call.block_pass else whole for _ in arg_shapes[3:]]
+  extra_shardings = [x_sharding if call.block_pass else whole for _ in arg_shapes[4:]]
 
-  def lower(x, kd, g, *extra):
+  def lower(x, kd, g, signs, *extra):
     off = [jnp.int32(0) if p is None else lax.axis_index(_axes(p)).astype(jnp.int32) * n
            for p, n in zip(spec, x.shape)]
-    return _pallas(call, x, kd, g, jnp.stack(off), *extra)
+    return _pallas(call, x, kd, g, signs, jnp.stack(off), *extra)
 
-  return mesh, lower, x_sharding, (x_sharding, whole, whole, *extra_shardings)
+  return mesh, lower, x_sharding, (x_sharding, whole, whole, whole, *extra_shardings)
 
 
 def _rule(call, mesh, operand_types, result_types):
@@ -358,8 +396,8 @@ def _rule(call, mesh, operand_types, result_types):
   if call.block_pass:
     extra = ["i m", "i m"] if call.axis == 1 else ["m j", "m j"]
   else:
-    extra = ["n"] * (len(operand_types) - 3)
-  return ", ".join(["i j", "k", "l", *extra]) + " -> i j"
+    extra = ["n"] * (len(operand_types) - 4)
+  return ", ".join(["i j", "k", "l", "s", *extra]) + " -> i j"
 
 
 _partitioned.def_partition(infer_sharding_from_operands=_infer, partition=_partition, sharding_rule=_rule)

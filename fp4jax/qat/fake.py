@@ -58,14 +58,16 @@ def fake_quantize_operand(x, op: OperandConfig, axis: int, dtype, key=None, axis
   return out.astype(dtype)
 
 
-def fused_fake_quantize(x, op: OperandConfig, axis: int, dtype, key, axis_name, backend):
+def fused_fake_quantize(x, op: OperandConfig, axis: int, dtype, key, axis_name, backend, hadamard: int = 0,
+                        seed: int | None = 0):
   """:func:`fake_quantize_operand` through the fused kernel when ``backend`` picks it, else None.
 
   ``key`` draws the stochastic rounding where ``op`` asks for it. ``backend="pallas"``
   raises a ValueError naming why the kernel cannot take the operand. An operand of
   more than two axes blocked along its first or last one goes through as the 2-D view
   ``(n, rest)`` or ``(rest, n)``: the flat index of each element in the blocked view,
-  and with it every draw, is the same.
+  and with it every draw, is the same. ``hadamard``, ``seed``: the operand is
+  ``random_hadamard(x, hadamard, axis=axis, seed=seed)``, transformed in the kernel (0: none).
   """
   if backend == "xla":
     return None
@@ -82,7 +84,10 @@ def fused_fake_quantize(x, op: OperandConfig, axis: int, dtype, key, axis_name, 
     else:
       obstacle = (f"a {x.ndim}-D operand blocked along its axis {ax}: the fused kernel takes operands blocked "
                   "along their first or last axis")
-  obstacle = obstacle or _backend.fake_quant_obstacle(x, op.fmt, ax, op.rule, draw, axis_name, view_shape=view)
+  obstacle = obstacle or _backend.fake_quant_obstacle(x, op.fmt, ax, op.rule, draw, axis_name, view_shape=view,
+                                                      hadamard=hadamard)
+  if hadamard and obstacle is not None:
+    return None  # the caller transforms in XLA, then tries the kernel on the transformed operand
   plan = _backend.choose("fake_quant", backend, obstacle,
                          verified=_backend.gpu_verified("fake_quant", op.fmt, op.rule, x.dtype))
   if plan.impl != "kernel":
@@ -90,7 +95,7 @@ def fused_fake_quantize(x, op: OperandConfig, axis: int, dtype, key, axis_name, 
   from fp4jax.kernels import fake_quant  # lazy: Pallas loads only when a kernel runs
 
   out = fake_quant.fake_quantize_2d(x.reshape(view), draw, fmt=op.fmt, rule=op.rule, axis=ax, dtype=dtype,
-                                    interpret=plan.interpret)
+                                    interpret=plan.interpret, hadamard=hadamard, seed=seed)
   return out.reshape(x.shape)
 
 

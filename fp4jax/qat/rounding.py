@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -12,6 +11,7 @@ from jax import lax
 
 from fp4jax import _bits
 from fp4jax.formats import Format
+from fp4jax.hadamard import butterfly, check_size, hadamard_matrix, hadamard_signs
 from fp4jax.qarray import QArray, normalize_axis
 from fp4jax.quantize import as_input, quantize
 from fp4jax.reference import from_blocks, pad_axis, to_blocks
@@ -84,26 +84,6 @@ def stochastic_quantize(x, fmt: Format | str, key, *, axis: int = -1, scale_rule
   return QArray(from_blocks(values, ax), nearest.scales, nearest.global_scale, fmt, ax)
 
 
-@functools.cache
-def _sylvester(n: int) -> np.ndarray:
-  h = np.ones((1, 1))
-  while h.shape[0] < n:
-    h = np.block([[h, h], [h, -h]])
-  return h
-
-
-def hadamard_matrix(n: int, seed: int | None = 0) -> np.ndarray:
-  """The orthonormal ``(n, n)`` float64 matrix ``H_n diag(s) / sqrt(n)``.
-
-  ``H_n`` is Sylvester's Hadamard matrix, ``s`` random signs from ``seed``
-  (``None``: all +1). ``Q @ Q.T == I``.
-  """
-  if n < 2 or n & (n - 1):
-    raise ValueError(f"hadamard size must be a power of two >= 2, got {n}")
-  signs = np.ones(n) if seed is None else np.random.default_rng(seed).choice([-1.0, 1.0], n)
-  return _sylvester(n) * signs[None, :] / math.sqrt(n)
-
-
 def random_hadamard(x, n: int, *, axis: int = -1, seed: int | None = 0):
   """Applies ``hadamard_matrix(n, seed)`` to every run of ``n`` elements along ``axis``.
 
@@ -111,16 +91,15 @@ def random_hadamard(x, n: int, *, axis: int = -1, seed: int | None = 0):
     x: floating array; ``x.shape[axis]`` must be a multiple of ``n``.
 
   Returns:
-    float32, shape of ``x``: block ``b`` along ``axis`` becomes ``Q @ x_b``.
-    Applied to both operands along a contracting axis it leaves their product
-    unchanged (``Q.T @ Q = I``).
+    float32, shape of ``x``: block ``b`` along ``axis`` becomes ``Q @ x_b``, computed as
+    :func:`fp4jax.hadamard.butterfly` (a fixed order of float32 additions, so the same bits on
+    every back end and in the fused fake-quantization kernel; results below float32's normal
+    range are flushed to zero). Applied to both operands along a contracting axis it leaves
+    their product unchanged up to that rounding (``Q.T @ Q = I``).
   """
+  check_size(n)
   ax = normalize_axis(axis, x.ndim, x.shape)
   if x.shape[ax] % n:
     raise ValueError(f"random_hadamard: shape {tuple(x.shape)} has length {x.shape[ax]} along axis "
                      f"{axis}, not a multiple of the transform size {n}")
-  q = jnp.asarray(hadamard_matrix(n, seed), jnp.float32)
-  blocks = to_blocks(_bits.widen(x), ax, n)
-  # HIGHEST: a TF32/bf16 transform would add its own rounding before quantization.
-  out = jnp.einsum("...j,ij->...i", blocks, q, precision=lax.Precision.HIGHEST)
-  return from_blocks(out, ax)
+  return butterfly(_bits.widen(x), ax, n, hadamard_signs(n, seed))

@@ -1,0 +1,139 @@
+"""The random Hadamard transform inside Triton kernels, and the tensor amax of a transformed operand.
+
+``transform_tile`` is :func:`fp4jax.hadamard.butterfly` on one 2-D tile, the same float32 operations in the
+same order (tests/test_kernels_fake_quant.py checks the bits), written in operations Triton lowers. The fused
+fake-quantization kernel reads an operand and transforms each tile itself; NVFP4's global scale needs the
+tensor amax of the transformed values before that pass, which :func:`transformed_amax` computes in one read
+pass of its own. XLA cannot do either well: fusing one butterfly stage into the next computes the first
+twice, so it writes every stage out (an (8192, 14336) operand: five float32 passes of about 0.47 ms each on
+the H200, benchmarks/results/rht_fused.json).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fp4jax.hadamard import flush_below_normal, grouped_shape
+from fp4jax.kernels import common as C
+
+__all__ = ["transform_tile", "transformed_amax", "AMAX_CELL"]
+
+#: The partial maxima's granularity: each program writes the max of every 16 x 16 cell of its tile, so the
+#: partial array's shape, (R / 16, C / 16), does not depend on the tile (a shard's is its part of it).
+AMAX_CELL = 16
+_F32_INF_BITS = 0x7F800000
+
+
+def transform_tile(v, axis: int, n: int, signs):
+  """``fp4jax.hadamard.butterfly(v, axis, n, signs)`` of a 2-D float32 tile. Triton cannot slice a tile, so
+  each stage splits the pairs by a reshape and combines them by sums over the pair axis: ``a + b`` and
+  ``a + (-b)``, which is ``a - b`` exactly."""
+  shape = v.shape
+  v = v.reshape(grouped_shape(shape, axis, n)) * signs.reshape((1, n, 1) if axis == 0 else (1, 1, n))
+  v = flush_below_normal(v).reshape(shape)
+  h = 1
+  while h < n:
+    t = v.reshape(grouped_shape(shape, axis, 2, h))  # (..., pairs, 2, h, ...): a at index 0, b at 1
+    first = lax.broadcasted_iota(jnp.int32, t.shape, axis + 1) == 0
+    both = jnp.sum(t, axis=axis + 1, keepdims=True)
+    diff = jnp.sum(jnp.where(first, t, -t), axis=axis + 1, keepdims=True)
+    v = flush_below_normal(jnp.where(first, both, diff)).reshape(shape)
+    h *= 2
+  return flush_below_normal(v * np.float32(1 / math.sqrt(n)))
+
+
+def read_tile(x_ref, sign_ref, axis: int, n: int):
+  """The tile as float32, transformed along ``axis`` where ``n`` (the transform's size) is not 0."""
+  v = x_ref[...].astype(jnp.float32)
+  return transform_tile(v, axis, n, sign_ref[...]) if n else v
+
+
+class _AmaxCall(NamedTuple):
+  axis: int
+  n: int
+  interpret: bool
+  tiles: tuple  # candidate tiles, the first that fits the (local) array runs
+  num_warps: int
+
+
+def _amax_kernel(x_ref, sign_ref, o_ref, *, axis: int, n: int):
+  bits = C.f32_to_i32(read_tile(x_ref, sign_ref, axis, n)) & 0x7FFFFFFF
+  bits = jnp.where(bits < _F32_INF_BITS, bits, 0)  # finite magnitudes; the transform flushed subnormals
+  # Two 3-D splits, the shapes the fake-quantization kernel's blocks already take in Triton.
+  rows = jnp.max(C.split_axis(bits, 1, AMAX_CELL), axis=2)  # (r, c / cell)
+  o_ref[...] = jnp.max(C.split_axis(rows, 0, AMAX_CELL), axis=1)  # (r / cell, c / cell)
+
+
+def _tile(call: _AmaxCall, shape):
+  return next((t for t in call.tiles if t[call.axis] % call.n == 0 and all(s % d == 0 for s, d in zip(shape, t))),
+              None)
+
+
+def _amax_pallas(call: _AmaxCall, x, signs):
+  tile = _tile(call, x.shape)
+  cell = (tile[0] // AMAX_CELL, tile[1] // AMAX_CELL)
+  return pl.pallas_call(
+      functools.partial(_amax_kernel, axis=call.axis, n=call.n),
+      grid=(x.shape[0] // tile[0], x.shape[1] // tile[1]),
+      in_specs=[pl.BlockSpec(tile, lambda i, j: (i, j)), pl.BlockSpec(signs.shape, lambda i, j: (0,))],
+      out_specs=pl.BlockSpec(cell, lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((x.shape[0] // AMAX_CELL, x.shape[1] // AMAX_CELL), jnp.int32),
+      compiler_params=C.compiler_params(call.num_warps, 2),
+      interpret=call.interpret,
+      name=f"hadamard{call.n}_amax_axis{call.axis}",
+  )(x, signs)
+
+
+def transformed_amax(x, axis: int, n: int, signs, *, tiles, num_warps: int = 4, interpret: bool = False):
+  """``fp4jax.reference.finite_amax(butterfly(x, axis, n, signs))`` of 2-D ``x`` in one Pallas pass: float32,
+  the max of the finite magnitudes (NaN and Inf left out, subnormals flushed by the transform).
+
+  ``tiles``: (rows, columns) candidates, multiples of :data:`AMAX_CELL`; the first that divides ``x`` (with
+  whole ``n``-point groups along ``axis``) runs. Under ``jit`` with sharded ``x`` each device reads its shard
+  and XLA reduces the partial maxima across them.
+  """
+  call = _AmaxCall(axis, n, interpret, tuple(tuple(t) for t in tiles), num_warps)
+  if _tile(call, x.shape) is None:
+    raise ValueError(f"transformed_amax: shape {tuple(x.shape)} tiles by none of {call.tiles} with whole "
+                     f"{n}-point groups along axis {axis}")
+  return lax.bitcast_convert_type(jnp.max(_partitioned(call, x, signs)), jnp.float32)
+
+
+# ---- under jit with sharded operands: each device reduces its shard (fp4jax.kernels.fake_quant does the same) --
+@functools.partial(custom_partitioning, static_argnums=(0,))
+def _partitioned(call: _AmaxCall, x, signs):
+  return _amax_pallas(call, x, signs)
+
+
+def _shard_spec(call: _AmaxCall, mesh, sharding, shape):
+  spec = (tuple(getattr(sharding, "spec", None) or ()) + (None, None))[:2]
+  axes = [() if p is None else (p,) if isinstance(p, str) else tuple(p) for p in spec]
+  local = [s // math.prod(mesh.shape[a] for a in ax) for s, ax in zip(shape, axes)]
+  if any(s * math.prod(mesh.shape[a] for a in ax) != t for s, ax, t in zip(local, axes, shape)):
+    return PartitionSpec(None, None)
+  return PartitionSpec(*spec) if _tile(call, local) is not None else PartitionSpec(None, None)
+
+
+def _infer(call, mesh, arg_shapes, result_shape):
+  return NamedSharding(mesh, _shard_spec(call, mesh, arg_shapes[0].sharding, arg_shapes[0].shape))
+
+
+def _partition(call, mesh, arg_shapes, result_shape):
+  spec = _shard_spec(call, mesh, arg_shapes[0].sharding, arg_shapes[0].shape)
+  sharding = NamedSharding(mesh, spec)
+  lower = lambda x, signs: _amax_pallas(call, x, signs)  # noqa: E731
+  return mesh, lower, sharding, (sharding, NamedSharding(mesh, PartitionSpec()))
+
+
+_partitioned.def_partition(infer_sharding_from_operands=_infer, partition=_partition,
+                           sharding_rule="i j, s -> k l")
