@@ -292,6 +292,8 @@ def main(argv=None):
   ap.add_argument("--commit", default=None, help="the commit tested, when git does not work here")
   ap.add_argument("--budget", type=float, default=420.0, help="seconds for the test suite")
   ap.add_argument("--workers", type=int, default=12, help="pytest-xdist workers")
+  ap.add_argument("--gpus", type=int, default=1,
+                  help="spread the pytest-xdist workers over this many GPUs (tests/conftest.py)")
   ap.add_argument("--cpu-smoke", action="store_true", help="a tiny subset on the CPU: checks this script")
   ap.add_argument("--keep-rows", action="store_true", help="keep DIR/cross_platform_rows (the table's raw rows)")
   ap.add_argument("tests", nargs="*", help="pytest arguments instead of 'tests'")
@@ -307,6 +309,7 @@ def main(argv=None):
     env["JAX_PLATFORMS"] += ",cpu"  # tests/conftest.py does the same
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   env["FP4JAX_CROSS_PLATFORM_DIR"] = rows_dir
+  env["FP4JAX_TEST_GPUS"] = str(args.gpus)
   env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
 
   report = Report(os.path.join(args.out, "gpu_tests.md"), args)

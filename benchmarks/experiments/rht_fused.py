@@ -33,6 +33,7 @@ import fp4jax as fj
 from fp4jax import kernels, qat
 from fp4jax.hadamard import flush_below_normal, grouped_shape
 from fp4jax.kernels import fake_quant as fk
+from fp4jax.kernels import hadamard as kh
 from fp4jax.qat import rounding
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -57,6 +58,21 @@ def butterfly_tree(v, axis, n, signs):
     h *= 2
   c = np.float32(1 / np.sqrt(n))
   return jnp.stack([flush_below_normal(y * c) for y in level], axis=axis + 1).reshape(shape)
+
+
+LIBRARY_TRANSFORM_TILE = kh.transform_tile
+
+
+def lane_pairs(f):
+  """``f`` with the kernels' transform along the lanes splitting pairs along them (``kh.split_butterfly``, the
+  form before the tile was transposed for it)."""
+  def run(*args):
+    kh.transform_tile = kh.split_butterfly
+    try:
+      return f(*args)
+    finally:
+      kh.transform_tile = LIBRARY_TRANSFORM_TILE
+  return run
 
 
 def before_tree(x, key, fmt, rule, axis, interpret):
@@ -97,11 +113,17 @@ def pass_section(a):
                 "before_tree": lambda v: before_tree(v, k, fmt, rule, axis, a.small)}
     if fmt.has_global_scale and axis == 0:
       variants["fused_xla_block_scales"] = lambda v: fused(v, bp=True)
-    row = {n: B.bench(jax.jit(f), [(v,) for v in xs]) * 1e6 for n, f in variants.items()}
-    want = np.asarray(jax.jit(variants["before"])(xs[0])).view(np.uint16)
+    if axis == 1:
+      variants["fused_lane_pairs"] = lane_pairs(fused)
+    row, bits = {}, {}
     for n, f in variants.items():
+      jax.clear_caches()  # fake_quantize_2d's jit cache would keep the other transform (fused_lane_pairs)
+      g = jax.jit(f)
+      row[n] = B.bench(g, [(v,) for v in xs]) * 1e6
+      bits[n] = np.asarray(g(xs[0])).view(np.uint16)
+    for n in variants:
       if n not in ("before", "no_transform"):
-        row[f"{n}_vs_before_differing"] = int(np.sum(np.asarray(jax.jit(f)(xs[0])).view(np.uint16) != want))
+        row[f"{n}_vs_before_differing"] = int(np.sum(bits[n] != bits["before"]))
     out[name] = row
     print(name, json.dumps(row), flush=True)
   return out
@@ -119,13 +141,14 @@ def step_section(a):
   for rep in range(a.repeats):
     for name in a.step_modes:
       fk.supported = keep_out if name.endswith("_before") else supported
+      kh.transform_tile = kh.split_butterfly if name.endswith("_pairs") else LIBRARY_TRANSFORM_TILE
       jax.clear_caches()
       with kernels.interpret_mode(a.small):
         med, lo, hi, _, loss = qat_step.bench(name.split("_")[0], d, ffn, tokens, samples, steps,
                                               "threefry2x32", False, "xla" if name == "bf16" else "pallas")
       out[f"{name}_{rep}"] = {"ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "loss": loss}
       print(name, rep, json.dumps(out[f"{name}_{rep}"]), flush=True)
-  fk.supported = supported
+  fk.supported, kh.transform_tile = supported, LIBRARY_TRANSFORM_TILE
   for rep in range(a.repeats):
     bf = out[f"bf16_{rep}"]["ms"]
     out[f"ratios_{rep}"] = {n: out[f"{n}_{rep}"]["ms"] / bf for n in a.step_modes if n != "bf16"}
@@ -139,7 +162,8 @@ def main():
   p.add_argument("--repeats", type=int, default=2, help="--step: rounds of bf16 then each mode")
   p.add_argument("--step-modes", type=lambda v: v.split(","),
                  default=["bf16", "nvfp4", "nvfp4+rht16", "nvfp4+rht16_before"],
-                 help="--step: bf16 first; qat_step.py modes, '_before' appended: the transform kept out of the kernel")
+                 help="--step: bf16 first; qat_step.py modes, '_before' appended: the transform kept out of the kernel, "
+                      "'_pairs': the kernels' transform along the lanes by pairs split along them")
   p.add_argument("--cases", type=lambda v: v.split(","), help="only these passes (e.g. nvfp4_sr_axis0)")
   p.add_argument("--small", action="store_true", help="CPU smoke run: small shapes, interpret mode")
   p.add_argument("--out", required=True)
