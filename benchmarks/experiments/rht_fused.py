@@ -8,7 +8,8 @@ kernel reads the operand in place and transforms each tile itself (``fake_quant.
 * per pass (``before_tree``: the XLA transform as one graph of slices, to see whether XLA fuses that form): the
   kernel with no transform, with the transform inside (NVFP4: its tensor amax from
   ``kernels.hadamard.transformed_amax``, its block factors from the kernel; along axis 0 also from XLA), and the
-  route before (XLA transform, then the kernel), the bits of each against the route before;
+  route before (XLA transform, then the kernel), the bits of each against the route before; along axis 1 also
+  ``fused_lanes_transposed``, the kernels' transform on the transposed tile;
 * ``--step``: benchmarks/qat_step.py's NVFP4 and NVFP4 + RHT16 steps against bf16, with the transform in the
   kernel and with it kept out (``fake_quant.supported`` refusing any transform: the route before), in one process
   (``--step-modes``).
@@ -63,11 +64,19 @@ def butterfly_tree(v, axis, n, signs):
 LIBRARY_TRANSFORM_TILE = kh.transform_tile
 
 
-def lane_pairs(f):
-  """``f`` with the kernels' transform along the lanes splitting pairs along them (``kh.split_butterfly``, the
-  form before the tile was transposed for it)."""
+def transform_tile_lanes_transposed(v, axis, n, signs):
+  """``kh.transform_tile`` with the transform along the lanes (axis 1) done on the transposed tile along its
+  rows and transposed back: the same operations on the same values, two layout changes in Triton instead of the
+  pair splits along the lanes at every stage. Slower on the H200 (rht_fused.json, run4)."""
+  if axis == 1:
+    return LIBRARY_TRANSFORM_TILE(v.T, 0, n, signs).T
+  return LIBRARY_TRANSFORM_TILE(v, axis, n, signs)
+
+
+def lanes_transposed(f):
+  """``f`` with :func:`transform_tile_lanes_transposed` in the kernels."""
   def run(*args):
-    kh.transform_tile = kh.split_butterfly
+    kh.transform_tile = transform_tile_lanes_transposed
     try:
       return f(*args)
     finally:
@@ -114,10 +123,10 @@ def pass_section(a):
     if fmt.has_global_scale and axis == 0:
       variants["fused_xla_block_scales"] = lambda v: fused(v, bp=True)
     if axis == 1:
-      variants["fused_lane_pairs"] = lane_pairs(fused)
+      variants["fused_lanes_transposed"] = lanes_transposed(fused)
     row, bits = {}, {}
     for n, f in variants.items():
-      jax.clear_caches()  # fake_quantize_2d's jit cache would keep the other transform (fused_lane_pairs)
+      jax.clear_caches()  # fake_quantize_2d's jit cache would keep the other transform (fused_lanes_transposed)
       g = jax.jit(f)
       row[n] = B.bench(g, [(v,) for v in xs]) * 1e6
       bits[n] = np.asarray(g(xs[0])).view(np.uint16)
@@ -141,7 +150,7 @@ def step_section(a):
   for rep in range(a.repeats):
     for name in a.step_modes:
       fk.supported = keep_out if name.endswith("_before") else supported
-      kh.transform_tile = kh.split_butterfly if name.endswith("_pairs") else LIBRARY_TRANSFORM_TILE
+      kh.transform_tile = transform_tile_lanes_transposed if name.endswith("_lanesT") else LIBRARY_TRANSFORM_TILE
       jax.clear_caches()
       with kernels.interpret_mode(a.small):
         med, lo, hi, _, loss = qat_step.bench(name.split("_")[0], d, ffn, tokens, samples, steps,
@@ -163,7 +172,7 @@ def main():
   p.add_argument("--step-modes", type=lambda v: v.split(","),
                  default=["bf16", "nvfp4", "nvfp4+rht16", "nvfp4+rht16_before"],
                  help="--step: bf16 first; qat_step.py modes, '_before' appended: the transform kept out of the kernel, "
-                      "'_pairs': the kernels' transform along the lanes by pairs split along them")
+                      "'_lanesT': the kernels' transform along the lanes on the transposed tile")
   p.add_argument("--cases", type=lambda v: v.split(","), help="only these passes (e.g. nvfp4_sr_axis0)")
   p.add_argument("--small", action="store_true", help="CPU smoke run: small shapes, interpret mode")
   p.add_argument("--out", required=True)

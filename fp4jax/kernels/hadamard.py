@@ -35,20 +35,9 @@ _F32_INF_BITS = 0x7F800000
 
 
 def transform_tile(v, axis: int, n: int, signs):
-  """``fp4jax.hadamard.butterfly(v, axis, n, signs)`` of a 2-D float32 tile.
-
-  Along the lanes (axis 1) the tile is transposed, transformed along its rows and transposed back: the same
-  operations on the same values, two layout changes in Triton where splitting pairs along the lanes costs
-  register shuffles at every stage (benchmarks/experiments/rht_fused.py, variant ``fused_lane_pairs``)."""
-  if axis == 1:
-    return split_butterfly(v.T, 0, n, signs).T
-  return split_butterfly(v, axis, n, signs)
-
-
-def split_butterfly(v, axis: int, n: int, signs):
-  """:func:`transform_tile` along either axis of the tile as it lies. Triton cannot slice a tile, so each stage
-  splits the pairs by a reshape and combines them by sums over the pair axis: ``a + b`` and ``a + (-b)``, which
-  is ``a - b`` exactly."""
+  """``fp4jax.hadamard.butterfly(v, axis, n, signs)`` of a 2-D float32 tile. Triton cannot slice a tile, so
+  each stage splits the pairs by a reshape and combines them by sums over the pair axis: ``a + b`` and
+  ``a + (-b)``, which is ``a - b`` exactly."""
   shape = v.shape
   v = v.reshape(grouped_shape(shape, axis, n)) * signs.reshape((1, n, 1) if axis == 0 else (1, 1, n))
   v = flush_below_normal(v).reshape(shape)
