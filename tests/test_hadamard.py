@@ -7,7 +7,6 @@ which the dot it replaces was not (its sums ran in the back end's order).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
