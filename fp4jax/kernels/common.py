@@ -180,6 +180,24 @@ def flush_f32(x):
   return i32_to_f32(flushed_bits(x))
 
 
+def tile_fits(tile, shape, axis: int, multiple: int) -> bool:
+  """Whether ``tile`` divides ``shape`` and its side along ``axis`` is a multiple of ``multiple``."""
+  return tile[axis] % multiple == 0 and all(n % t == 0 for n, t in zip(shape, tile))
+
+
+def spec_axes(entry) -> tuple:
+  """The mesh axes of one ``PartitionSpec`` entry: None, one name or a tuple of names."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shard_of_2d(sharding, mesh, shape):
+  """A 2-D operand's sharding as a ``custom_partitioning`` rule sees it: the spec's two entries, the number of
+  devices along each axis, and one shard's shape (rounded down)."""
+  spec = (tuple(getattr(sharding, "spec", None) or ()) + (None, None))[:2]
+  counts = [math.prod(mesh.shape[a] for a in spec_axes(p)) for p in spec]
+  return spec, counts, [n // c for n, c in zip(shape, counts)]
+
+
 def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 

@@ -113,8 +113,7 @@ def uniform_from_index(k1, k2, idx):
 
 def _fits(tile, shape, fmt: Format, axis: int, hadamard: int = 0) -> bool:
   """Whether ``tile`` divides ``shape`` and holds whole blocks (and whole ``hadamard`` groups) along ``axis``."""
-  return (tile[axis] % math.lcm(fmt.block_size, hadamard or 1) == 0
-          and all(n % t == 0 for n, t in zip(shape, tile)))
+  return C.tile_fits(tile, shape, axis, math.lcm(fmt.block_size, hadamard or 1))
 
 
 def pick_tile(shape, fmt: Format, axis: int, stochastic: bool = False, hadamard: int = 0):
@@ -361,16 +360,11 @@ def _partitioned(call: _Call, x, kd, g, signs, *extra):
 
 def _shard_spec(call: _Call, mesh, sharding):
   """x's PartitionSpec if each shard tiles (whole blocks along the block axis), else unsharded."""
-  spec = (tuple(getattr(sharding, "spec", None) or ()) + (None, None))[:2]
-  local = [n // math.prod(mesh.shape[a] for a in _axes(p)) for n, p in zip(call.shape, spec)]
+  spec, _, local = C.shard_of_2d(sharding, mesh, call.shape)
   tile = call.tile or pick_tile(local, call.fmt, call.axis, call.stochastic, call.hadamard)
   if tile is None or not _fits(tile, local, call.fmt, call.axis, call.hadamard):
     return PartitionSpec(None, None)
   return PartitionSpec(*spec)
-
-
-def _axes(p):
-  return () if p is None else (p,) if isinstance(p, str) else tuple(p)
 
 
 def _infer(call, mesh, arg_shapes, result_shape):
@@ -384,7 +378,7 @@ def _partition(call, mesh, arg_shapes, result_shape):
   extra_shardings = [x_sharding if call.block_pass else whole for _ in arg_shapes[4:]]
 
   def lower(x, kd, g, signs, *extra):
-    off = [jnp.int32(0) if p is None else lax.axis_index(_axes(p)).astype(jnp.int32) * n
+    off = [jnp.int32(0) if p is None else lax.axis_index(C.spec_axes(p)).astype(jnp.int32) * n
            for p, n in zip(spec, x.shape)]
     return _pallas(call, x, kd, g, signs, jnp.stack(off), *extra)
 

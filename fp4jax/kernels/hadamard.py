@@ -75,8 +75,7 @@ def _amax_kernel(x_ref, sign_ref, o_ref, *, axis: int, n: int):
 
 
 def _tile(call: _AmaxCall, shape):
-  return next((t for t in call.tiles if t[call.axis] % call.n == 0 and all(s % d == 0 for s, d in zip(shape, t))),
-              None)
+  return next((t for t in call.tiles if C.tile_fits(t, shape, call.axis, call.n)), None)
 
 
 def _amax_pallas(call: _AmaxCall, x, signs):
@@ -116,12 +115,10 @@ def _partitioned(call: _AmaxCall, x, signs):
 
 
 def _shard_spec(call: _AmaxCall, mesh, sharding, shape):
-  spec = (tuple(getattr(sharding, "spec", None) or ()) + (None, None))[:2]
-  axes = [() if p is None else (p,) if isinstance(p, str) else tuple(p) for p in spec]
-  local = [s // math.prod(mesh.shape[a] for a in ax) for s, ax in zip(shape, axes)]
-  if any(s * math.prod(mesh.shape[a] for a in ax) != t for s, ax, t in zip(local, axes, shape)):
+  spec, counts, local = C.shard_of_2d(sharding, mesh, shape)
+  if any(n * c != t for n, c, t in zip(local, counts, shape)) or _tile(call, local) is None:
     return PartitionSpec(None, None)
-  return PartitionSpec(*spec) if _tile(call, local) is not None else PartitionSpec(None, None)
+  return PartitionSpec(*spec)
 
 
 def _infer(call, mesh, arg_shapes, result_shape):
