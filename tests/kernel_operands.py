@@ -43,6 +43,16 @@ def _follow(jaxpr, tracked):
   return seen, others
 
 
+def eqns_outside_kernels(jaxpr):
+  """The equations of ``jaxpr`` and of the jaxprs nested in them (jit calls, custom rules ...), not looking
+  inside Pallas kernels: what runs around the kernels."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    if eqn.primitive.name != "pallas_call":
+      for sub in jcore.jaxprs_in_params(eqn.params):
+        yield from eqns_outside_kernels(sub)
+
+
 def jaxpr_weight_path(fn, args, weight):
   """What ``jax.make_jaxpr(fn)(*args)`` does with ``weight``'s values and scales (leaves of ``args``).
 

@@ -23,6 +23,7 @@ from fp4jax.kernels import fake_quant as fk
 from fp4jax.qat import OperandConfig, QatConfig
 from fp4jax.qat.dot import _backward_operand
 from fp4jax.qat.fake import fake_quantize_operand
+from kernel_operands import eqns_outside_kernels
 
 INTERPRET = not kernels.on_gpu()
 CASES = [(fj.MXFP4, "ceil"), (fj.MXFP4, "floor"), (fj.NVFP4, "nearest"), (fj.NVFP4, "ceil"),
@@ -373,24 +374,12 @@ def test_backward_operand_with_hadamard_takes_the_kernel_in_place(fmt, axis):
   with kernels.interpret_mode(INTERPRET):
     cfg = QatConfig(grad=op, hadamard=16, seed=4, backend="pallas")
     run = jax.jit(lambda v: _backward_operand(v, axis, op, cfg, key, jnp.bfloat16, 32))
-    outside = primitives_outside_kernels(run.trace(x).jaxpr.jaxpr)
+    outside = [eqn.primitive.name for eqn in eqns_outside_kernels(run.trace(x).jaxpr.jaxpr)]
     got = run(x)
   # NVFP4: one more pass, the tensor amax of the transformed values (kernels.hadamard.transformed_amax).
   assert outside.count("pallas_call") == (2 if fmt.has_global_scale else 1)
   assert "transpose" not in outside and "dot_general" not in outside  # (a kernel may transpose its tile)
   assert same_bits(got, want) == 0
-
-
-def primitives_outside_kernels(jaxpr) -> list[str]:
-  """The primitives a jaxpr and its nested jit calls run, not looking inside Pallas kernels."""
-  from jax.extend.core import jaxprs_in_params
-
-  names = []
-  for eqn in jaxpr.eqns:
-    names.append(eqn.primitive.name)
-    if eqn.primitive.name != "pallas_call":
-      names += [n for sub in jaxprs_in_params(eqn.params) for n in primitives_outside_kernels(sub)]
-  return names
 
 
 def test_hadamard_larger_than_the_tile_transforms_in_xla_first():

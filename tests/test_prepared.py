@@ -14,6 +14,7 @@ import fp4jax as fj
 from fp4jax import kernels, sharding
 from fp4jax.prepared import byte_matrix, with_layout
 from fp4jax.qarray import rows_obstacle
+from kernel_operands import eqns_outside_kernels
 
 FORMATS = list(fj.FORMATS.values())
 
@@ -114,15 +115,7 @@ def test_the_quantize_kernel_writes_rows_directly(fmt, axis):
 
 def dtypes_outside_kernels(jaxpr):
   """Dtypes of the values a jaxpr and its nested jit calls make, not looking inside Pallas kernels."""
-  from jax.extend.core import jaxprs_in_params
-
-  found = set()
-  for eqn in jaxpr.eqns:
-    found |= {v.aval.dtype for v in eqn.outvars}
-    if eqn.primitive.name != "pallas_call":
-      for sub in jaxprs_in_params(eqn.params):
-        found |= dtypes_outside_kernels(sub)
-  return found
+  return {v.aval.dtype for eqn in eqns_outside_kernels(jaxpr) for v in eqn.outvars}
 
 
 def test_transpose_of_rows_moves_no_data():
