@@ -126,6 +126,20 @@ def test_stochastic_passes_take_their_own_tile(fmt, rule, axis):
   assert same_bits(got, xla_route(x, key, fmt, rule, axis)) == 0
 
 
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
+def test_passes_transformed_along_the_lanes_take_their_own_tile(stochastic):
+  # LANES_TRANSFORM_TILE first (8 warps on a GPU), along axis 1 only; the bits are the next test's (its
+  # (64, 512) operands along axis 1 take this tile).
+  shape = (64, 512)
+  assert fk.pick_tile(shape, fj.NVFP4, 1, stochastic, hadamard=16) == fk.LANES_TRANSFORM_TILE
+  assert fk.num_warps(1, stochastic, hadamard=16) == fk.LANES_TRANSFORM_WARPS
+  assert fk.pick_tile(shape, fj.NVFP4, 1, stochastic) == (fk.STOCHASTIC_TILE[1] if stochastic else fk.TILES[1][0])
+  assert fk.num_warps(1, stochastic) == fk.NUM_WARPS[1, stochastic]
+  assert fk.pick_tile(shape[::-1], fj.NVFP4, 0, stochastic, hadamard=16) == fk.pick_tile(shape[::-1], fj.NVFP4, 0,
+                                                                                         stochastic)
+  assert fk.pick_tile((64, 128), fj.NVFP4, 1, stochastic, hadamard=16) == fk.pick_tile((64, 128), fj.NVFP4, 1)
+
+
 @pytest.mark.parametrize("hadamard", [16, 32])
 @pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
 @pytest.mark.parametrize("axis", [1, 0])
