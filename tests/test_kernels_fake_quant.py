@@ -163,12 +163,18 @@ def test_kernel_with_hadamard_equals_transform_then_xla_route(fmt, rule, axis, s
 
 
 @pytest.mark.parametrize("hadamard", [2, 16, 32, 256])
-@pytest.mark.parametrize("axis", [1, 0])
-def test_in_kernel_transform_is_fp4jax_hadamard_bit_for_bit(axis, hadamard):
+@pytest.mark.parametrize("axis,planes_max", [(1, None), (1, 0), (0, None)], ids=["lanes", "lanes-split", "rows"])
+def test_in_kernel_transform_is_fp4jax_hadamard_bit_for_bit(axis, planes_max, hadamard, monkeypatch):
   # The kernel's own transform (kernels.hadamard.read_tile) written out by a pallas_call on the kernel's tiles: equal to
   # fp4jax.hadamard.butterfly's bits. The quantization after it rarely shows a rounding of the transform's sums,
   # so this checks them where they land: exponents spread per element, subnormal sums, zeros of both signs.
+  # Along the lanes on planes up to LANE_PLANES_MAX, else by pair splits; "lanes-split": always by pair splits.
   from jax.experimental import pallas as pl
+
+  from fp4jax.kernels import hadamard as kh
+
+  if planes_max is not None:
+    monkeypatch.setattr(kh, "LANE_PLANES_MAX", planes_max)
 
   from fp4jax.hadamard import hadamard_signs
   from fp4jax.kernels import common as C

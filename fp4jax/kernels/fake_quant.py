@@ -78,7 +78,8 @@ STOCHASTIC_TILE = {0: (32, 256), 1: (32, 256)}
 #: Passes that transform along the lanes (axis 1) take this tile first, with 8 warps, drawing or not: the
 #: butterfly's pair splits along the lanes favour smaller tiles and more warps. H200, the NVFP4 + RHT16 step's
 #: two such operands (benchmarks/results/rht_tiles.json): the output gradient (8192, 4096), stochastic, 329 us
-#: against 360 at 32 x 256; W2 (14336, 4096), nearest, 378 against 452 at 32 x 256 with 4 warps.
+#: against 360 at 32 x 256; W2 (14336, 4096), nearest, 378 against 452 at 32 x 256 with 4 warps (measured with
+#: the transform by pair splits along the lanes, before ``kernels.hadamard.lane_planes``).
 LANES_TRANSFORM_TILE, LANES_TRANSFORM_WARPS = (16, 256), 8
 _RULES = ("floor", "ceil", "nearest")
 _DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))

@@ -1,7 +1,9 @@
 """The random Hadamard transform inside Triton kernels, and the tensor amax of a transformed operand.
 
 ``transform_tile`` is :func:`fp4jax.hadamard.butterfly` on one 2-D tile, the same float32 operations in the
-same order (tests/test_kernels_fake_quant.py checks the bits), written in operations Triton lowers. The fused
+same order (tests/test_kernels_fake_quant.py checks the bits), written in operations Triton lowers; along the
+lanes :func:`read_tile` applies it across the planes of the tile's runs instead (:func:`lane_planes`), where each
+step is elementwise. The fused
 fake-quantization kernel reads an operand and transforms each tile itself; NVFP4's global scale needs the
 tensor amax of the transformed values before that pass, which :func:`transformed_amax` computes in one read
 pass of its own. XLA cannot do either well: fusing one butterfly stage into the next computes the first
@@ -52,9 +54,59 @@ def transform_tile(v, axis: int, n: int, signs):
   return flush_below_normal(v * np.float32(1 / math.sqrt(n)))
 
 
+def lane_planes(v, n: int) -> list:
+  """The ``n`` planes of a 2-D tile's runs of ``n`` along its lanes: ``planes[k][i, g] == v[i, n * g + k]``.
+
+  The runs are split into trailing axes of 2 and those unstacked (``tt.split`` in Triton, free once a thread holds
+  a run), so the butterfly between planes is elementwise: no pair splits along the lanes at every stage."""
+  bits = n.bit_length() - 1
+  parts = {0: v.reshape(v.shape[0], v.shape[1] // n, *(2,) * bits)}  # trailing axes: bits of k, the highest first
+  for b in range(bits):  # the last axis left is bit b of k
+    parts = {k | (j << b): half for k, p in parts.items() for j, half in enumerate(_unstack_last(p))}
+  return [parts[k] for k in range(n)]
+
+
+def from_lane_planes(planes):
+  """The tile of :func:`lane_planes`' planes: joined two at a time along a new last axis (``tt.join``), plane ``k``
+  with ``k + half`` first, so the trailing axes hold ``k``'s bits from the highest and reshape into the lanes."""
+  while len(planes) > 1:
+    half = len(planes) // 2
+    planes = [jnp.stack([planes[k], planes[k + half]], axis=-1) for k in range(half)]
+  (t,) = planes
+  return t.reshape(t.shape[0], -1)
+
+
+def _unstack_last(p):
+  return lax.unstack(p, axis=-1) if hasattr(lax, "unstack") else (p[..., 0], p[..., 1])
+
+
+def planes_butterfly(planes, signs):
+  """:func:`fp4jax.hadamard.butterfly` across ``n`` planes (``signs``: ``n`` arrays that broadcast against
+  them): the same float32 operations in the same order, each one elementwise."""
+  n = len(planes)
+  planes = [flush_below_normal(p * s) for p, s in zip(planes, signs)]
+  h = 1
+  while h < n:
+    nxt = list(planes)
+    for i in range(n):
+      if not i & h:  # a at i, b at i + h: a + b and a - b, as the butterfly's partner sums
+        nxt[i], nxt[i + h] = (flush_below_normal(planes[i] + planes[i + h]),
+                              flush_below_normal(planes[i] - planes[i + h]))
+    planes, h = nxt, h * 2
+  return [flush_below_normal(p * np.float32(1 / math.sqrt(n))) for p in planes]
+
+
+#: The largest transform done on lane planes (:func:`read_tile` along axis 1); a longer one splits pairs along
+#: the lanes (:func:`transform_tile`), its n log n elementwise steps being too many for one kernel.
+LANE_PLANES_MAX = 32
+
+
 def read_tile(x_ref, sign_ref, axis: int, n: int):
   """The tile as float32, transformed along ``axis`` where ``n`` (the transform's size) is not 0."""
   v = x_ref[...].astype(jnp.float32)
+  if n and axis == 1 and n <= LANE_PLANES_MAX:
+    signs = lane_planes(sign_ref[...].reshape(1, n), n)  # (1, 1) each
+    return from_lane_planes(planes_butterfly(lane_planes(v, n), signs))
   return transform_tile(v, axis, n, sign_ref[...]) if n else v
 
 
