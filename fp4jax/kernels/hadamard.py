@@ -57,21 +57,26 @@ def transform_tile(v, axis: int, n: int, signs):
 def lane_planes(v, n: int) -> list:
   """The ``n`` planes of a 2-D tile's runs of ``n`` along its lanes: ``planes[k][i, g] == v[i, n * g + k]``.
 
-  The runs are split into trailing axes of 2 and those unstacked (``tt.split`` in Triton, free once a thread holds
-  a run), so the butterfly between planes is elementwise: no pair splits along the lanes at every stage."""
-  bits = n.bit_length() - 1
-  parts = {0: v.reshape(v.shape[0], v.shape[1] // n, *(2,) * bits)}  # trailing axes: bits of k, the highest first
-  for b in range(bits):  # the last axis left is bit b of k
-    parts = {k | (j << b): half for k, p in parts.items() for j, half in enumerate(_unstack_last(p))}
-  return [parts[k] for k in range(n)]
+  Each run is halved by its last axis of 2 (``v[..., 2j + t]``: ``tt.split`` in Triton, free once a thread holds
+  a run), ``log2 n`` times, so the butterfly between planes is elementwise: no pair splits along the lanes at
+  every stage. The tensors stay 3-D or 4-D, the ranks the kernels' other reshapes take."""
+  parts = {0: v.reshape(v.shape[0], v.shape[1] // n, n)}
+  b = 0
+  while len(parts) < n:  # the last axis of 2 is bit b of k
+    parts = {k | (t << b): half for k, p in parts.items()
+             for t, half in enumerate(_unstack_last(p.reshape(*p.shape[:2], p.shape[2] // 2, 2)))}
+    b += 1
+  return [parts[k].reshape(v.shape[0], v.shape[1] // n) for k in range(n)]
 
 
 def from_lane_planes(planes):
-  """The tile of :func:`lane_planes`' planes: joined two at a time along a new last axis (``tt.join``), plane ``k``
-  with ``k + half`` first, so the trailing axes hold ``k``'s bits from the highest and reshape into the lanes."""
+  """The tile of :func:`lane_planes`' planes: plane ``k`` and ``k + n / 2`` joined along a new last axis
+  (``tt.join``), then those two at a time the same way, each run's trailing axes merged as they grow, so
+  element ``k`` of every run lands at index ``k``."""
   while len(planes) > 1:
     half = len(planes) // 2
     planes = [jnp.stack([planes[k], planes[k + half]], axis=-1) for k in range(half)]
+    planes = [p.reshape(*p.shape[:2], -1) for p in planes]
   (t,) = planes
   return t.reshape(t.shape[0], -1)
 
