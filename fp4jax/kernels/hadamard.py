@@ -3,12 +3,11 @@
 ``transform_tile`` is :func:`fp4jax.hadamard.butterfly` on one 2-D tile, the same float32 operations in the
 same order (tests/test_kernels_fake_quant.py checks the bits), written in operations Triton lowers; along the
 lanes :func:`read_tile` applies it across the planes of the tile's runs instead (:func:`lane_planes`), where each
-step is elementwise. The fused
-fake-quantization kernel reads an operand and transforms each tile itself; NVFP4's global scale needs the
-tensor amax of the transformed values before that pass, which :func:`transformed_amax` computes in one read
-pass of its own. XLA cannot do either well: fusing one butterfly stage into the next computes the first
-twice, so it writes every stage out (an (8192, 14336) operand: five float32 passes of about 0.47 ms each on
-the H200, benchmarks/results/rht_fused.json).
+step is elementwise. The fused fake-quantization kernel reads an operand and transforms each tile itself; NVFP4's
+global scale needs the tensor amax of the transformed values before that pass, which :func:`transformed_amax`
+computes in one read pass of its own. XLA cannot do either well: fusing one butterfly stage into the next
+computes the first twice, so it writes every stage out (an (8192, 14336) operand: five float32 passes of about
+0.47 ms each on the H200, benchmarks/results/rht_fused.json).
 """
 
 from __future__ import annotations
