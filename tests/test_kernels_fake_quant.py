@@ -126,6 +126,20 @@ def test_stochastic_passes_take_their_own_tile(fmt, rule, axis):
   assert same_bits(got, xla_route(x, key, fmt, rule, axis)) == 0
 
 
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
+def test_passes_transformed_along_the_lanes_take_their_own_tile(stochastic):
+  # LANES_TRANSFORM_TILE first (8 warps on a GPU), along axis 1 only; the bits are the next test's (its
+  # (64, 512) operands along axis 1 take this tile).
+  shape = (64, 512)
+  assert fk.pick_tile(shape, fj.NVFP4, 1, stochastic, hadamard=16) == fk.LANES_TRANSFORM_TILE
+  assert fk.num_warps(1, stochastic, hadamard=16) == fk.LANES_TRANSFORM_WARPS
+  assert fk.pick_tile(shape, fj.NVFP4, 1, stochastic) == (fk.STOCHASTIC_TILE[1] if stochastic else fk.TILES[1][0])
+  assert fk.num_warps(1, stochastic) == fk.NUM_WARPS[1, stochastic]
+  assert fk.pick_tile(shape[::-1], fj.NVFP4, 0, stochastic, hadamard=16) == fk.pick_tile(shape[::-1], fj.NVFP4, 0,
+                                                                                         stochastic)
+  assert fk.pick_tile((64, 128), fj.NVFP4, 1, stochastic, hadamard=16) == fk.pick_tile((64, 128), fj.NVFP4, 1)
+
+
 @pytest.mark.parametrize("hadamard", [16, 32])
 @pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
 @pytest.mark.parametrize("axis", [1, 0])
@@ -149,12 +163,18 @@ def test_kernel_with_hadamard_equals_transform_then_xla_route(fmt, rule, axis, s
 
 
 @pytest.mark.parametrize("hadamard", [2, 16, 32, 256])
-@pytest.mark.parametrize("axis", [1, 0])
-def test_in_kernel_transform_is_fp4jax_hadamard_bit_for_bit(axis, hadamard):
+@pytest.mark.parametrize("axis,planes_max", [(1, None), (1, 0), (0, None)], ids=["lanes", "lanes-split", "rows"])
+def test_in_kernel_transform_is_fp4jax_hadamard_bit_for_bit(axis, planes_max, hadamard, monkeypatch):
   # The kernel's own transform (kernels.hadamard.read_tile) written out by a pallas_call on the kernel's tiles: equal to
   # fp4jax.hadamard.butterfly's bits. The quantization after it rarely shows a rounding of the transform's sums,
   # so this checks them where they land: exponents spread per element, subnormal sums, zeros of both signs.
+  # Along the lanes on planes up to LANE_PLANES_MAX, else by pair splits; "lanes-split": always by pair splits.
   from jax.experimental import pallas as pl
+
+  from fp4jax.kernels import hadamard as kh
+
+  if planes_max is not None:
+    monkeypatch.setattr(kh, "LANE_PLANES_MAX", planes_max)
 
   from fp4jax.hadamard import hadamard_signs
   from fp4jax.kernels import common as C

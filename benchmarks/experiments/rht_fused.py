@@ -9,7 +9,8 @@ kernel reads the operand in place and transforms each tile itself (``fake_quant.
   kernel with no transform, with the transform inside (NVFP4: its tensor amax from
   ``kernels.hadamard.transformed_amax``, its block factors from the kernel; along axis 0 also from XLA), and the
   route before (XLA transform, then the kernel), the bits of each against the route before; along axis 1 also
-  ``fused_lanes_transposed``, the kernels' transform on the transposed tile;
+  ``fused_lanes_transposed``, the kernels' transform on the transposed tile, and ``fused_lane_split``, by pair
+  splits along the lanes (the library's form before lane planes);
 * ``--step``: benchmarks/qat_step.py's NVFP4 and NVFP4 + RHT16 steps against bf16, with the transform in the
   kernel and with it kept out (``fake_quant.supported`` refusing any transform: the route before), in one process
   (``--step-modes``).
@@ -61,7 +62,7 @@ def butterfly_tree(v, axis, n, signs):
   return jnp.stack([flush_below_normal(y * c) for y in level], axis=axis + 1).reshape(shape)
 
 
-LIBRARY_TRANSFORM_TILE = kh.transform_tile
+LIBRARY_TRANSFORM_TILE, LIBRARY_PLANES_MAX = kh.transform_tile, kh.LANE_PLANES_MAX
 
 
 def transform_tile_lanes_transposed(v, axis, n, signs):
@@ -76,11 +77,22 @@ def transform_tile_lanes_transposed(v, axis, n, signs):
 def lanes_transposed(f):
   """``f`` with :func:`transform_tile_lanes_transposed` in the kernels."""
   def run(*args):
-    kh.transform_tile = transform_tile_lanes_transposed
+    kh.transform_tile, kh.LANE_PLANES_MAX = transform_tile_lanes_transposed, 0
     try:
       return f(*args)
     finally:
-      kh.transform_tile = LIBRARY_TRANSFORM_TILE
+      kh.transform_tile, kh.LANE_PLANES_MAX = LIBRARY_TRANSFORM_TILE, LIBRARY_PLANES_MAX
+  return run
+
+
+def lane_split(f):
+  """``f`` with the kernels' transform along the lanes by pair splits (``kh.LANE_PLANES_MAX = 0``), not planes."""
+  def run(*args):
+    kh.LANE_PLANES_MAX = 0
+    try:
+      return f(*args)
+    finally:
+      kh.LANE_PLANES_MAX = LIBRARY_PLANES_MAX
   return run
 
 
@@ -124,6 +136,7 @@ def pass_section(a):
       variants["fused_xla_block_scales"] = lambda v: fused(v, bp=True)
     if axis == 1:
       variants["fused_lanes_transposed"] = lanes_transposed(fused)
+      variants["fused_lane_split"] = lane_split(fused)
     row, bits = {}, {}
     for n, f in variants.items():
       jax.clear_caches()  # fake_quantize_2d's jit cache would keep the other transform (fused_lanes_transposed)
@@ -151,13 +164,14 @@ def step_section(a):
     for name in a.step_modes:
       fk.supported = keep_out if name.endswith("_before") else supported
       kh.transform_tile = transform_tile_lanes_transposed if name.endswith("_lanesT") else LIBRARY_TRANSFORM_TILE
+      kh.LANE_PLANES_MAX = 0 if name.endswith(("_split", "_lanesT")) else LIBRARY_PLANES_MAX
       jax.clear_caches()
       with kernels.interpret_mode(a.small):
         med, lo, hi, _, loss = qat_step.bench(name.split("_")[0], d, ffn, tokens, samples, steps,
                                               "threefry2x32", False, "xla" if name == "bf16" else "pallas")
       out[f"{name}_{rep}"] = {"ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "loss": loss}
       print(name, rep, json.dumps(out[f"{name}_{rep}"]), flush=True)
-  fk.supported, kh.transform_tile = supported, LIBRARY_TRANSFORM_TILE
+  fk.supported, kh.transform_tile, kh.LANE_PLANES_MAX = supported, LIBRARY_TRANSFORM_TILE, LIBRARY_PLANES_MAX
   for rep in range(a.repeats):
     bf = out[f"bf16_{rep}"]["ms"]
     out[f"ratios_{rep}"] = {n: out[f"{n}_{rep}"]["ms"] / bf for n in a.step_modes if n != "bf16"}
@@ -171,8 +185,9 @@ def main():
   p.add_argument("--repeats", type=int, default=2, help="--step: rounds of bf16 then each mode")
   p.add_argument("--step-modes", type=lambda v: v.split(","),
                  default=["bf16", "nvfp4", "nvfp4+rht16", "nvfp4+rht16_before"],
-                 help="--step: bf16 first; qat_step.py modes, '_before' appended: the transform kept out of the kernel, "
-                      "'_lanesT': the kernels' transform along the lanes on the transposed tile")
+                 help="--step: bf16 first; qat_step.py modes, '_before' appended: the transform kept out of the "
+                      "kernel, '_lanesT': the kernels' transform along the lanes on the transposed tile, '_split': "
+                      "by pair splits along the lanes (not planes)")
   p.add_argument("--cases", type=lambda v: v.split(","), help="only these passes (e.g. nvfp4_sr_axis0)")
   p.add_argument("--small", action="store_true", help="CPU smoke run: small shapes, interpret mode")
   p.add_argument("--out", required=True)

@@ -44,7 +44,7 @@ def run_case(name, shape, stochastic, a, result, path):
     shape = (256, 512)
   xs = [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(2 if a.small else 4)]
   key = jax.random.key(3) if stochastic else None
-  default_warps = fk.NUM_WARPS[1, stochastic]
+  default_warps, baseline_warps = fk.LANES_TRANSFORM_WARPS, fk.NUM_WARPS[1, stochastic]
   reference = None
   for tile in TILES:
     for warps in WARPS:
@@ -52,8 +52,9 @@ def run_case(name, shape, stochastic, a, result, path):
         continue
       row = {"tile": tile or "default", "warps": warps or default_warps}
       for h in (N,) if a.no_baseline else (N, 0):
-        fk.NUM_WARPS[1, stochastic] = warps or default_warps
-        jax.clear_caches()  # fake_quantize_2d's jit cache does not see NUM_WARPS
+        # The warps of the transformed pass; the baseline without the transform: the same, or its default.
+        fk.LANES_TRANSFORM_WARPS, fk.NUM_WARPS[1, stochastic] = warps or default_warps, warps or baseline_warps
+        jax.clear_caches()  # fake_quantize_2d's jit cache does not see the warps
         f = jax.jit(lambda v, h=h: fk.fake_quantize_2d(v, key, fmt=fj.NVFP4, rule="nearest", axis=1,
                                                        dtype=jnp.bfloat16, interpret=a.small, tile=tile,
                                                        hadamard=h, seed=0))
@@ -66,7 +67,7 @@ def run_case(name, shape, stochastic, a, result, path):
             row["differing_from_default"] = int(np.sum(bits != reference))
         except Exception as e:  # a tile the compiler refuses: recorded, not fatal
           row[label] = f"{type(e).__name__}: {str(e)[:160]}"
-      fk.NUM_WARPS[1, stochastic] = default_warps
+      fk.LANES_TRANSFORM_WARPS, fk.NUM_WARPS[1, stochastic] = default_warps, baseline_warps
       result.setdefault(name, []).append(row)
       print(name, json.dumps(row), flush=True)
       with open(path, "w") as fh:

@@ -75,6 +75,12 @@ E4M3_BLOCK_PASS = {0: True, 1: False}
 #: nearest keep 4 warps.
 NUM_WARPS = {(0, False): 4, (1, False): 4, (0, True): 8, (1, True): 8}
 STOCHASTIC_TILE = {0: (32, 256), 1: (32, 256)}
+#: Passes that transform along the lanes (axis 1) take this tile first, with 8 warps, drawing or not: the
+#: butterfly's pair splits along the lanes favour smaller tiles and more warps. H200, the NVFP4 + RHT16 step's
+#: two such operands (benchmarks/results/rht_tiles.json): the output gradient (8192, 4096), stochastic, 329 us
+#: against 360 at 32 x 256; W2 (14336, 4096), nearest, 378 against 452 at 32 x 256 with 4 warps (measured with
+#: the transform by pair splits along the lanes, before ``kernels.hadamard.lane_planes``).
+LANES_TRANSFORM_TILE, LANES_TRANSFORM_WARPS = (16, 256), 8
 _RULES = ("floor", "ceil", "nearest")
 _DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -118,9 +124,16 @@ def _fits(tile, shape, fmt: Format, axis: int, hadamard: int = 0) -> bool:
 
 def pick_tile(shape, fmt: Format, axis: int, stochastic: bool = False, hadamard: int = 0):
   """The first tile that divides ``shape`` (whole blocks and ``hadamard`` groups along ``axis``), or None: of
-  :data:`TILES`, after :data:`STOCHASTIC_TILE`'s for a ``stochastic`` pass."""
-  first = (STOCHASTIC_TILE[axis],) if stochastic else ()
+  :data:`TILES`, after :data:`LANES_TRANSFORM_TILE` for a transform along axis 1, else after
+  :data:`STOCHASTIC_TILE`'s for a ``stochastic`` pass."""
+  first = (LANES_TRANSFORM_TILE,) if hadamard and axis == 1 else (STOCHASTIC_TILE[axis],) if stochastic else ()
   return next((tile for tile in first + TILES[axis] if _fits(tile, shape, fmt, axis, hadamard)), None)
+
+
+def num_warps(axis: int, stochastic: bool, hadamard: int = 0) -> int:
+  """Triton warps a program of the pass: :data:`LANES_TRANSFORM_WARPS` with a transform along axis 1, else
+  :data:`NUM_WARPS`'s."""
+  return LANES_TRANSFORM_WARPS if hadamard and axis == 1 else NUM_WARPS[axis, stochastic]
 
 
 def supported(shape, dtype, fmt: Format, axis: int, rule: str, stochastic: bool, hadamard: int = 0) -> str | None:
@@ -343,7 +356,7 @@ def _pallas(call: _Call, x, kd, g, signs, off, *extra):
       in_specs=in_specs,
       out_specs=pl.BlockSpec(tile, lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct(x.shape, np.dtype(call.dtype)),
-      compiler_params=C.compiler_params(NUM_WARPS[axis, call.stochastic], 2),
+      compiler_params=C.compiler_params(num_warps(axis, call.stochastic, call.hadamard), 2),
       interpret=call.interpret,
       name=f"fake_quant_{'sr' if call.stochastic else 'rn'}_{fmt.name}_{call.rule}_axis{axis}",
   )(x, kd, g, off, signs, *extra)

@@ -1,12 +1,13 @@
 """The random Hadamard transform inside Triton kernels, and the tensor amax of a transformed operand.
 
 ``transform_tile`` is :func:`fp4jax.hadamard.butterfly` on one 2-D tile, the same float32 operations in the
-same order (tests/test_kernels_fake_quant.py checks the bits), written in operations Triton lowers. The fused
-fake-quantization kernel reads an operand and transforms each tile itself; NVFP4's global scale needs the
-tensor amax of the transformed values before that pass, which :func:`transformed_amax` computes in one read
-pass of its own. XLA cannot do either well: fusing one butterfly stage into the next computes the first
-twice, so it writes every stage out (an (8192, 14336) operand: five float32 passes of about 0.47 ms each on
-the H200, benchmarks/results/rht_fused.json).
+same order (tests/test_kernels_fake_quant.py checks the bits), written in operations Triton lowers; along the
+lanes :func:`read_tile` applies it across the planes of the tile's runs instead (:func:`lane_planes`), where each
+step is elementwise. The fused fake-quantization kernel reads an operand and transforms each tile itself; NVFP4's
+global scale needs the tensor amax of the transformed values before that pass, which :func:`transformed_amax`
+computes in one read pass of its own. XLA cannot do either well: fusing one butterfly stage into the next
+computes the first twice, so it writes every stage out (an (8192, 14336) operand: five float32 passes of about
+0.47 ms each on the H200, benchmarks/results/rht_fused.json).
 """
 
 from __future__ import annotations
@@ -52,9 +53,64 @@ def transform_tile(v, axis: int, n: int, signs):
   return flush_below_normal(v * np.float32(1 / math.sqrt(n)))
 
 
+def lane_planes(v, n: int) -> list:
+  """The ``n`` planes of a 2-D tile's runs of ``n`` along its lanes: ``planes[k][i, g] == v[i, n * g + k]``.
+
+  Each run is halved by its last axis of 2 (``v[..., 2j + t]``: ``tt.split`` in Triton, free once a thread holds
+  a run), ``log2 n`` times, so the butterfly between planes is elementwise: no pair splits along the lanes at
+  every stage. The tensors stay 3-D or 4-D, the ranks the kernels' other reshapes take."""
+  parts = {0: v.reshape(v.shape[0], v.shape[1] // n, n)}
+  b = 0
+  while len(parts) < n:  # the last axis of 2 is bit b of k
+    parts = {k | (t << b): half for k, p in parts.items()
+             for t, half in enumerate(_unstack_last(p.reshape(*p.shape[:2], p.shape[2] // 2, 2)))}
+    b += 1
+  return [parts[k].reshape(v.shape[0], v.shape[1] // n) for k in range(n)]
+
+
+def from_lane_planes(planes):
+  """The tile of :func:`lane_planes`' planes: plane ``k`` and ``k + n / 2`` joined along a new last axis
+  (``tt.join``), then those two at a time the same way, each run's trailing axes merged as they grow, so
+  element ``k`` of every run lands at index ``k``."""
+  while len(planes) > 1:
+    half = len(planes) // 2
+    planes = [jnp.stack([planes[k], planes[k + half]], axis=-1) for k in range(half)]
+    planes = [p.reshape(*p.shape[:2], -1) for p in planes]
+  (t,) = planes
+  return t.reshape(t.shape[0], -1)
+
+
+def _unstack_last(p):
+  return lax.unstack(p, axis=-1) if hasattr(lax, "unstack") else (p[..., 0], p[..., 1])
+
+
+def planes_butterfly(planes, signs):
+  """:func:`fp4jax.hadamard.butterfly` across ``n`` planes (``signs``: ``n`` arrays that broadcast against
+  them): the same float32 operations in the same order, each one elementwise."""
+  n = len(planes)
+  planes = [flush_below_normal(p * s) for p, s in zip(planes, signs)]
+  h = 1
+  while h < n:
+    nxt = list(planes)
+    for i in range(n):
+      if not i & h:  # a at i, b at i + h: a + b and a - b, as the butterfly's partner sums
+        nxt[i], nxt[i + h] = (flush_below_normal(planes[i] + planes[i + h]),
+                              flush_below_normal(planes[i] - planes[i + h]))
+    planes, h = nxt, h * 2
+  return [flush_below_normal(p * np.float32(1 / math.sqrt(n))) for p in planes]
+
+
+#: The largest transform done on lane planes (:func:`read_tile` along axis 1); a longer one splits pairs along
+#: the lanes (:func:`transform_tile`), its n log n elementwise steps being too many for one kernel.
+LANE_PLANES_MAX = 32
+
+
 def read_tile(x_ref, sign_ref, axis: int, n: int):
   """The tile as float32, transformed along ``axis`` where ``n`` (the transform's size) is not 0."""
   v = x_ref[...].astype(jnp.float32)
+  if n and axis == 1 and n <= LANE_PLANES_MAX:
+    signs = lane_planes(sign_ref[...].reshape(1, n), n)  # (1, 1) each
+    return from_lane_planes(planes_butterfly(lane_planes(v, n), signs))
   return transform_tile(v, axis, n, sign_ref[...]) if n else v
 
 
