@@ -425,7 +425,8 @@ def test_qat_backend_pallas_gradients_with_hadamard_equal_xla(fmt):
 
 
 @pytest.mark.parametrize("axis", [1, 0])
-def test_transformed_amax_is_the_finite_amax_of_the_transform(axis):
+@pytest.mark.parametrize("n", [2, 16, 32])  # along the lanes: fewer, as many, more lanes than a cell of 16
+def test_transformed_amax_is_the_finite_amax_of_the_transform(axis, n):
   # NVFP4's tensor amax of a transformed operand, from its own Pallas pass: NaN and Inf groups left out, the
   # largest finite magnitude anywhere (here one planted in the last tile), subnormal results flushed.
   from fp4jax.hadamard import hadamard_signs
@@ -435,16 +436,16 @@ def test_transformed_amax_is_the_finite_amax_of_the_transform(axis):
   shape = (64, 512) if axis else (512, 64)
   x = inputs(shape, jnp.bfloat16, seed=7, specials=True)
   x = x.at[-1, -1].set(2.0**100) if axis else x.T.at[-1, -1].set(2.0**100).T
-  signs = jnp.asarray(hadamard_signs(16, 3))
-  got = transformed_amax(x, axis, 16, signs, tiles=fk.TILES[axis], interpret=INTERPRET)
-  want = finite_amax(qat.random_hadamard(x, 16, axis=axis, seed=3))
+  signs = jnp.asarray(hadamard_signs(n, 3))
+  got = transformed_amax(x, axis, n, signs, tiles=fk.TILES[axis], interpret=INTERPRET)
+  want = finite_amax(qat.random_hadamard(x, n, axis=axis, seed=3))
   assert np.asarray(got).view(np.uint32) == np.asarray(want).view(np.uint32)
-  assert float(want) >= 2.0**98  # the planted value, spread over its group of 16 (each output 2**100 / 4)
-  # One 2**-126 per group of 16: every output is +-2**-128, below the normal range, so flushed: amax 0 (on a
+  assert float(want) >= 2.0**99 / np.sqrt(n)  # the planted value, spread over its group of n
+  # One 2**-126 per group of n: every output is +-2**-126 / sqrt(n), below the normal range, so flushed: amax 0 (on a
   # GPU only the explicit flushes give that; the CPU's arithmetic flushes by itself).
   tiny = jnp.zeros(shape, jnp.float32)
-  tiny = tiny.at[:, ::16].set(2.0**-126) if axis else tiny.at[::16, :].set(2.0**-126)
-  assert float(finite_amax(qat.random_hadamard(tiny, 16, axis=axis, seed=3))) == 0.0
-  assert float(transformed_amax(tiny, axis, 16, signs, tiles=fk.TILES[axis], interpret=INTERPRET)) == 0.0
+  tiny = tiny.at[:, ::n].set(2.0**-126) if axis else tiny.at[::n, :].set(2.0**-126)
+  assert float(finite_amax(qat.random_hadamard(tiny, n, axis=axis, seed=3))) == 0.0
+  assert float(transformed_amax(tiny, axis, n, signs, tiles=fk.TILES[axis], interpret=INTERPRET)) == 0.0
   with pytest.raises(ValueError, match="whole 1024-point groups"):
     transformed_amax(x, axis, 1024, jnp.ones(1024), tiles=fk.TILES[axis], interpret=INTERPRET)

@@ -257,8 +257,10 @@ def _global_amax(x, axis: int, hadamard: int, signs, interpret: bool):
   with a transform in a Pallas pass of its own."""
   if not hadamard:
     return finite_amax(x)
-  return transformed_amax(x, axis, hadamard, signs, tiles=TILES[axis], num_warps=NUM_WARPS[axis, False],
-                          interpret=interpret)
+  # The tiles and warps of the passes that quantize it (pick_tile, num_warps) without a stochastic one's.
+  first = (LANES_TRANSFORM_TILE,) if axis == 1 else ()
+  return transformed_amax(x, axis, hadamard, signs, tiles=first + TILES[axis],
+                          num_warps=num_warps(axis, False, hadamard), interpret=interpret)
 
 
 def _block_factors(x, fmt: Format, rule: str, axis: int, genc, gdec):

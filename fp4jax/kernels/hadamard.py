@@ -105,12 +105,22 @@ def planes_butterfly(planes, signs):
 LANE_PLANES_MAX = 32
 
 
+def _on_lane_planes(axis: int, n: int) -> bool:
+  """Whether a tile's ``n``-point transform along ``axis`` runs across lane planes (:func:`lane_planes`)."""
+  return bool(n) and axis == 1 and n <= LANE_PLANES_MAX
+
+
+def _transformed_lane_planes(x_ref, sign_ref, n: int) -> list:
+  """The tile's :func:`lane_planes` as float32, transformed (:func:`planes_butterfly`)."""
+  signs = lane_planes(sign_ref[...].reshape(1, n), n)  # (1, 1) each
+  return planes_butterfly(lane_planes(x_ref[...].astype(jnp.float32), n), signs)
+
+
 def read_tile(x_ref, sign_ref, axis: int, n: int):
   """The tile as float32, transformed along ``axis`` where ``n`` (the transform's size) is not 0."""
+  if _on_lane_planes(axis, n):
+    return from_lane_planes(_transformed_lane_planes(x_ref, sign_ref, n))
   v = x_ref[...].astype(jnp.float32)
-  if n and axis == 1 and n <= LANE_PLANES_MAX:
-    signs = lane_planes(sign_ref[...].reshape(1, n), n)  # (1, 1) each
-    return from_lane_planes(planes_butterfly(lane_planes(v, n), signs))
   return transform_tile(v, axis, n, sign_ref[...]) if n else v
 
 
@@ -122,11 +132,31 @@ class _AmaxCall(NamedTuple):
   num_warps: int
 
 
+def _finite_magnitudes(v):
+  """float32 ``v``'s magnitudes as int32 bits, NaN and Inf as 0 (the transform flushed subnormals)."""
+  bits = C.f32_to_i32(v) & 0x7FFFFFFF
+  return jnp.where(bits < _F32_INF_BITS, bits, 0)
+
+
+def _lane_cells(planes):
+  """The maxima of each row's runs of :data:`AMAX_CELL` lanes, ``(r, c / cell)``, from the tile's :func:`lane_planes`
+  (``n`` of them, ``(r, c / n)`` each): elementwise maxima across planes, no join back into the tile's order."""
+  n = len(planes)
+  if n <= AMAX_CELL:  # one maximum a run, then AMAX_CELL / n runs a cell
+    runs = functools.reduce(jnp.maximum, map(_finite_magnitudes, planes))
+    return jnp.max(C.split_axis(runs, 1, AMAX_CELL // n), axis=2) if n < AMAX_CELL else runs
+  # A run holds n / AMAX_CELL cells: planes [k * cell, (k + 1) * cell) make cell k, joined in the lanes' order.
+  return from_lane_planes([functools.reduce(jnp.maximum, map(_finite_magnitudes, planes[k:k + AMAX_CELL]))
+                           for k in range(0, n, AMAX_CELL)])
+
+
 def _amax_kernel(x_ref, sign_ref, o_ref, *, axis: int, n: int):
-  bits = C.f32_to_i32(read_tile(x_ref, sign_ref, axis, n)) & 0x7FFFFFFF
-  bits = jnp.where(bits < _F32_INF_BITS, bits, 0)  # finite magnitudes; the transform flushed subnormals
-  # Two 3-D splits, the shapes the fake-quantization kernel's blocks already take in Triton.
-  rows = jnp.max(C.split_axis(bits, 1, AMAX_CELL), axis=2)  # (r, c / cell)
+  if _on_lane_planes(axis, n):
+    # Along the lanes the maxima come straight from the transformed planes: the tile is never put back together.
+    rows = _lane_cells(_transformed_lane_planes(x_ref, sign_ref, n))
+  else:
+    # Two 3-D splits, the shapes the fake-quantization kernel's blocks already take in Triton.
+    rows = jnp.max(C.split_axis(_finite_magnitudes(read_tile(x_ref, sign_ref, axis, n)), 1, AMAX_CELL), axis=2)
   o_ref[...] = jnp.max(C.split_axis(rows, 0, AMAX_CELL), axis=1)  # (r / cell, c / cell)
 
 
