@@ -7,9 +7,11 @@ operands (bfloat16, 4 rotated, beyond L2):
 
 * ``xla_abs_max``: ``jnp.max(jnp.abs(x))`` in XLA, the read rate to aim at;
 * ``before``: the kernel body and tiles of 5a0bb1a (along the lanes, the transformed tile joined back from its
-  lane planes, then split into cells; the fake-quantization kernel's nearest tiles and warps);
+  lane planes, then split into cells; along the rows by pair splits; the fake-quantization kernel's nearest
+  tiles and warps);
 * ``library``: what ``fake_quant._global_amax`` runs now (along the lanes the cells' maxima straight from the
-  planes; the tile and warps of the passes transformed along the lanes);
+  planes, on the tile and warps of the passes transformed along the lanes; along the rows from row planes, the
+  operand read through 16 block specs);
 * ``n1``: the library's kernel with a 1-point transform (a sign flip), to see the read and the reduction alone;
 * with ``--grid``, the library's kernel on each tile of ``TILES`` and each warp count.
 
@@ -46,11 +48,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 #: output gradient, W2, the input).
 CASES = [("dh_axis0", (8192, 14336), 0), ("dh_axis1", (8192, 14336), 1), ("dy_axis1", (8192, 4096), 1),
          ("w2_axis1", (14336, 4096), 1), ("x_axis0", (8192, 4096), 0)]
-TILES = {0: [(64, 128), (128, 128), (32, 256), (128, 64), (256, 64), (16, 512)],
+TILES = {0: [(64, 128), (128, 128), (256, 128), (128, 256), (32, 256), (256, 64)],
          1: [(16, 256), (32, 256), (16, 512), (64, 128), (32, 128), (16, 1024)]}
 WARPS = [4, 8]
 N = 16
-LIBRARY_KERNEL, LIBRARY_GLOBAL_AMAX = kh._amax_kernel, fk._global_amax
+LIBRARY_KERNEL, LIBRARY_GLOBAL_AMAX, LIBRARY_ROW_PLANES_MAX = kh._amax_kernel, fk._global_amax, kh.ROW_PLANES_MAX
 
 
 def _amax_kernel_before(x_ref, sign_ref, o_ref, *, axis: int, n: int):
@@ -73,11 +75,11 @@ def _global_amax_before(x, axis, hadamard, signs, interpret):
 def before(f):
   """``f`` with 5a0bb1a's amax pass in the kernels and in ``fake_quant``."""
   def run(*args, **kw):
-    kh._amax_kernel, fk._global_amax = _amax_kernel_before, _global_amax_before
+    kh._amax_kernel, fk._global_amax, kh.ROW_PLANES_MAX = _amax_kernel_before, _global_amax_before, 0
     try:
       return f(*args, **kw)
     finally:
-      kh._amax_kernel, fk._global_amax = LIBRARY_KERNEL, LIBRARY_GLOBAL_AMAX
+      kh._amax_kernel, fk._global_amax, kh.ROW_PLANES_MAX = LIBRARY_KERNEL, LIBRARY_GLOBAL_AMAX, LIBRARY_ROW_PLANES_MAX
   return run
 
 

@@ -110,10 +110,13 @@ def _on_lane_planes(axis: int, n: int) -> bool:
   return bool(n) and axis == 1 and n <= LANE_PLANES_MAX
 
 
+def _sign_planes(sign_ref, n: int) -> list:
+  return lane_planes(sign_ref[...].reshape(1, n), n)  # (1, 1) each
+
+
 def _transformed_lane_planes(x_ref, sign_ref, n: int) -> list:
   """The tile's :func:`lane_planes` as float32, transformed (:func:`planes_butterfly`)."""
-  signs = lane_planes(sign_ref[...].reshape(1, n), n)  # (1, 1) each
-  return planes_butterfly(lane_planes(x_ref[...].astype(jnp.float32), n), signs)
+  return planes_butterfly(lane_planes(x_ref[...].astype(jnp.float32), n), _sign_planes(sign_ref, n))
 
 
 def read_tile(x_ref, sign_ref, axis: int, n: int):
@@ -160,6 +163,28 @@ def _amax_kernel(x_ref, sign_ref, o_ref, *, axis: int, n: int):
   o_ref[...] = jnp.max(C.split_axis(rows, 0, AMAX_CELL), axis=1)  # (r / cell, c / cell)
 
 
+def _amax_row_planes_kernel(*refs, n: int):
+  """:func:`_amax_kernel` along the rows from ``n`` row planes (``refs``: the planes, the signs, the output)."""
+  *x_refs, sign_ref, o_ref = refs
+  planes = planes_butterfly([r[...].astype(jnp.float32) for r in x_refs], _sign_planes(sign_ref, n))
+  groups = functools.reduce(jnp.maximum, map(_finite_magnitudes, planes))  # (r / n, c): each group's per lane
+  if n < AMAX_CELL:  # AMAX_CELL / n groups a cell
+    groups = jnp.max(C.split_axis(groups, 0, AMAX_CELL // n), axis=1)
+  o_ref[...] = jnp.max(C.split_axis(groups, 1, AMAX_CELL), axis=2)  # (r / cell, c / cell)
+
+
+#: The largest transform along the rows (axis 0) that the amax pass reads as row planes: the operand viewed
+#: (R / n, n, C) through ``n`` block specs, plane ``k`` the rows ``n g + k`` of the tile, so that the butterfly is
+#: elementwise across planes, as along the lanes (Triton cannot slice a tile, and pair splits along the rows cost
+#: the pass ~100 us on an (8192, 14336) operand on the H200: benchmarks/results/rht_amax.json). Up to a cell's
+#: 16 rows: a longer group's cells would have to be interleaved back along the rows.
+ROW_PLANES_MAX = AMAX_CELL
+
+
+def _on_row_planes(axis: int, n: int) -> bool:
+  return axis == 0 and 0 < n <= ROW_PLANES_MAX
+
+
 def _tile(call: _AmaxCall, shape):
   return next((t for t in call.tiles if C.tile_fits(t, shape, call.axis, call.n)), None)
 
@@ -167,16 +192,25 @@ def _tile(call: _AmaxCall, shape):
 def _amax_pallas(call: _AmaxCall, x, signs):
   tile = _tile(call, x.shape)
   cell = (tile[0] // AMAX_CELL, tile[1] // AMAX_CELL)
+  if _on_row_planes(call.axis, call.n):
+    n = call.n  # the same operand n times, each block spec reading one plane of the tile
+    operands = [x.reshape(x.shape[0] // n, n, x.shape[1])] * n
+    specs = [pl.BlockSpec((tile[0] // n, None, tile[1]), functools.partial(lambda i, j, k: (i, k, j), k=k))
+             for k in range(n)]
+    kernel = functools.partial(_amax_row_planes_kernel, n=n)
+  else:
+    operands, specs = [x], [pl.BlockSpec(tile, lambda i, j: (i, j))]
+    kernel = functools.partial(_amax_kernel, axis=call.axis, n=call.n)
   return pl.pallas_call(
-      functools.partial(_amax_kernel, axis=call.axis, n=call.n),
+      kernel,
       grid=(x.shape[0] // tile[0], x.shape[1] // tile[1]),
-      in_specs=[pl.BlockSpec(tile, lambda i, j: (i, j)), pl.BlockSpec(signs.shape, lambda i, j: (0,))],
+      in_specs=[*specs, pl.BlockSpec(signs.shape, lambda i, j: (0,))],
       out_specs=pl.BlockSpec(cell, lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((x.shape[0] // AMAX_CELL, x.shape[1] // AMAX_CELL), jnp.int32),
       compiler_params=C.compiler_params(call.num_warps, 2),
       interpret=call.interpret,
       name=f"hadamard{call.n}_amax_axis{call.axis}",
-  )(x, signs)
+  )(*operands, signs)
 
 
 def transformed_amax(x, axis: int, n: int, signs, *, tiles, num_warps: int = 4, interpret: bool = False):
