@@ -449,3 +449,80 @@ def test_transformed_amax_is_the_finite_amax_of_the_transform(axis, n):
   assert float(transformed_amax(tiny, axis, n, signs, tiles=fk.TILES[axis], interpret=INTERPRET)) == 0.0
   with pytest.raises(ValueError, match="whole 1024-point groups"):
     transformed_amax(x, axis, 1024, jnp.ones(1024), tiles=fk.TILES[axis], interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("axis", [1, 0])
+def test_transformed_amax_fast_path_is_the_flushed_transforms_amax(axis):
+  # float32 operands with no magnitude below 2**-102 take the amax kernel's fast path (the butterfly's sums alone,
+  # the cells' maxima scaled and flushed); one tile with a 2**-120 takes the exact path. Magnitudes from 2**-102 up
+  # with runs that cancel to the last bit: the sums' low bits are those the flushes would have cut if any were
+  # subnormal. (The CPU flushes subnormals in its own arithmetic: the GPU run is the one that tells.)
+  from fp4jax.hadamard import hadamard_signs
+  from fp4jax.kernels.hadamard import transformed_amax
+  from fp4jax.reference import finite_amax
+
+  rng = np.random.default_rng(5)
+  shape = (64, 512)
+  mags = np.ldexp(rng.uniform(1, 2, shape), rng.integers(-102, -96, shape)).astype(np.float32)
+  x = np.where(rng.random(shape) < 0.5, -mags, mags)
+  x[:, 1::4] = -x[:, 0::4] + np.float32(2.0**-125) * rng.integers(-2, 3, (64, 128))  # near-cancelling neighbours
+  x[::7, 2::16] = 0.0
+  want_fast = None
+  signs = jnp.asarray(hadamard_signs(16, 3))
+  for tiny in (False, True):
+    if tiny:
+      x[0, 0] = np.float32(2.0**-120)
+    assert np.any((x != 0) & (np.abs(x) < 2.0**-102)) == tiny
+    v = jnp.asarray(x if axis else x.T)
+    got = transformed_amax(v, axis, 16, signs, tiles=fk.TILES[axis], interpret=INTERPRET)
+    want = finite_amax(qat.random_hadamard(v, 16, axis=axis, seed=3))
+    assert np.asarray(got).view(np.uint32) == np.asarray(want).view(np.uint32)
+    want_fast = want if want_fast is None else want_fast
+  assert 2.0**-105 < float(want_fast) < 2.0**-90
+
+
+def _np_butterfly_16(x, signs, flush: bool):
+  """fp4jax.hadamard.butterfly of one run of 16 in numpy float32 (IEEE subnormals, no flush of its own), with or
+  without the flushes; without them, no final scale either (the amax kernel's fast path)."""
+  tiny = np.float32(2.0**-126)
+  f = (lambda v: np.where(np.abs(v) < tiny, np.float32(0), v)) if flush else (lambda v: v)
+  v = f(x * signs)
+  h = 1
+  while h < 16:
+    w = v.copy()
+    for i in range(16):
+      if not i & h:
+        w[i], w[i + h] = f(v[i] + v[i + h]), f(v[i] - v[i + h])
+    v, h = w, 2 * h
+  return f(v * np.float32(0.25)) if flush else v
+
+
+@settings(max_examples=300, deadline=None)
+@given(exps=st.lists(st.integers(-102, -90), min_size=16, max_size=16),
+       mants=st.lists(st.integers(0, 2**23 - 1), min_size=16, max_size=16),
+       kinds=st.lists(st.sampled_from(["value", "zero", "negated_neighbour"]), min_size=16, max_size=16),
+       seed=st.integers(0, 2**16))
+def test_amax_fast_path_condition_holds_in_ieee_float32(exps, mants, kinds, seed):
+  # The fast path's argument, against numpy's float32: inputs all 0 or at least 2**-102 in magnitude give the
+  # flushed butterfly's amax from the unflushed sums' maximum, scaled and flushed once.
+  from fp4jax.hadamard import hadamard_signs
+
+  x = np.array([np.ldexp(np.float32(1 + m / 2**23), e) for m, e in zip(mants, exps)], np.float32)
+  for i, k in enumerate(kinds):
+    x[i] = 0.0 if k == "zero" else -x[i - 1] if k == "negated_neighbour" and i else x[i]
+  signs = np.asarray(hadamard_signs(16, seed % 7), np.float32)
+  exact = np.max(np.abs(_np_butterfly_16(x, signs, flush=True)))
+  top = np.float32(np.max(np.abs(_np_butterfly_16(x, signs, flush=False))) * np.float32(0.25))
+  assert np.asarray(exact).view(np.uint32) == np.asarray(top if top >= 2.0**-126 else np.float32(0)).view(np.uint32)
+
+
+def test_amax_fast_path_needs_its_condition():
+  # Without the condition the shortcut is wrong: a subnormal input (2**-130, flushed by the butterfly's first
+  # step) meets sums fine enough to keep it (2**-110, 2**-116, 2**-121), so the unflushed maximum is off in its
+  # last bits.
+  x = np.zeros(16, np.float32)
+  x[[0, 1, 2, 12]] = -(2.0**-130), -(2.0**-116), 2.0**-110, 2.0**-121
+  signs = np.ones(16, np.float32)
+  exact = np.max(np.abs(_np_butterfly_16(x, signs, flush=True)))
+  top = np.max(np.abs(_np_butterfly_16(x, signs, flush=False))) * np.float32(0.25)
+  assert exact != top

@@ -11,7 +11,9 @@ operands (bfloat16, 4 rotated, beyond L2):
   tiles and warps);
 * ``library``: what ``fake_quant._global_amax`` runs now (along the lanes the cells' maxima straight from the
   planes, on the tile and warps of the passes transformed along the lanes; along the rows from row planes, the
-  operand read through 16 block specs);
+  operand read through 16 block specs; a tile with no magnitude below 2**-102 by the butterfly's sums alone);
+* ``library_exact_path``: the library's kernel with every tile on its exact path (the flushes and the scale on
+  every element; the fast path takes tiles with no magnitude below 2**-102);
 * ``n1``: the library's kernel with a 1-point transform (a sign flip), to see the read and the reduction alone;
 * with ``--grid``, the library's kernel on each tile of ``TILES`` and each warp count.
 
@@ -83,6 +85,17 @@ def before(f):
   return run
 
 
+def exact_path(f):
+  """``f`` with the library's amax kernel always on its exact path (every tile as if it held a tiny value)."""
+  def run(*args, **kw):
+    has_tiny, kh._has_tiny = kh._has_tiny, lambda v: jnp.int32(1)
+    try:
+      return f(*args, **kw)
+    finally:
+      kh._has_tiny = has_tiny
+  return run
+
+
 def pass_section(a, result, path):
   import matmul as B  # benchmarks/matmul.py's bench (one dispatch of many calls, median of samples)
 
@@ -94,7 +107,8 @@ def pass_section(a, result, path):
       shape = (256, 512)
     xs = [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(2 if a.small else 4)]
     library = lambda v: fk._global_amax(v, axis, N, signs, a.small)  # noqa: E731
-    variants = {"xla_abs_max": lambda v: jnp.max(jnp.abs(v)).astype(jnp.float32), "before": before(library), "library": library,
+    variants = {"xla_abs_max": lambda v: jnp.max(jnp.abs(v)).astype(jnp.float32), "before": before(library),
+                "library": library, "library_exact_path": exact_path(library),
                 "n1": lambda v: kh.transformed_amax(v, axis, 1, jnp.ones(1), tiles=fk.TILES[axis],
                                                     num_warps=fk.NUM_WARPS[axis, False], interpret=a.small)}
     if a.grid:

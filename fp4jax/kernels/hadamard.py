@@ -84,20 +84,20 @@ def _unstack_last(p):
   return lax.unstack(p, axis=-1) if hasattr(lax, "unstack") else (p[..., 0], p[..., 1])
 
 
-def planes_butterfly(planes, signs):
+def planes_butterfly(planes, signs, flush=flush_below_normal, scale: bool = True):
   """:func:`fp4jax.hadamard.butterfly` across ``n`` planes (``signs``: ``n`` arrays that broadcast against
-  them): the same float32 operations in the same order, each one elementwise."""
-  n = len(planes)
-  planes = [flush_below_normal(p * s) for p, s in zip(planes, signs)]
+  them): the same float32 operations in the same order, each one elementwise. ``flush=None, scale=False``:
+  the sums alone (:func:`_plane_cells`' fast path)."""
+  n, flush = len(planes), flush or (lambda v: v)
+  planes = [flush(p * s) for p, s in zip(planes, signs)]
   h = 1
   while h < n:
     nxt = list(planes)
     for i in range(n):
       if not i & h:  # a at i, b at i + h: a + b and a - b, as the butterfly's partner sums
-        nxt[i], nxt[i + h] = (flush_below_normal(planes[i] + planes[i + h]),
-                              flush_below_normal(planes[i] - planes[i + h]))
+        nxt[i], nxt[i + h] = flush(planes[i] + planes[i + h]), flush(planes[i] - planes[i + h])
     planes, h = nxt, h * 2
-  return [flush_below_normal(p * np.float32(1 / math.sqrt(n))) for p in planes]
+  return [flush(p * np.float32(1 / math.sqrt(n))) for p in planes] if scale else planes
 
 
 #: The largest transform done on lane planes (:func:`read_tile` along axis 1); a longer one splits pairs along
@@ -114,15 +114,11 @@ def _sign_planes(sign_ref, n: int) -> list:
   return lane_planes(sign_ref[...].reshape(1, n), n)  # (1, 1) each
 
 
-def _transformed_lane_planes(x_ref, sign_ref, n: int) -> list:
-  """The tile's :func:`lane_planes` as float32, transformed (:func:`planes_butterfly`)."""
-  return planes_butterfly(lane_planes(x_ref[...].astype(jnp.float32), n), _sign_planes(sign_ref, n))
-
-
 def read_tile(x_ref, sign_ref, axis: int, n: int):
   """The tile as float32, transformed along ``axis`` where ``n`` (the transform's size) is not 0."""
   if _on_lane_planes(axis, n):
-    return from_lane_planes(_transformed_lane_planes(x_ref, sign_ref, n))
+    planes = lane_planes(x_ref[...].astype(jnp.float32), n)
+    return from_lane_planes(planes_butterfly(planes, _sign_planes(sign_ref, n)))
   v = x_ref[...].astype(jnp.float32)
   return transform_tile(v, axis, n, sign_ref[...]) if n else v
 
@@ -141,36 +137,84 @@ def _finite_magnitudes(v):
   return jnp.where(bits < _F32_INF_BITS, bits, 0)
 
 
-def _lane_cells(planes):
-  """The maxima of each row's runs of :data:`AMAX_CELL` lanes, ``(r, c / cell)``, from the tile's :func:`lane_planes`
-  (``n`` of them, ``(r, c / n)`` each): elementwise maxima across planes, no join back into the tile's order."""
+#: float32's spacing is 2**-125 or more from 2**-102 up (the bits of 2**-102), see :func:`_plane_cells`.
+_SPACING_2M125_BITS = (127 - 102) << 23
+
+
+def _has_tiny(v):
+  """Whether float32 ``v`` holds a nonzero magnitude below 2**-102 (an int32 0 or 1, of the whole tile)."""
+  bits = C.f32_to_i32(v) & 0x7FFFFFFF
+  tiny = jnp.where((bits > 0) & (bits < _SPACING_2M125_BITS), 1, 0)
+  return jnp.max(jnp.max(tiny, axis=1), axis=0)
+
+
+def _plane_cells(planes, signs, tiny, cells_of):
+  """``cells_of`` (int32 magnitudes, one array a plane -> the tile's cells, by maxima) of the planes' transform's
+  finite magnitudes (NaN and Inf as 0), the butterfly's flushes and scale included.
+
+  Where the tile holds no ``tiny`` magnitude (nonzero and below 2**-102), it computes the sums alone and scales
+  and flushes the cells' maxima: every input is then 0 or a multiple of 2**-125 (float32's spacing from 2**-102
+  up), and so is every sum of two (exact before rounding, and rounding to float32 keeps a multiple of 2**-125: it
+  is exact below 2**-101 and lands on a spacing of 2**-124 or more above), so no sum is a nonzero below 2**-125:
+  the butterfly's flushes change nothing but the sign of a zero, which no magnitude sees. The final ``* (1 /
+  sqrt(n))`` rounded and flushed is nondecreasing in the magnitude, so it commutes with the maximum. The fast
+  path spends about half the operations an element (H200: benchmarks/results/rht_amax.json)."""
   n = len(planes)
+
+  def exact():
+    return cells_of([_finite_magnitudes(p) for p in planes_butterfly(planes, signs)])
+
+  def fast():
+    top = cells_of([_finite_magnitudes(p) for p in planes_butterfly(planes, signs, flush=None, scale=False)])
+    return C.f32_to_i32(flush_below_normal(C.i32_to_f32(top) * np.float32(1 / math.sqrt(n))))
+
+  return lax.cond(tiny > 0, exact, fast)
+
+
+def _lane_cells(magnitudes):
+  """The maxima of each row's runs of :data:`AMAX_CELL` lanes, ``(r, c / cell)``, from the magnitudes of the tile's
+  :func:`lane_planes` (``n`` of them, ``(r, c / n)`` each): elementwise maxima across planes, no join back into
+  the tile's order."""
+  n = len(magnitudes)
   if n <= AMAX_CELL:  # one maximum a run, then AMAX_CELL / n runs a cell
-    runs = functools.reduce(jnp.maximum, map(_finite_magnitudes, planes))
+    runs = functools.reduce(jnp.maximum, magnitudes)
     return jnp.max(C.split_axis(runs, 1, AMAX_CELL // n), axis=2) if n < AMAX_CELL else runs
   # A run holds n / AMAX_CELL cells: planes [k * cell, (k + 1) * cell) make cell k, joined in the lanes' order.
-  return from_lane_planes([functools.reduce(jnp.maximum, map(_finite_magnitudes, planes[k:k + AMAX_CELL]))
+  return from_lane_planes([functools.reduce(jnp.maximum, magnitudes[k:k + AMAX_CELL])
                            for k in range(0, n, AMAX_CELL)])
+
+
+def _row_cells(magnitudes):
+  """The tile's cells from the magnitudes of its ``n`` row planes (``(r / n, c)`` each)."""
+  n = len(magnitudes)
+  groups = functools.reduce(jnp.maximum, magnitudes)  # (r / n, c): each group's per lane
+  if n < AMAX_CELL:  # AMAX_CELL / n groups a cell
+    groups = jnp.max(C.split_axis(groups, 0, AMAX_CELL // n), axis=1)
+  return jnp.max(C.split_axis(groups, 1, AMAX_CELL), axis=2)  # (r / cell, c / cell)
+
+
+def _cells_of_rows(rows):
+  return jnp.max(C.split_axis(rows, 0, AMAX_CELL), axis=1)  # (r, c / cell) -> (r / cell, c / cell)
 
 
 def _amax_kernel(x_ref, sign_ref, o_ref, *, axis: int, n: int):
   if _on_lane_planes(axis, n):
     # Along the lanes the maxima come straight from the transformed planes: the tile is never put back together.
-    rows = _lane_cells(_transformed_lane_planes(x_ref, sign_ref, n))
+    x = x_ref[...].astype(jnp.float32)
+    o_ref[...] = _plane_cells(lane_planes(x, n), _sign_planes(sign_ref, n), _has_tiny(x),
+                              lambda m: _cells_of_rows(_lane_cells(m)))
   else:
     # Two 3-D splits, the shapes the fake-quantization kernel's blocks already take in Triton.
     rows = jnp.max(C.split_axis(_finite_magnitudes(read_tile(x_ref, sign_ref, axis, n)), 1, AMAX_CELL), axis=2)
-  o_ref[...] = jnp.max(C.split_axis(rows, 0, AMAX_CELL), axis=1)  # (r / cell, c / cell)
+    o_ref[...] = _cells_of_rows(rows)
 
 
 def _amax_row_planes_kernel(*refs, n: int):
   """:func:`_amax_kernel` along the rows from ``n`` row planes (``refs``: the planes, the signs, the output)."""
   *x_refs, sign_ref, o_ref = refs
-  planes = planes_butterfly([r[...].astype(jnp.float32) for r in x_refs], _sign_planes(sign_ref, n))
-  groups = functools.reduce(jnp.maximum, map(_finite_magnitudes, planes))  # (r / n, c): each group's per lane
-  if n < AMAX_CELL:  # AMAX_CELL / n groups a cell
-    groups = jnp.max(C.split_axis(groups, 0, AMAX_CELL // n), axis=1)
-  o_ref[...] = jnp.max(C.split_axis(groups, 1, AMAX_CELL), axis=2)  # (r / cell, c / cell)
+  planes = [r[...].astype(jnp.float32) for r in x_refs]
+  tiny = functools.reduce(jnp.maximum, map(_has_tiny, planes))
+  o_ref[...] = _plane_cells(planes, _sign_planes(sign_ref, n), tiny, _row_cells)
 
 
 #: The largest transform along the rows (axis 0) that the amax pass reads as row planes: the operand viewed
