@@ -5,7 +5,8 @@ same order (tests/test_kernels_fake_quant.py checks the bits), written in operat
 lanes :func:`read_tile` applies it across the planes of the tile's runs instead (:func:`lane_planes`), where each
 step is elementwise. The fused fake-quantization kernel reads an operand and transforms each tile itself; NVFP4's
 global scale needs the tensor amax of the transformed values before that pass, which :func:`transformed_amax`
-computes in one read pass of its own. XLA cannot do either well: fusing one butterfly stage into the next
+computes in one read pass of its own, from lane planes or row planes (the operand read through one block spec a
+plane), by the butterfly's sums alone where no flush can change them. XLA cannot do either well: fusing one butterfly stage into the next
 computes the first twice, so it writes every stage out (an (8192, 14336) operand: five float32 passes of about
 0.47 ms each on the H200, benchmarks/results/rht_fused.json).
 """
@@ -132,7 +133,7 @@ class _AmaxCall(NamedTuple):
 
 
 def _finite_magnitudes(v):
-  """float32 ``v``'s magnitudes as int32 bits, NaN and Inf as 0 (the transform flushed subnormals)."""
+  """float32 ``v``'s magnitudes as int32 bits (nondecreasing in the magnitude), NaN and Inf as 0."""
   bits = C.f32_to_i32(v) & 0x7FFFFFFF
   return jnp.where(bits < _F32_INF_BITS, bits, 0)
 
@@ -158,7 +159,8 @@ def _plane_cells(planes, signs, tiny, cells_of):
   is exact below 2**-101 and lands on a spacing of 2**-124 or more above), so no sum is a nonzero below 2**-125:
   the butterfly's flushes change nothing but the sign of a zero, which no magnitude sees. The final ``* (1 /
   sqrt(n))`` rounded and flushed is nondecreasing in the magnitude, so it commutes with the maximum. The fast
-  path spends about half the operations an element (H200: benchmarks/results/rht_amax.json)."""
+  path spends about half the operations an element (benchmarks/experiments/rht_amax.py times it against the exact
+  path)."""
   n = len(planes)
 
   def exact():
