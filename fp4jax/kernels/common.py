@@ -159,7 +159,7 @@ def pack_pairs(codes, axis: int):
   if axis != codes.ndim - 1:  # Triton splits only a trailing axis of size 2
     perm = [d for d in range(pairs.ndim) if d != axis + 1] + [axis + 1]
     pairs = jnp.transpose(pairs, perm)
-  lo, hi = lax.unstack(pairs, axis=-1) if hasattr(lax, "unstack") else (pairs[..., 0], pairs[..., 1])
+  lo, hi = lax.unstack(pairs, axis=-1)
   return (lo | (hi << 4)).astype(jnp.uint8)
 
 

@@ -64,7 +64,7 @@ def lane_planes(v, n: int) -> list:
   b = 0
   while len(parts) < n:  # the last axis of 2 is bit b of k
     parts = {k | (t << b): half for k, p in parts.items()
-             for t, half in enumerate(_unstack_last(p.reshape(*p.shape[:2], p.shape[2] // 2, 2)))}
+             for t, half in enumerate(lax.unstack(p.reshape(*p.shape[:2], p.shape[2] // 2, 2), axis=-1))}
     b += 1
   return [parts[k].reshape(v.shape[0], v.shape[1] // n) for k in range(n)]
 
@@ -79,10 +79,6 @@ def from_lane_planes(planes):
     planes = [p.reshape(*p.shape[:2], -1) for p in planes]
   (t,) = planes
   return t.reshape(t.shape[0], -1)
-
-
-def _unstack_last(p):
-  return lax.unstack(p, axis=-1) if hasattr(lax, "unstack") else (p[..., 0], p[..., 1])
 
 
 def planes_butterfly(planes, signs, flush=flush_below_normal, scale: bool = True):
