@@ -122,12 +122,17 @@ def _fits(tile, shape, fmt: Format, axis: int, hadamard: int = 0) -> bool:
   return C.tile_fits(tile, shape, axis, math.lcm(fmt.block_size, hadamard or 1))
 
 
-def pick_tile(shape, fmt: Format, axis: int, stochastic: bool = False, hadamard: int = 0):
-  """The first tile that divides ``shape`` (whole blocks and ``hadamard`` groups along ``axis``), or None: of
-  :data:`TILES`, after :data:`LANES_TRANSFORM_TILE` for a transform along axis 1, else after
-  :data:`STOCHASTIC_TILE`'s for a ``stochastic`` pass."""
+def _tiles(axis: int, stochastic: bool, hadamard: int) -> tuple:
+  """A pass's tiles in order of preference: :data:`TILES`, after :data:`LANES_TRANSFORM_TILE` for a transform
+  along axis 1, else after :data:`STOCHASTIC_TILE`'s for a ``stochastic`` pass."""
   first = (LANES_TRANSFORM_TILE,) if hadamard and axis == 1 else (STOCHASTIC_TILE[axis],) if stochastic else ()
-  return next((tile for tile in first + TILES[axis] if _fits(tile, shape, fmt, axis, hadamard)), None)
+  return first + TILES[axis]
+
+
+def pick_tile(shape, fmt: Format, axis: int, stochastic: bool = False, hadamard: int = 0):
+  """The first of :func:`_tiles` that divides ``shape`` (whole blocks and ``hadamard`` groups along ``axis``),
+  or None."""
+  return next((tile for tile in _tiles(axis, stochastic, hadamard) if _fits(tile, shape, fmt, axis, hadamard)), None)
 
 
 def num_warps(axis: int, stochastic: bool, hadamard: int = 0) -> int:
@@ -257,9 +262,8 @@ def _global_amax(x, axis: int, hadamard: int, signs, interpret: bool):
   with a transform in a Pallas pass of its own."""
   if not hadamard:
     return finite_amax(x)
-  # The tiles and warps of the passes that quantize it (pick_tile, num_warps) without a stochastic one's.
-  first = (LANES_TRANSFORM_TILE,) if axis == 1 else ()
-  return transformed_amax(x, axis, hadamard, signs, tiles=first + TILES[axis],
+  # The tiles and warps of the passes that quantize it, without a stochastic one's.
+  return transformed_amax(x, axis, hadamard, signs, tiles=_tiles(axis, False, hadamard),
                           num_warps=num_warps(axis, False, hadamard), interpret=interpret)
 
 
