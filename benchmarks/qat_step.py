@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import statistics
 import sys
 import time
@@ -132,6 +133,33 @@ def bench(mode, d, ffn, tokens, samples, steps, prng, input_grad, backend="xla")
   if not bool(jnp.isfinite(v)):
     raise RuntimeError(f"{mode}: non-finite loss {v}")
   return statistics.median(times), min(times), max(times), compile_s, float(v)
+
+
+def rounds(modes, repeats, small, wrap=None, samples_steps=(3, 4), on_row=None):
+  """The experiments' comparison in one process: ``repeats`` rounds of each of ``modes`` (a mode of
+  :func:`config_of`, ``bf16`` on XLA, the others with backend "pallas"; ``"<mode>_<label>"`` runs the mode with
+  ``wrap(name, bench)`` in place of :func:`bench`, a variant patched in), fresh traces for each.
+
+  Returns ``{f"{name}_{rep}": {ms, min_ms, max_ms, loss}, f"ratios_{rep}": {name: ms / that round's bf16 ms}}``
+  (``modes`` holds ``"bf16"``); ``on_row(out)`` after each step. ``small``: CPU shapes, interpret mode."""
+  d, ffn, tokens = (128, 256, 256) if small else (4096, 14336, 8192)
+  samples, steps = (2, 2) if small else samples_steps
+  out = {}
+  for rep in range(repeats):
+    for name in modes:
+      run = wrap(name, bench) if wrap else bench
+      jax.clear_caches()  # a patched variant is not part of any jit cache key
+      with fj.kernels.interpret_mode(small):
+        med, lo, hi, _, loss = run(name.split("_")[0], d, ffn, tokens, samples, steps, "threefry2x32", False,
+                                   "xla" if name == "bf16" else "pallas")
+      out[f"{name}_{rep}"] = {"ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "loss": loss}
+      print(name, rep, json.dumps(out[f"{name}_{rep}"]), flush=True)
+      if on_row:
+        on_row(out)
+  for rep in range(repeats):
+    bf = out[f"bf16_{rep}"]["ms"]
+    out[f"ratios_{rep}"] = {n: out[f"{n}_{rep}"]["ms"] / bf for n in modes if n != "bf16"}
+  return out
 
 
 def main(argv=None):

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import fp4jax as fj
-from fp4jax import kernels
 from fp4jax.kernels import fake_quant as fk
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -146,25 +145,20 @@ def nvfp4_section(a):
 def step_section(a, base):
   import qat_step
 
-  d, ffn, tokens = (128, 256, 256) if a.small else (4096, 14336, 8192)
-  samples, steps = (2, 2) if a.small else (5, 4)
   current = fk._pallas
-  out = {}
-  for rep in range(a.repeats):
-    for name in ("bf16",) + tuple(m for mode in a.step_modes for m in (mode, f"{mode}_baseline")):
+
+  def variant(name, f):
+    """``f`` with the baseline's kernel for a '_baseline' mode."""
+    def run(*args):
       fk._pallas = base._pallas if name.endswith("_baseline") else current
-      jax.clear_caches()
-      with kernels.interpret_mode(a.small):
-        med, lo, hi, _, loss = qat_step.bench(name.removesuffix("_baseline"), d, ffn, tokens, samples, steps,
-                                              "threefry2x32", False, "xla" if name == "bf16" else "pallas")
-      out[f"{name}_{rep}"] = {"ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "loss": loss}
-      print(name, rep, json.dumps(out[f"{name}_{rep}"]), flush=True)
-  fk._pallas = current
-  for rep in range(a.repeats):
-    bf = out[f"bf16_{rep}"]["ms"]
-    out[f"ratios_{rep}"] = {n: out[f"{n}_{rep}"]["ms"] / bf for mode in a.step_modes
-                            for n in (mode, f"{mode}_baseline")}
-  return out
+      try:
+        return f(*args)
+      finally:
+        fk._pallas = current
+    return run
+
+  modes = ("bf16",) + tuple(m for mode in a.step_modes for m in (mode, f"{mode}_baseline"))
+  return qat_step.rounds(modes, a.repeats, a.small, wrap=variant, samples_steps=(5, 4))
 
 
 def main():

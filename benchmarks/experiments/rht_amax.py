@@ -142,25 +142,13 @@ def pass_section(a, result, path):
 def step_section(a, result, path):
   import qat_step
 
-  d, ffn, tokens = (128, 256, 256) if a.small else (4096, 14336, 8192)
-  samples, steps = (2, 2) if a.small else (3, 4)
-  out = result.setdefault("step", {})
-  for rep in range(a.repeats):
-    for name in a.step_modes:
-      run = before(qat_step.bench) if name.endswith("_before") else qat_step.bench
-      jax.clear_caches()
-      with kernels.interpret_mode(a.small):
-        med, lo, hi, _, loss = run(name.split("_")[0], d, ffn, tokens, samples, steps, "threefry2x32", False,
-                                   "xla" if name == "bf16" else "pallas")
-      out[f"{name}_{rep}"] = {"ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "loss": loss}
-      print(name, rep, json.dumps(out[f"{name}_{rep}"]), flush=True)
-      with open(path, "w") as fh:
-        json.dump(result, fh, indent=1)
-  for rep in range(a.repeats):
-    bf = out[f"bf16_{rep}"]["ms"]
-    out[f"ratios_{rep}"] = {n: out[f"{n}_{rep}"]["ms"] / bf for n in a.step_modes if n != "bf16"}
-  with open(path, "w") as fh:
-    json.dump(result, fh, indent=1)
+  def save(out):
+    result["step"] = out
+    with open(path, "w") as fh:
+      json.dump(result, fh, indent=1)
+
+  save(qat_step.rounds(a.step_modes, a.repeats, a.small, on_row=save,
+                       wrap=lambda name, f: before(f) if name.endswith("_before") else f))
 
 
 def main():

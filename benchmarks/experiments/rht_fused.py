@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 import fp4jax as fj
-from fp4jax import kernels, qat
+from fp4jax import qat
 from fp4jax.hadamard import flush_below_normal, grouped_shape
 from fp4jax.kernels import fake_quant as fk
 from fp4jax.kernels import hadamard as kh
@@ -154,28 +154,23 @@ def pass_section(a):
 def step_section(a):
   import qat_step
 
-  d, ffn, tokens = (128, 256, 256) if a.small else (4096, 14336, 8192)
-  samples, steps = (2, 2) if a.small else (5, 4)
   supported = fk.supported
   keep_out = lambda *args, **kw: (supported(*args, **kw) or  # noqa: E731
                                   ("kept out (the route before)" if (kw.get("hadamard") or args[6:7] and args[6]) else None))
-  out = {}
-  for rep in range(a.repeats):
-    for name in a.step_modes:
+
+  def variant(name, f):
+    """``f`` with the mode's suffix patched in: '_before', '_lanesT', '_split'."""
+    def run(*args):
       fk.supported = keep_out if name.endswith("_before") else supported
       kh.transform_tile = transform_tile_lanes_transposed if name.endswith("_lanesT") else LIBRARY_TRANSFORM_TILE
       kh.LANE_PLANES_MAX = 0 if name.endswith(("_split", "_lanesT")) else LIBRARY_PLANES_MAX
-      jax.clear_caches()
-      with kernels.interpret_mode(a.small):
-        med, lo, hi, _, loss = qat_step.bench(name.split("_")[0], d, ffn, tokens, samples, steps,
-                                              "threefry2x32", False, "xla" if name == "bf16" else "pallas")
-      out[f"{name}_{rep}"] = {"ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "loss": loss}
-      print(name, rep, json.dumps(out[f"{name}_{rep}"]), flush=True)
-  fk.supported, kh.transform_tile, kh.LANE_PLANES_MAX = supported, LIBRARY_TRANSFORM_TILE, LIBRARY_PLANES_MAX
-  for rep in range(a.repeats):
-    bf = out[f"bf16_{rep}"]["ms"]
-    out[f"ratios_{rep}"] = {n: out[f"{n}_{rep}"]["ms"] / bf for n in a.step_modes if n != "bf16"}
-  return out
+      try:
+        return f(*args)
+      finally:
+        fk.supported, kh.transform_tile, kh.LANE_PLANES_MAX = supported, LIBRARY_TRANSFORM_TILE, LIBRARY_PLANES_MAX
+    return run
+
+  return qat_step.rounds(a.step_modes, a.repeats, a.small, wrap=variant, samples_steps=(5, 4))
 
 
 def main():
