@@ -152,17 +152,17 @@ def test_fake_quant_kernel_lowers(fmt, rule):
            x, jax.random.key(0))
 
 
-
 @pytest.mark.parametrize("n", [2, 16, 32])
 def test_transformed_amax_lowers(n):
   # NVFP4's tensor amax after the transform: along the lanes from the transformed lane planes (fewer, as many and
-  # more lanes than the 16 of a partial maximum's cell), along the rows by pair splits.
+  # more lanes than the 16 of a partial maximum's cell), along the rows from row planes (2, 16), by pair splits (32).
   from fp4jax.hadamard import hadamard_signs
   from fp4jax.kernels.hadamard import transformed_amax
 
   signs = jnp.asarray(hadamard_signs(n, 1))
   for axis in (1, 0):
     _lower(lambda x: transformed_amax(x, axis, n, signs, tiles=((16, 256), (64, 128))), _x((256, 256), jnp.bfloat16))
+
 
 # ---- matmuls -------------------------------------------------------------------------------------
 def _bytes(fmt, rows, k):

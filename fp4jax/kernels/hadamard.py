@@ -6,9 +6,9 @@ lanes :func:`read_tile` applies it across the planes of the tile's runs instead 
 step is elementwise. The fused fake-quantization kernel reads an operand and transforms each tile itself; NVFP4's
 global scale needs the tensor amax of the transformed values before that pass, which :func:`transformed_amax`
 computes in one read pass of its own, from lane planes or row planes (the operand read through one block spec a
-plane), by the butterfly's sums alone where no flush can change them. XLA cannot do either well: fusing one butterfly stage into the next
-computes the first twice, so it writes every stage out (an (8192, 14336) operand: five float32 passes of about
-0.47 ms each on the H200, benchmarks/results/rht_fused.json).
+plane), by the butterfly's sums alone where no flush can change them. XLA cannot do either well: fusing one
+butterfly stage into the next computes the first twice, so it writes every stage out (an (8192, 14336) operand:
+five float32 passes of about 0.47 ms each on the H200, benchmarks/results/rht_fused.json).
 """
 
 from __future__ import annotations
