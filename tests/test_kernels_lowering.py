@@ -16,6 +16,10 @@ abstract mesh whose device is an H200 (``jax.sharding.AbstractDevice``).
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -257,6 +261,34 @@ def test_int8_gemm_lowers_with_the_tuning_options(config):
     text = jax.jit(lambda *x: gk.scaled_gemm(*x, out_dtype=jnp.bfloat16, config=cfg)).trace(
         a, b, ea, eb, ea == 1, eb == 1).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text, "no Mosaic GPU kernel in the lowering"
+
+
+def _experiment(name):
+  """A benchmarks/experiments script as a module (files to run, not an installed package)."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_mxfp8_rescale_experiment_lowers_and_its_two_pass_baseline_is_exact():
+  # benchmarks/experiments/mxfp8_rescale_mgpu.py (issue 15's MXFP8 x MXFP8 on the FP8 tensor cores) keeps lowering,
+  # and the exact path it times against is the float64 product up to float32 summation.
+  m8 = _experiment("mxfp8_rescale_mgpu")
+  a, b, fa, fb = m8.make_inputs(256, 512, 512)
+  for name in ("block_n64", "add_k128", "none_k128_sw128"):
+    with _gpu_target():
+      text = jax.jit(functools.partial(m8.mxfp8_gemm, config=m8.CONFIGS[name])).trace(a, b, fa, fb).lower(
+          lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text, name
+  da = np.asarray(a, np.float64) * np.repeat(np.asarray(fa, np.float64).T, m8.BLOCK, axis=1)
+  db = np.asarray(b, np.float64) * np.repeat(np.asarray(fb, np.float64).T, m8.BLOCK, axis=1)
+  assert np.array_equal(np.asarray(m8.dequantized(a, fa), np.float64), da)  # bfloat16 holds E4M3 * 2**e
+  got = np.asarray(m8.two_pass(a, b, fa, fb, jnp.float32), np.float64)
+  bound = a.shape[1] * 2.0**-24 * (np.abs(da) @ np.abs(db).T)  # K terms summed in float32
+  assert np.all(np.abs(got - da @ db.T) <= bound)
 
 
 def test_int8_gemm_config_rejects_what_it_cannot_run():

@@ -65,7 +65,8 @@ TILES = {1: ((32, 256), (16, 512), (64, 128), (16, 256), (16, 128), (16, 64), (1
 #: a table of the 127 E4M3 codes). H200 (benchmarks/experiments/README.md): the table is 40 us
 #: faster an 8192 x 4096 operand along axis 1, 54 us slower with stochastic rounding along axis 0;
 #: the NVFP4 QAT step of benchmarks/qat_step.py with both axes in the kernel 0.85 ms slower, with axis 1
-#: alone 0.44 ms faster (14.16 against 14.60 ms, benchmarks/results/qat_fused_sr_step_axis1.json).
+#: alone 0.44 ms faster (14.16 against 14.60 ms, benchmarks/results/qat_fused_sr_step_axis1.json); with the
+#: 8-warp stochastic tiles, both axes 14.26 ms against 13.95-14.10 (results/qat_fused_sr_step_inkernel.json).
 E4M3_BLOCK_PASS = {0: True, 1: False}
 #: Triton warps a program by (block axis, whether the pass draws), and the drawing passes' first-choice tile by
 #: block axis (then :data:`TILES`). The threefry hash makes them compute-bound; H200, an 8192 x 14336 operand
