@@ -183,9 +183,10 @@ def make_inputs(m, k, n, seed=0, spread=8):
   ks = jax.random.split(jax.random.key(seed), 4)
   a = (jax.random.normal(ks[0], (m, k), jnp.float32) * 64).astype(jnp.float8_e4m3fn)
   b = (jax.random.normal(ks[1], (n, k), jnp.float32) * 64).astype(jnp.float8_e4m3fn)
-  fa = jnp.exp2(jax.random.randint(ks[2], (k // BLOCK, m), -spread, spread + 1).astype(jnp.float32))
-  fb = jnp.exp2(jax.random.randint(ks[3], (k // BLOCK, n), -spread, spread + 1).astype(jnp.float32))
-  return a, b, fa, fb
+  # ldexp on the host: jnp.exp2 on the GPU is not exact at integers (exp2(-3) = 0.12499999).
+  pow2 = lambda key, rows: jnp.asarray(np.ldexp(np.float32(1), np.asarray(
+      jax.random.randint(key, (k // BLOCK, rows), -spread, spread + 1))).astype(np.float32))
+  return a, b, pow2(ks[2], m), pow2(ks[3], n)
 
 
 def dequantized(a, fa):
