@@ -331,9 +331,10 @@ class _Signal(BaseException):
 
 
 # Signals received during this run. Python swallows the exception a handler raises inside a
-# garbage-collection callback or a __del__ (it prints "Exception ignored" and a traceback, and goes
-# on): there the handler only records the signal, and the convert loop (at each tensor) and the end
-# of every command raise a recorded one (_check_signals).
+# garbage-collection callback, a weakref callback or a __del__ (it prints "Exception ignored" and a
+# traceback, and goes on): in the first and last the handler only records the signal; in any of them
+# main's unraisable hook keeps the swallowed exception of a recorded signal from being printed; and
+# the convert loop (at each tensor) and the end of every command raise a recorded one (_check_signals).
 _RECEIVED: list[int] = []
 
 
@@ -357,6 +358,17 @@ def _swallows_exceptions(frame) -> bool:
       return True
     frame = frame.f_back
   return False
+
+
+def _quiet_recorded_signals(previous):
+  """A ``sys.unraisablehook`` that drops the swallowed exception of a recorded signal (it is raised again
+  by :func:`_check_signals`) and hands anything else to ``previous``. Weakref callbacks cannot be told
+  from their frames (any function can be one; CI once saw SIGINT land in weakref.py's own)."""
+  def hook(unraisable):
+    if _RECEIVED and isinstance(unraisable.exc_value, (KeyboardInterrupt, _Signal)):
+      return
+    previous(unraisable)
+  return hook
 
 
 def _check_signals() -> None:
@@ -423,6 +435,8 @@ def main(argv=None) -> int:
   in_main = threading.current_thread() is threading.main_thread()
   saved = {s: signal.getsignal(s) for s in (signal.SIGINT, *_HANDLED)} if in_main else {}
   _RECEIVED.clear()
+  saved_hook = sys.unraisablehook
+  sys.unraisablehook = _quiet_recorded_signals(saved_hook)
   for s in _HANDLED:
     if in_main and saved[s] is not signal.SIG_IGN:  # respect nohup
       signal.signal(s, _raise_signal)
@@ -466,6 +480,7 @@ def main(argv=None) -> int:
     for s, h in saved.items():
       if h is not None:
         signal.signal(s, h)
+    sys.unraisablehook = saved_hook
 
 
 if __name__ == "__main__":

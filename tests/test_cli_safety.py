@@ -259,6 +259,71 @@ def test_a_signal_inside_a_gc_callback_prints_no_traceback_and_stops_the_convert
   assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_inside_a_weakref_callback_prints_no_traceback_and_stops_the_convert(src, tmp_path, capsys,
+                                                                                       monkeypatch, sig):
+  """Seen in CI: SIGINT landed in weakref.py's callback of a WeakValueDictionary, which no frame test
+  recognises; Python printed "Exception ignored" and a traceback. main's unraisable hook drops it; the
+  convert stops at the next tensor."""
+  import weakref
+
+  from fp4jax.checkpoints import _safetensors
+
+  dst = tmp_path / "out.safetensors"
+  real_write = _safetensors.Writer.write
+  delivered = []
+
+  class Thing:
+    pass
+
+  def in_weakref_callback(_):
+    delivered.append(sig)
+    cli._raise_signal(sig, sys._getframe())  # what Python does when the signal arrives here
+
+  def write(self, name, array):
+    real_write(self, name, array)
+    if not delivered:
+      thing = Thing()
+      ref = weakref.ref(thing, in_weakref_callback)
+      del thing  # the callback runs now, and what it raises goes to sys.unraisablehook
+      assert ref() is None
+
+  monkeypatch.setattr(_safetensors.Writer, "write", write)
+  unraisable = []  # what Python would print as "Exception ignored in ..." with a traceback
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  rc, words = SIGNALS[sig]
+  assert cli.main(["convert", str(src), str(dst), "--format", "mxfp4", "--no-progress"]) == rc
+  assert delivered == [sig]
+  assert unraisable == []
+  assert sys.unraisablehook == unraisable.append  # main() put the hook back
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  assert err.splitlines()[-1] == f"fp4jax convert: {words}: {dst} was not written (an existing file is unchanged)"
+  assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
+def test_other_swallowed_exceptions_still_reach_the_unraisable_hook(src, tmp_path, monkeypatch):
+  """Only a recorded signal's exception is dropped: a __del__ that fails for its own reasons is reported."""
+  from fp4jax.checkpoints import _safetensors
+
+  real_write = _safetensors.Writer.write
+
+  class Broken:
+    def __del__(self):
+      raise RuntimeError("a finaliser's own bug")
+
+  def write(self, name, array):
+    real_write(self, name, array)
+    Broken()
+
+  monkeypatch.setattr(_safetensors.Writer, "write", write)
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  assert cli.main(["convert", str(src), str(tmp_path / "out.safetensors"), "--format", "mxfp4",
+                   "--no-progress"]) == 0
+  assert unraisable and all(isinstance(u.exc_value, RuntimeError) for u in unraisable)
+
+
 def test_an_error_mid_convert_is_one_line_and_leaves_no_trace(src, tmp_path, capsys, monkeypatch):
   from fp4jax.checkpoints import _safetensors
 
