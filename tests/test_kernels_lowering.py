@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +30,8 @@ from fp4jax.kernels import int8_rebase as ik
 from fp4jax.kernels import mx_matmul as mxk
 from fp4jax.kernels import quantize_pack as qk
 from fp4jax.kernels import w4a16_matmul as wk
+
+import bench_scripts
 
 RULES = {"mxfp4": ("floor", "ceil", "mse"), "nvfp4": ("nearest", "floor", "ceil", "mse"),
          "mxfp8_e4m3": ("floor", "ceil", "mse"), "mxfp8_e5m2": ("floor", "ceil", "mse")}
@@ -263,20 +262,10 @@ def test_int8_gemm_lowers_with_the_tuning_options(config):
   assert "mosaic_gpu" in text, "no Mosaic GPU kernel in the lowering"
 
 
-def _experiment(name):
-  """A benchmarks/experiments script as a module (files to run, not an installed package)."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # its dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_mxfp8_rescale_experiment_lowers_and_its_two_pass_baseline_is_exact():
   # benchmarks/experiments/mxfp8_rescale_mgpu.py (issue 15's MXFP8 x MXFP8 on the FP8 tensor cores) keeps lowering,
   # and the exact path it times against is the float64 product up to float32 summation.
-  m8 = _experiment("mxfp8_rescale_mgpu")
+  m8 = bench_scripts.load("experiments/mxfp8_rescale_mgpu")
   a, b, fa, fb = m8.make_inputs(256, 512, 512)
   for name in ("block_n64", "add_k128", "none_k128_sw128"):
     with _gpu_target():
