@@ -220,73 +220,25 @@ def test_a_signal_whose_exception_python_swallowed_still_stops_the_convert(src, 
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put Python's back
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_inside_a_gc_callback_prints_no_traceback_and_stops_the_convert(src, tmp_path, capsys,
-                                                                                  monkeypatch, sig):
-  """Seen on the H200: SIGINT landed in jax's GC callback; Python printed "Exception ignored" and a
-  traceback. There the handler only records the signal; the convert stops at the next tensor."""
-  import gc
-
+def _convert_signalled_inside(arm, src, tmp_path, capsys, monkeypatch, sig):
+  """``fp4jax convert`` with ``arm(deliver)`` run after each tensor is written, where ``deliver()`` does what
+  Python does when ``sig`` arrives in the calling frame (at the first call only). The convert must stop with
+  the signal's status and one line, print nothing as unraisable or as a traceback, write nothing, and put
+  sys.unraisablehook back."""
   from fp4jax.checkpoints import _safetensors
 
   dst = tmp_path / "out.safetensors"
   real_write = _safetensors.Writer.write
   delivered = []
 
-  def in_gc_callback(phase, info):
-    if phase == "start" and not delivered:
-      delivered.append(sig)
-      cli._raise_signal(sig, sys._getframe())  # what Python does when the signal arrives here
-
-  def write(self, name, array):
-    real_write(self, name, array)
-    gc.callbacks.append(in_gc_callback)
-    try:
-      gc.collect()
-    finally:
-      gc.callbacks.remove(in_gc_callback)
-
-  monkeypatch.setattr(_safetensors.Writer, "write", write)
-  unraisable = []  # what Python would print as "Exception ignored in ..." with a traceback
-  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-  rc, words = SIGNALS[sig]
-  assert cli.main(["convert", str(src), str(dst), "--format", "mxfp4", "--no-progress"]) == rc
-  assert delivered == [sig]
-  assert unraisable == []
-  err = capsys.readouterr().err
-  assert "Traceback" not in err
-  assert err.splitlines()[-1] == f"fp4jax convert: {words}: {dst} was not written (an existing file is unchanged)"
-  assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_inside_a_weakref_callback_prints_no_traceback_and_stops_the_convert(src, tmp_path, capsys,
-                                                                                       monkeypatch, sig):
-  """Seen in CI: SIGINT landed in weakref.py's callback of a WeakValueDictionary, which no frame test
-  recognises; Python printed "Exception ignored" and a traceback. main's unraisable hook drops it; the
-  convert stops at the next tensor."""
-  import weakref
-
-  from fp4jax.checkpoints import _safetensors
-
-  dst = tmp_path / "out.safetensors"
-  real_write = _safetensors.Writer.write
-  delivered = []
-
-  class Thing:
-    pass
-
-  def in_weakref_callback(_):
-    delivered.append(sig)
-    cli._raise_signal(sig, sys._getframe())  # what Python does when the signal arrives here
-
-  def write(self, name, array):
-    real_write(self, name, array)
+  def deliver():
     if not delivered:
-      thing = Thing()
-      ref = weakref.ref(thing, in_weakref_callback)
-      del thing  # the callback runs now, and what it raises goes to sys.unraisablehook
-      assert ref() is None
+      delivered.append(sig)
+      cli._raise_signal(sig, sys._getframe())
+
+  def write(self, name, array):
+    real_write(self, name, array)
+    arm(deliver)
 
   monkeypatch.setattr(_safetensors.Writer, "write", write)
   unraisable = []  # what Python would print as "Exception ignored in ..." with a traceback
@@ -300,6 +252,47 @@ def test_a_signal_inside_a_weakref_callback_prints_no_traceback_and_stops_the_co
   assert "Traceback" not in err
   assert err.splitlines()[-1] == f"fp4jax convert: {words}: {dst} was not written (an existing file is unchanged)"
   assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_inside_a_gc_callback_prints_no_traceback_and_stops_the_convert(src, tmp_path, capsys,
+                                                                                  monkeypatch, sig):
+  """Seen on the H200: SIGINT landed in jax's GC callback; Python printed "Exception ignored" and a
+  traceback. There the handler only records the signal; the convert stops at the next tensor."""
+  import gc
+
+  def arm(deliver):
+    def in_gc_callback(phase, info):
+      if phase == "start":
+        deliver()
+
+    gc.callbacks.append(in_gc_callback)
+    try:
+      gc.collect()
+    finally:
+      gc.callbacks.remove(in_gc_callback)
+
+  _convert_signalled_inside(arm, src, tmp_path, capsys, monkeypatch, sig)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_inside_a_weakref_callback_prints_no_traceback_and_stops_the_convert(src, tmp_path, capsys,
+                                                                                       monkeypatch, sig):
+  """Seen in CI: SIGINT landed in weakref.py's callback of a WeakValueDictionary, which no frame test
+  recognises; Python printed "Exception ignored" and a traceback. main's unraisable hook drops it; the
+  convert stops at the next tensor."""
+  import weakref
+
+  class Thing:
+    pass
+
+  def arm(deliver):
+    thing = Thing()
+    ref = weakref.ref(thing, lambda _: deliver())
+    del thing  # the callback runs now, and what it raises goes to sys.unraisablehook
+    assert ref() is None
+
+  _convert_signalled_inside(arm, src, tmp_path, capsys, monkeypatch, sig)
 
 
 def test_other_swallowed_exceptions_still_reach_the_unraisable_hook(src, tmp_path, monkeypatch):
